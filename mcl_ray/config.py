@@ -1,0 +1,359 @@
+"""The one typed experiment schema.
+
+Every stage reads an :class:`ExperimentConfig`. Unknown keys are rejected everywhere
+(``extra="forbid"``) so a misspelled key is an error, not a silently ignored default.
+Each field's ``description`` is the documentation of that key (``mcl-ray config show --doc``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key path."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# ----------------------------------------------------------------------------- data sources
+
+
+class TableRef(Strict):
+    """A user's own table (parquet or CSV), with a mapping from canonical to file columns."""
+
+    path: str = Field(description="File, folder or glob of parquet/CSV files (any pyarrow filesystem URI).")
+    format: Literal["parquet", "csv"] = Field("parquet", description="File format.")
+    delimiter: str = Field(",", description="CSV field delimiter (one character).", min_length=1, max_length=1)
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Canonical column name -> column name in the file, for columns named differently.",
+    )
+
+
+class MovieLensSource(Strict):
+    source: Literal["movielens-1m", "movielens-100k"] = Field(description="MovieLens release.")
+    path: str | None = Field(
+        None,
+        description="A GroupLens download folder (ml-1m: ratings.dat/users.dat/movies.dat; ml-100k: "
+        "u.data/u.user/u.item). Null reads the RecBole atomic files from the registry package.",
+    )
+    max_interactions: int | None = Field(
+        None, gt=0, description="Keep only the first N interactions (quick experiments and tests)."
+    )
+
+
+class TablesSource(Strict):
+    source: Literal["tables"] = Field(description="Your own interactions/users/items tables.")
+    interactions: TableRef = Field(description="Interactions: user_id, item_id, timestamp, and rating or label.")
+    users: TableRef | None = Field(None, description="User attributes keyed by user_id (optional).")
+    items: TableRef | None = Field(None, description="Item attributes keyed by item_id (optional).")
+
+
+class SyntheticSource(Strict):
+    source: Literal["synthetic"] = Field(description="Seeded multi-scenario data generated in parallel by Ray Data.")
+    num_users: int = Field(10_000, gt=0, description="Users.")
+    num_items: int = Field(2_000, gt=0, description="Items (each with a title and genres).")
+    num_interactions: int = Field(200_000, gt=0, description="Interactions.")
+    num_scenarios: int = Field(3, ge=1, le=26, description="Scenarios, with scenario-specific genre preferences.")
+    num_blocks: int = Field(8, ge=1, description="Ray Data blocks the interactions are generated in.")
+    seed: int = Field(0, description="Generator seed: same seed, same data.")
+
+
+DataSource = Annotated[Union[MovieLensSource, TablesSource, SyntheticSource], Field(discriminator="source")]
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+SWR_AGE_GROUPS: dict[str, list[Any]] = {"s0_age_under25": [1, 18], "s1_age_25_34": [25], "s2_age_35plus": [35, 45, 50, 56]}
+
+
+class ScenarioRule(Strict):
+    column: str = Field(
+        "age",
+        description="Fused column that decides the scenario (a user, item or interaction column).",
+    )
+    groups: dict[str, list[Any]] | None = Field(
+        default_factory=lambda: dict(SWR_AGE_GROUPS),
+        description="Scenario name -> column values in it (default: Scenario-Wise Rec age groups). "
+        "Null: the column's values are the scenario names themselves.",
+    )
+    names: list[str] | None = Field(
+        None, description="With groups=null: the allowed scenario names, in index order (null: sorted values seen)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScenarioRule":
+        if self.groups is not None:
+            if self.names is not None:
+                raise ValueError("give either scenario.groups or scenario.names, not both")
+            if not self.groups:
+                raise ValueError("scenario.groups is empty")
+            seen: dict[str, str] = {}
+            for name, values in self.groups.items():
+                for v in values:
+                    key = str(v)
+                    if key in seen:
+                        raise ValueError(f"value {v!r} is in scenario groups {seen[key]!r} and {name!r}")
+                    seen[key] = name
+        return self
+
+
+class LabelRule(Strict):
+    column: str = Field("rating", description="Column the label is derived from.")
+    op: Literal["gt", "ge", "eq", "binary"] = Field(
+        "gt", description="gt/ge/eq: label = column OP threshold; binary: the column already holds 0/1."
+    )
+    threshold: float | None = Field(3.0, description="Threshold for gt/ge/eq (SWR: rating > 3).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LabelRule":
+        if self.op != "binary" and self.threshold is None:
+            raise ValueError(f"label.threshold is required with op={self.op!r}")
+        return self
+
+
+class CategoricalFeature(Strict):
+    name: str = Field(description="Fused column to encode as a categorical id.")
+    min_count: int = Field(1, ge=1, description="Values seen fewer times in the train split go to the OOV id 0.")
+
+
+class TextTemplates(Strict):
+    item: str = Field(
+        "{title} ({year}). Genres: {genres}.",
+        description="Item text for the LLM encoder; {field} names an item column.",
+    )
+    user: str = Field(
+        "A {age_text} {gender_text}, occupation: {occupation_text}, zip code {zip}.",
+        description="User profile sentence; {field} names a user column.",
+    )
+
+
+class SplitConfig(Strict):
+    kind: Literal["random", "temporal"] = Field("random", description="random: seeded per-row split (SWR); temporal: by time.")
+    ratios: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/valid/test fractions.")
+    seed: int = Field(2024, description="Seed of the random split.")
+    temporal_mode: Literal["leave_last_out", "global_cut"] = Field(
+        "leave_last_out",
+        description="temporal: per-user last -> test, second last -> valid; or a global time cut at the ratios' quantiles.",
+    )
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(r < 0 for r in v) or abs(sum(v) - 1.0) > 1e-6 or v[0] <= 0:
+            raise ValueError(f"split.ratios must be non-negative, sum to 1 and have train > 0; got {list(v)}")
+        return v
+
+
+class ValidationConfig(Strict):
+    policy: Literal["fail", "quarantine"] = Field(
+        "fail", description="fail: stop with an error naming the problem; quarantine: move bad rows aside with a reason."
+    )
+    rating_range: tuple[float, float] | None = Field((1.0, 5.0), description="Allowed [min, max] rating (null: any).")
+    max_examples: int = Field(5, ge=1, le=100, description="Example rows shown per problem in error messages.")
+
+
+class PrepareConfig(Strict):
+    scenario: ScenarioRule = Field(default_factory=ScenarioRule, description="How rows map to scenarios.")
+    label: LabelRule = Field(default_factory=LabelRule, description="How the binary label is derived.")
+    categorical: list[CategoricalFeature] = Field(
+        default_factory=lambda: [
+            CategoricalFeature(name=n)
+            for n in ("user_id", "item_id", "gender", "occupation", "zip", "first_genre", "age")
+        ],
+        description="Categorical features (SWR set by default).",
+    )
+    numeric: list[str] = Field(default_factory=list, description="Numeric features, z-normalised on the train split.")
+    context: list[Literal["hour", "weekday", "month"]] = Field(
+        default_factory=list,
+        description="Context features derived from the timestamp (UTC), added as categorical features.",
+    )
+    text: TextTemplates | None = Field(
+        default_factory=TextTemplates, description="Text fields for the LLM stage (null: none)."
+    )
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Train/valid/test split.")
+    validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Input validation.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PrepareConfig":
+        names = [f.name for f in self.categorical] + list(self.numeric) + list(self.context)
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"features listed twice (categorical/numeric/context): {dup}")
+        if self.label.column in names:
+            raise ValueError(f"label column {self.label.column!r} is also a feature (label leakage)")
+        return self
+
+
+class RayConfig(Strict):
+    address: str | None = Field(
+        None, description="Cluster to join ('auto', 'ray://host:10001'); null starts a local one (or uses RAY_ADDRESS)."
+    )
+    num_cpus: int | None = Field(None, gt=0, description="Logical CPUs of a local cluster (null: all cores).")
+
+
+class ExperimentConfig(Strict):
+    name: str = Field(description="Experiment name; the default run directory is runs/<name>.")
+    run_dir: str | None = Field(None, description="Run directory (local path or pyarrow URI); null: runs/<name>.")
+    data: DataSource = Field(description="Where the raw tables come from.")
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig, description="Validation, fusion, vocabularies, split.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster to run on.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError("name may hold letters, digits, '_', '.', '-' (it names a directory)")
+        return v
+
+    def resolved_run_dir(self) -> str:
+        return self.run_dir or str(Path("runs") / self.name)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid experiment config ({source}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _SOURCE_TAGS)) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+            allowed = _allowed_keys(e["loc"][:-1])
+            if allowed:
+                msg += f" (allowed here: {', '.join(allowed)})"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+_SOURCE_TAGS = {"movielens-1m", "movielens-100k", "tables", "synthetic"}
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model at a location of ExperimentConfig, for 'unknown key' messages."""
+    model: Any = ExperimentConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if part in _SOURCE_TAGS:
+            model = {"movielens-1m": MovieLensSource, "movielens-100k": MovieLensSource,
+                     "tables": TablesSource, "synthetic": SyntheticSource}[part]
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return []
+        model = _inner_model(model.model_fields[part].annotation)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _inner_model(ann: Any) -> Any:
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    return None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'prepare.split.seed=7' -> (['prepare','split','seed'], 7); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r} has an empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        parts, value = parse_override(item)
+        node: Any = raw
+        for i, p in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                if not p.isdigit() or int(p) >= len(node):
+                    raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a valid list index")
+                node = node[int(p)]
+                continue
+            if p not in node or node[p] is None:
+                node[p] = {}
+            if not isinstance(node[p], (dict, list)):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a mapping")
+            node = node[p]
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"override {item!r}: {last!r} is not a valid list index")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    raw = apply_overrides(load_raw(path), overrides or [])
+    return validate_config(raw, str(path))
+
+
+def validate_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def config_to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_schema(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> list[str]:
+    """One line per key: path, type, default, description (for `mcl-ray config show --doc`)."""
+    lines: list[str] = []
+    for name, f in model.model_fields.items():
+        path = f"{prefix}{name}"
+        ann = f.annotation
+        ann_s = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
+        inner = _inner_model(ann)
+        if inner is not None and name != "data":
+            lines.append(f"{path}: {f.description or ''}")
+            lines.extend(describe_schema(inner, path + "."))
+        elif name == "data":
+            lines.append(f"{path}: {f.description} One of:")
+            for src in (MovieLensSource, TablesSource, SyntheticSource):
+                lines.extend(describe_schema(src, path + "."))
+        else:
+            if len(default) > 80:
+                default = default[:77] + "..."
+            lines.append(f"{path} ({ann_s}; {default}): {f.description or ''}")
+    return lines

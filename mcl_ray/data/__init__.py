@@ -1,0 +1,1 @@
+"""Data sources, validation, fusion and the prepare stage."""

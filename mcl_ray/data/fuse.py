@@ -1,0 +1,328 @@
+"""Row-level validation and feature fusion, as pure functions over one batch.
+
+The Ray Data path calls :func:`fuse_batch` inside ``map_batches``; the single-process reference
+(bench/) calls the very same function on the whole table, so both compute the same thing.
+
+A batch comes in as an Arrow table of canonical interaction columns and leaves as a pandas frame
+with the fused columns plus ``_reason`` (null for a good row, ``problem:column`` otherwise) and,
+for bad rows only, ``_raw`` (the original row as JSON) for the quarantine output.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mcl_ray.config import LabelRule, PrepareConfig, ScenarioRule
+
+CONTEXT = ("hour", "weekday", "month")
+DERIVED_ITEM = {"first_genre": "genres"}  # derived column -> item column it needs
+REQUIRED = ("user_id", "item_id", "timestamp")
+
+
+class FusionError(ValueError):
+    """The config asks for a column that no table provides, or similar set-up problems."""
+
+
+def value_key(v) -> str | None:
+    """Canonical string of a categorical value: 25, 25.0 and '25' are the same category."""
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return None
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    if isinstance(v, (bool, np.bool_)):
+        return str(int(v))
+    return str(v)
+
+
+def keys_of(values: pd.Series) -> np.ndarray:
+    if pd.api.types.is_integer_dtype(values.dtype) and not values.isna().any():
+        return values.astype(np.int64).astype(str).to_numpy(dtype=object)
+    return np.array([value_key(v) for v in values.tolist()], dtype=object)
+
+
+def undecodable(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Boolean mask of string values that are not valid UTF-8 (CSV read with check_utf8=False)."""
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        return np.zeros(len(arr), dtype=bool)
+    try:
+        arr.validate(full=True)
+        return np.zeros(len(arr), dtype=bool)
+    except pa.ArrowInvalid:
+        out = np.zeros(len(arr), dtype=bool)
+        for i, b in enumerate(pc.cast(arr, pa.binary()).to_pylist()):
+            if b is not None:
+                try:
+                    b.decode("utf-8")
+                except UnicodeDecodeError:
+                    out[i] = True
+        return out
+
+
+def sanitize_text(table: pa.Table) -> tuple[pa.Table, dict[str, np.ndarray], pa.Table]:
+    """Replace undecodable strings by null.
+
+    Returns (clean table, per-column masks for the reasons, the original with those columns as
+    binary so that the quarantine can still show the raw bytes)."""
+    masks: dict[str, np.ndarray] = {}
+    raw = table
+    for name in table.column_names:
+        m = undecodable(table.column(name))
+        if m.any():
+            masks[name] = m
+            i = table.column_names.index(name)
+            col = pc.cast(table.column(name), pa.binary())
+            raw = raw.set_column(i, name, col)
+            fixed = pc.if_else(pa.array(m), pa.scalar(None, pa.binary()), col)
+            table = table.set_column(i, name, pc.cast(fixed, pa.string()))
+    return table, masks, raw
+
+
+def _raw_json(table: pa.Table, rows: np.ndarray) -> list[str]:
+    sub = table.take(pa.array(rows)) if len(rows) else table.slice(0, 0)
+    out = []
+    for rec in sub.to_pylist():
+        out.append(json.dumps({k: (v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else v)
+                               for k, v in rec.items()}, default=str, ensure_ascii=False))
+    return out
+
+
+def template_fields(template: str) -> list[str]:
+    """Plain {name} fields of a text template; attribute/index access and conversions are refused."""
+    names = []
+    for _, name, spec, conv in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if not name.isidentifier() or conv or spec:
+            raise FusionError(f"text template field {{{name}}} must be a plain column name")
+        names.append(name)
+    return names
+
+
+def render_text(frame: pd.DataFrame, template: str, what: str) -> list[str]:
+    fields = template_fields(template)
+    missing = [f for f in fields if f not in frame.columns]
+    if missing:
+        raise FusionError(f"prepare.text.{what}: fields {missing} are not {what} columns "
+                          f"(available: {sorted(frame.columns)})")
+    cols = {f: frame[f].tolist() for f in fields}
+    cols = {f: [("" if v is None or (isinstance(v, float) and np.isnan(v)) else
+                 (str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))) for v in vals]
+            for f, vals in cols.items()}
+    if "genres" in cols:
+        cols["genres"] = [g.replace("|", ", ") for g in cols["genres"]]
+    return [template.format_map({f: cols[f][i] for f in fields}) for i in range(len(frame))]
+
+
+@dataclass
+class FusionPlan:
+    """What one batch needs: broadcast attribute tables and the rules. Plain data, cheap to ship."""
+
+    user_cols: list[str]  # user attributes joined onto interactions
+    item_cols: list[str]  # item attributes joined onto interactions
+    derived: list[str]  # derived item columns (first_genre)
+    context: list[str]
+    scenario: ScenarioRule
+    scenario_index: dict[str, int]  # value key -> scenario index
+    label: LabelRule
+    rating_range: tuple[float, float] | None
+    split_kind: str
+    split_ratios: tuple[float, float, float]
+    split_seed: int
+    users: pd.DataFrame | None = None  # indexed by user_id
+    items: pd.DataFrame | None = None  # indexed by item_id
+    interaction_extra: list[str] = field(default_factory=list)  # interaction columns kept as features
+
+    @property
+    def output_columns(self) -> list[str]:
+        base = ["user_id", "item_id", "timestamp"]
+        label_src = [self.label.column] if self.label.column not in base else []
+        cols = base + label_src + self.interaction_extra + self.user_cols + self.item_cols + self.derived
+        cols += self.context + ["scenario", "label", "split"]
+        return list(dict.fromkeys(cols))
+
+
+def plan_fusion(cfg: PrepareConfig, interaction_columns: list[str], users: pd.DataFrame | None,
+                items: pd.DataFrame | None, scenario_index: dict[str, int]) -> FusionPlan:
+    """Resolve every needed column to the table that provides it, or fail naming what exists."""
+    missing_req = [c for c in REQUIRED + (cfg.label.column,) if c not in interaction_columns]
+    if missing_req:
+        raise FusionError(f"interactions lack required columns {missing_req} (they have: {interaction_columns}); "
+                          f"map them with data.interactions.columns")
+    user_avail = [c for c in (users.columns if users is not None else []) if c != "user_id"]
+    item_avail = [c for c in (items.columns if items is not None else []) if c != "item_id"]
+    needed = [f.name for f in cfg.categorical] + list(cfg.numeric) + [cfg.scenario.column]
+    user_cols, item_cols, derived, extra = [], [], [], []
+    for col in dict.fromkeys(needed):
+        if col in CONTEXT and col in cfg.context:
+            continue
+        if col in ("user_id", "item_id", "timestamp"):
+            continue
+        if col in interaction_columns:
+            extra.append(col)
+        elif col in user_avail:
+            user_cols.append(col)
+        elif col in item_avail:
+            item_cols.append(col)
+        elif col in DERIVED_ITEM and DERIVED_ITEM[col] in item_avail:
+            derived.append(col)
+            if DERIVED_ITEM[col] not in item_cols:
+                item_cols.append(DERIVED_ITEM[col])
+        elif col in CONTEXT:
+            raise FusionError(f"feature {col!r} is a context feature: list it under prepare.context")
+        else:
+            raise FusionError(
+                f"column {col!r} (a feature or prepare.scenario.column) is in no table; interactions have "
+                f"{interaction_columns}, users have {user_avail}, items have {item_avail}, derived: "
+                f"{list(DERIVED_ITEM)}, context: {list(CONTEXT)}")
+    return FusionPlan(
+        user_cols=user_cols, item_cols=item_cols, derived=derived, context=list(cfg.context),
+        scenario=cfg.scenario, scenario_index=scenario_index, label=cfg.label,
+        rating_range=cfg.validation.rating_range if cfg.label.op != "binary" else None,
+        split_kind=cfg.split.kind, split_ratios=tuple(cfg.split.ratios), split_seed=cfg.split.seed,
+        users=users[user_cols] if users is not None else None,
+        items=items[item_cols] if items is not None else None,
+        interaction_extra=extra,
+    )
+
+
+def _numeric(values: pd.Series, name: str, reasons: np.ndarray) -> np.ndarray:
+    num = pd.to_numeric(values, errors="coerce")
+    isnull = values.isna().to_numpy()
+    _flag(reasons, isnull, f"null:{name}")
+    _flag(reasons, num.isna().to_numpy() & ~isnull, f"bad_type:{name}")
+    return num.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _flag(reasons: np.ndarray, mask: np.ndarray, reason: str) -> None:
+    """Set a reason where none is set yet: the first problem found is the one reported."""
+    sel = mask & pd.isna(reasons)
+    reasons[sel] = reason
+
+
+def split_uniform(user: np.ndarray, item: np.ndarray, ts: np.ndarray, seed: int) -> np.ndarray:
+    """U[0,1) per row from its content and the seed: the split never depends on block layout."""
+    frame = pd.DataFrame({"u": user, "i": item, "t": ts})
+    h = pd.util.hash_pandas_object(frame, index=False, hash_key="mcl-ray-split-01").to_numpy(np.uint64)
+    from mcl_ray.data.synthetic import uniform
+
+    return uniform(seed, h, 7)
+
+
+def assign_random_split(u: np.ndarray, ratios: tuple[float, float, float]) -> np.ndarray:
+    return np.where(u < ratios[0], "train", np.where(u < ratios[0] + ratios[1], "valid", "test")).astype(object)
+
+
+def fuse_batch(batch: pa.Table, plan: FusionPlan) -> pd.DataFrame:
+    n = batch.num_rows
+    reasons = np.full(n, None, dtype=object)
+    batch, bad_text, raw_batch = sanitize_text(batch)
+    for col, mask in bad_text.items():
+        _flag(reasons, mask, f"undecodable_text:{col}")
+    source = batch.column("path").to_pylist() if "path" in batch.column_names else None
+    df = batch.to_pandas()
+    out = pd.DataFrame(index=pd.RangeIndex(n))
+    for key in ("user_id", "item_id"):
+        s = df[key]
+        _flag(reasons, s.isna().to_numpy(), f"null:{key}")
+        out[key] = keys_of(s)
+    ts_col = batch.column("timestamp")
+    if pa.types.is_timestamp(ts_col.type) or pa.types.is_date(ts_col.type):
+        ts = pc.cast(pc.cast(ts_col, pa.timestamp("s")), pa.int64()).to_numpy(zero_copy_only=False).astype(np.float64)
+        _flag(reasons, pd.isna(df["timestamp"]).to_numpy(), "null:timestamp")
+    else:
+        ts = _numeric(df["timestamp"], "timestamp", reasons)
+    out["timestamp"] = np.nan_to_num(ts).astype(np.int64)
+    lab = plan.label
+    label_src = _numeric(df[lab.column], lab.column, reasons)
+    if plan.rating_range is not None:
+        lo, hi = plan.rating_range
+        _flag(reasons, ~np.isnan(label_src) & ((label_src < lo) | (label_src > hi)), f"out_of_range:{lab.column}")
+    if lab.op == "binary":
+        _flag(reasons, ~np.isnan(label_src) & ~np.isin(label_src, [0.0, 1.0]), f"out_of_range:{lab.column}")
+        label = label_src
+    elif lab.op == "gt":
+        label = (label_src > lab.threshold).astype(np.float64)
+    elif lab.op == "ge":
+        label = (label_src >= lab.threshold).astype(np.float64)
+    else:
+        label = (label_src == lab.threshold).astype(np.float64)
+    if lab.column not in out.columns:
+        out[lab.column] = label_src
+    for col in plan.interaction_extra:
+        out[col] = df[col].to_numpy()
+
+    if plan.users is not None:
+        joined = plan.users.reindex(out["user_id"])
+        _flag(reasons, ~out["user_id"].isin(plan.users.index).to_numpy(), "unknown_user:user_id")
+        for c in plan.user_cols:
+            out[c] = joined[c].to_numpy()
+    if plan.items is not None:
+        joined = plan.items.reindex(out["item_id"])
+        _flag(reasons, ~out["item_id"].isin(plan.items.index).to_numpy(), "unknown_item:item_id")
+        for c in plan.item_cols:
+            out[c] = joined[c].to_numpy()
+    if "first_genre" in plan.derived:
+        out["first_genre"] = [g.split("|", 1)[0] if isinstance(g, str) and g else None for g in out["genres"]]
+    if plan.context:
+        when = pd.to_datetime(out["timestamp"], unit="s", utc=True)
+        for c in plan.context:
+            out[c] = getattr(when.dt, {"hour": "hour", "weekday": "weekday", "month": "month"}[c]).to_numpy(np.int64)
+
+    scen_col = plan.scenario.column
+    scen_keys = keys_of(out[scen_col]) if scen_col in out.columns else keys_of(df[scen_col])
+    scen = np.array([plan.scenario_index.get(k, -1) if k is not None else -1 for k in scen_keys], dtype=np.int64)
+    _flag(reasons, scen < 0, f"unknown_scenario:{scen_col}")
+    out["scenario"] = scen
+    out["label"] = np.nan_to_num(label).astype(np.float32)
+
+    if plan.split_kind == "random":
+        out["split"] = assign_random_split(
+            split_uniform(out["user_id"].to_numpy(), out["item_id"].to_numpy(), out["timestamp"].to_numpy(),
+                          plan.split_seed), plan.split_ratios)
+    else:
+        out["split"] = np.full(n, "", dtype=object)  # assigned by the temporal pass
+
+    out = out[plan.output_columns]
+    bad = np.flatnonzero(~pd.isna(reasons))
+    out["_reason"] = reasons
+    raw = np.full(n, None, dtype=object)
+    if len(bad):
+        raw[bad] = _raw_json(raw_batch.drop_columns(["path"]) if source else raw_batch, bad)
+    out["_raw"] = raw
+    out["_source"] = source if source is not None else None
+    # Keep the object columns' types stable across batches (all-null blocks would become null-typed).
+    for c in ("_reason", "_raw", "_source"):
+        out[c] = out[c].astype("string")
+    return out
+
+
+def validate_keyed_table(table: pa.Table, key: str, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Users/items: null keys, duplicate keys (first kept), undecodable text. -> (kept, quarantined)."""
+    if key not in table.column_names:
+        raise FusionError(f"{what} table has no {key!r} column (it has: {table.column_names}); "
+                          f"map it with data.{what}.columns")
+    table, bad_text, raw_table = sanitize_text(table)
+    df = table.to_pandas()
+    n = len(df)
+    reasons = np.full(n, None, dtype=object)
+    for col, mask in bad_text.items():
+        _flag(reasons, mask, f"undecodable_text:{col}")
+    _flag(reasons, df[key].isna().to_numpy(), f"null:{key}")
+    keys = pd.Series(keys_of(df[key]))
+    _flag(reasons, keys.duplicated(keep="first").to_numpy() & keys.notna().to_numpy(), f"duplicate_key:{key}")
+    df[key] = keys.to_numpy()
+    bad = ~pd.isna(reasons)
+    quarantined = pd.DataFrame({
+        "_reason": reasons[bad],
+        "_raw": _raw_json(raw_table, np.flatnonzero(bad)),
+    })
+    kept = df[~bad].set_index(key, drop=False)
+    kept.index.name = None
+    return kept, quarantined

@@ -1,0 +1,415 @@
+"""The prepare stage: validate -> fuse -> split -> fit vocabularies (train only) -> encode -> write.
+
+Outputs under <run_dir>/prepare/:
+  data/split={train,valid,test}/*.parquet   encoded rows (feature ids, label, scenario, weight, keys)
+  users.parquet, items.parquet              validated attribute tables with their text field
+  quarantine/{interactions,users,items}.parquet   rejected rows with _reason (policy quarantine)
+  feature_spec.json, vocabs.json, stats.json, fingerprint.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from mcl_ray.config import ExperimentConfig, MovieLensSource, PrepareConfig, SyntheticSource, TablesSource
+from mcl_ray.data import fuse, package_data, sources
+from mcl_ray.feature_spec import Feature, FeatureSpec, TextField
+
+log = logging.getLogger(__name__)
+
+# Bump when the prepare logic changes what it writes: cached results are then recomputed.
+PREPARE_VERSION = "1"
+SPLITS = ("train", "valid", "test")
+
+
+class DataValidationError(ValueError):
+    """Bad input rows under policy 'fail'; the message names table, source, column, count, examples."""
+
+
+@dataclass
+class PrepareResult:
+    out_dir: Path
+    spec: FeatureSpec
+    stats: dict
+    cached: bool
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+
+def input_files(cfg: ExperimentConfig) -> list[str]:
+    src = cfg.data
+    if isinstance(src, MovieLensSource):
+        if src.path:
+            return sorted(str(p) for p in Path(src.path).glob("*") if p.is_file())
+        folder = package_data.locate(package_data.PACKAGES[src.source])
+        return sorted(str(p) for p in folder.glob("*") if p.is_file())
+    if isinstance(src, TablesSource):
+        refs = [r for r in (src.interactions, src.users, src.items) if r is not None]
+        return [f for r in refs for f in sources._files_of(r.path)]
+    return []
+
+
+def fingerprint(cfg: ExperimentConfig) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": PREPARE_VERSION, "data": cfg.data.model_dump(mode="json"),
+                         "prepare": cfg.prepare.model_dump(mode="json")}, sort_keys=True).encode())
+    for f in input_files(cfg):
+        try:
+            st = os.stat(f)
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+        except FileNotFoundError:
+            h.update(f"{f}|missing".encode())
+    return h.hexdigest()[:20]
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def scenario_index(cfg: PrepareConfig, users: pd.DataFrame | None, items: pd.DataFrame | None,
+                   interactions: ray.data.Dataset) -> tuple[list[str], dict[str, int]]:
+    rule = cfg.scenario
+    if rule.groups is not None:
+        names = list(rule.groups)
+        return names, {fuse.value_key(v): i for i, vals in enumerate(rule.groups.values()) for v in vals}
+    if rule.names is not None:
+        names = list(rule.names)
+    else:
+        col = rule.column
+        if users is not None and col in users.columns:
+            vals = users[col]
+        elif items is not None and col in items.columns:
+            vals = items[col]
+        elif col in interactions.columns():
+            vals = pd.Series(interactions.unique(col))
+        else:
+            raise fuse.FusionError(f"prepare.scenario.column {col!r} is in no table")
+        names = sorted({k for k in fuse.keys_of(vals) if k is not None})
+    return names, {n: i for i, n in enumerate(names)}
+
+
+def _reason_counts(batch: pd.DataFrame) -> pd.DataFrame:
+    vc = batch["_reason"].value_counts()
+    return pd.DataFrame({"reason": vc.index.astype(str), "count": vc.to_numpy(np.int64)})
+
+
+def _bad_rows(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_valid(batch["_reason"]))
+
+
+def _good_rows(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_null(batch["_reason"])).drop_columns(["_reason", "_raw", "_source"])
+
+
+def assign_temporal(ds: ray.data.Dataset, cfg: PrepareConfig) -> ray.data.Dataset:
+    if cfg.split.temporal_mode == "leave_last_out":
+        def last_out(g: pd.DataFrame) -> pd.DataFrame:
+            g = g.sort_values(["timestamp", "item_id"], kind="stable").reset_index(drop=True)
+            split = np.full(len(g), "train", dtype=object)
+            if len(g) >= 2:
+                split[-1] = "test"
+            if len(g) >= 3:
+                split[-2] = "valid"
+            g["split"] = split
+            return g
+
+        return ds.groupby("user_id").map_groups(last_out, batch_format="pandas")
+    ts = np.concatenate([b["timestamp"] for b in ds.select_columns(["timestamp"]).iter_batches(
+        batch_format="numpy", batch_size=None)])
+    r = cfg.split.ratios
+    t1, t2 = np.quantile(ts, [r[0], r[0] + r[1]])
+
+    def cut(batch: pd.DataFrame) -> pd.DataFrame:
+        t = batch["timestamp"].to_numpy()
+        batch["split"] = np.where(t < t1, "train", np.where(t < t2, "valid", "test")).astype(object)
+        return batch
+
+    return ds.map_batches(cut, batch_format="pandas")
+
+
+def profile_batch(batch: pd.DataFrame, categorical: list[str], numeric: list[str]) -> pd.DataFrame:
+    """Partial aggregates of one batch: split x scenario counts and train-split value counts."""
+    parts = []
+    g = batch.groupby(["split", "scenario"]).agg(rows=("label", "size"), pos=("label", "sum")).reset_index()
+    parts.append(pd.DataFrame({"kind": "stat", "a": g["split"].astype(str), "b": g["scenario"].astype(str),
+                               "count": g["rows"].astype(np.int64), "sum": g["pos"].astype(np.float64),
+                               "sumsq": 0.0}))
+    train = batch[batch["split"] == "train"]
+    for f in categorical:
+        vc = pd.Series(fuse.keys_of(train[f])).value_counts(dropna=True)
+        parts.append(pd.DataFrame({"kind": "cat", "a": f, "b": vc.index.astype(str),
+                                   "count": vc.to_numpy(np.int64), "sum": 0.0, "sumsq": 0.0}))
+    for f in numeric:
+        x = pd.to_numeric(train[f], errors="coerce").dropna().to_numpy(np.float64)
+        parts.append(pd.DataFrame({"kind": ["num"], "a": [f], "b": [""], "count": [len(x)],
+                                   "sum": [x.sum()], "sumsq": [(x * x).sum()]}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def fit_vocabs(profile: pd.DataFrame, cfg_cat: dict[str, int]) -> dict[str, list[str]]:
+    """Vocabulary per feature: train values with count >= min_count, by count desc then value.
+
+    Id 0 is reserved for out-of-vocabulary, unseen and null values, so list position i -> id i+1."""
+    cat = profile[profile["kind"] == "cat"].groupby(["a", "b"], as_index=False)["count"].sum()
+    vocabs = {}
+    for f, min_count in cfg_cat.items():
+        sub = cat[(cat["a"] == f) & (cat["count"] >= min_count)]
+        sub = sub.sort_values(["count", "b"], ascending=[False, True])
+        vocabs[f] = sub["b"].tolist()
+    return vocabs
+
+
+def encode_batch(batch: pd.DataFrame, vocabs: dict[str, dict[str, int]], numeric: dict[str, tuple[float, float]]
+                 ) -> pd.DataFrame:
+    out = pd.DataFrame({
+        "user_key": batch["user_id"].astype(str).to_numpy(),
+        "item_key": batch["item_id"].astype(str).to_numpy(),
+        "timestamp": batch["timestamp"].to_numpy(np.int64),
+    })
+    for f, vocab in vocabs.items():
+        out[f] = pd.Series(fuse.keys_of(batch[f])).map(vocab).fillna(0).to_numpy(np.int64)
+    for f, (mean, std) in numeric.items():
+        x = pd.to_numeric(batch[f], errors="coerce").to_numpy(np.float64)
+        out[f] = np.nan_to_num((x - mean) / std).astype(np.float32)
+    out["scenario"] = batch["scenario"].to_numpy(np.int64)
+    out["label"] = batch["label"].to_numpy(np.float32)
+    out["weight"] = np.ones(len(batch), np.float32)
+    out["is_synthetic"] = np.zeros(len(batch), np.int8)
+    out["split"] = batch["split"].to_numpy()
+    return out
+
+
+def _examples_text(rows: list[dict], limit: int) -> str:
+    lines = []
+    for r in rows[:limit]:
+        where = f" [{r['_source']}]" if r.get("_source") else ""
+        lines.append(f"      {r['_raw']}{where}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def prepare(cfg: ExperimentConfig, out_dir: str | Path | None = None, force: bool = False,
+            console=None) -> PrepareResult:
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    pc_cfg = cfg.prepare
+    out = Path(out_dir) if out_dir else Path(cfg.resolved_run_dir()) / "prepare"
+    fp = fingerprint(cfg)
+    marker = out / "fingerprint.json"
+    if not force and marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fp:
+        console.print(f"[green]prepare: inputs and config unchanged (fingerprint {fp}); reusing {out}")
+        stats = json.loads((out / "stats.json").read_text())
+        return PrepareResult(out, FeatureSpec.load(out / "feature_spec.json"), stats, cached=True)
+
+    t0 = time.perf_counter()
+    step = _Steps(console)
+    step("reading source", cfg.data.source)
+    raw = sources.load_source(cfg.data)
+
+    step("validating users and items")
+    quarantine: dict[str, pd.DataFrame] = {}
+    rows_in: dict[str, int] = {}
+    users = items = None
+    for what, table, key in (("users", raw.users, "user_id"), ("items", raw.items, "item_id")):
+        if table is None:
+            continue
+        if table.num_rows == 0:
+            raise DataValidationError(f"{what} table is empty ({raw.origins.get(what)})")
+        kept, bad = fuse.validate_keyed_table(table, key, what)
+        rows_in[what] = table.num_rows
+        quarantine[what] = bad
+        if what == "users":
+            users = kept
+        else:
+            items = kept
+
+    names, scen_index = scenario_index(pc_cfg, users, items, raw.interactions)
+    categorical = {f.name: f.min_count for f in pc_cfg.categorical}
+    categorical.update({c: 1 for c in pc_cfg.context})
+    plan = fuse.plan_fusion(pc_cfg, raw.interactions.columns(), users, items, scen_index)
+    if pc_cfg.text is not None:  # fail on a bad template before the long pass
+        if items is not None:
+            fuse.render_text(items.head(1), pc_cfg.text.item, "item")
+        if users is not None:
+            fuse.render_text(users.head(1), pc_cfg.text.user, "user")
+
+    step("validating and fusing interactions", "(Ray Data map_batches)")
+    checked = raw.interactions.map_batches(fuse.fuse_batch, fn_kwargs={"plan": plan}, batch_format="pyarrow",
+                                           batch_size=65_536).materialize()
+    rows_in["interactions"] = checked.count()
+    if rows_in["interactions"] == 0:
+        raise DataValidationError(f"interactions are empty ({raw.origins.get('interactions')})")
+    bad_ds = checked.map_batches(_bad_rows, batch_format="pyarrow").materialize()
+    reason_counts: dict[str, dict[str, int]] = {w: q["_reason"].value_counts().to_dict() for w, q in quarantine.items()}
+    inter_reasons = (bad_ds.map_batches(_reason_counts, batch_format="pandas").to_pandas()
+                     .groupby("reason")["count"].sum().to_dict()) if bad_ds.count() else {}
+    reason_counts["interactions"] = {k: int(v) for k, v in inter_reasons.items()}
+    total_bad = sum(sum(v.values()) for v in reason_counts.values())
+    if total_bad and pc_cfg.validation.policy == "fail":
+        raise DataValidationError(_failure_message(reason_counts, quarantine, bad_ds, raw.origins,
+                                                   pc_cfg.validation.max_examples))
+
+    good = checked.map_batches(_good_rows, batch_format="pyarrow")
+    if pc_cfg.split.kind == "temporal":
+        step("temporal split", pc_cfg.split.temporal_mode)
+        good = assign_temporal(good, pc_cfg)
+    good = good.materialize()
+
+    step("fitting vocabularies and normalisers on the train split")
+    prof = good.map_batches(profile_batch, batch_format="pandas",
+                            fn_kwargs={"categorical": list(categorical), "numeric": list(pc_cfg.numeric)}
+                            ).to_pandas()
+    vocabs = fit_vocabs(prof, categorical)
+    numeric_stats = {}
+    for f in pc_cfg.numeric:
+        row = prof[(prof["kind"] == "num") & (prof["a"] == f)][["count", "sum", "sumsq"]].sum()
+        n = max(float(row["count"]), 1.0)
+        mean = float(row["sum"]) / n
+        std = float(np.sqrt(max(float(row["sumsq"]) / n - mean * mean, 0.0))) or 1.0
+        numeric_stats[f] = (mean, std)
+    split_stats = prof[prof["kind"] == "stat"].groupby(["a", "b"], as_index=False)[["count", "sum"]].sum()
+    rows_kept = int(split_stats["count"].sum())
+    if rows_kept == 0:
+        raise DataValidationError("no interaction passed validation; see the quarantine counts")
+    if not (split_stats["a"] == "train").any():
+        raise DataValidationError("the train split is empty; check prepare.split")
+
+    step("encoding and writing parquet shards")
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "quarantine").mkdir(parents=True)
+    vocab_maps = {f: {v: i + 1 for i, v in enumerate(vs)} for f, vs in vocabs.items()}
+    good.map_batches(encode_batch, batch_format="pandas",
+                     fn_kwargs={"vocabs": vocab_maps, "numeric": numeric_stats}).write_parquet(
+        str((out / "data").resolve()), partition_cols=["split"])
+    n_quarantined = {"interactions": int(sum(reason_counts["interactions"].values()))}
+    if n_quarantined["interactions"]:
+        bad_ds.select_columns(["_reason", "_raw", "_source", "user_id", "item_id"]).write_parquet(
+            str((out / "quarantine" / "interactions").resolve()))
+    for what, q in quarantine.items():
+        n_quarantined[what] = len(q)
+        if len(q):
+            q.to_parquet(out / "quarantine" / f"{what}.parquet", index=False)
+
+    text_fields = {}
+    for what, frame, key in (("users", users, "user_id"), ("items", items, "item_id")):
+        if frame is None:
+            continue
+        frame = frame.reset_index(drop=True)
+        if pc_cfg.text is not None:
+            template = pc_cfg.text.user if what == "users" else pc_cfg.text.item
+            frame["text"] = fuse.render_text(frame, template, what[:-1])
+            text_fields[what[:-1]] = TextField(key=key, table=f"{what}.parquet", template=template)
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), out / f"{what}.parquet")
+
+    # ---- stats, invariant, spec
+    per = {s: {"rows": 0, "positives": 0, "by_scenario": {}} for s in SPLITS}
+    for _, r in split_stats.iterrows():
+        d = per.setdefault(r["a"], {"rows": 0, "positives": 0, "by_scenario": {}})
+        name = names[int(r["b"])]
+        d["by_scenario"][name] = {"rows": int(r["count"]), "positives": int(r["sum"]),
+                                  "positive_rate": round(float(r["sum"]) / max(int(r["count"]), 1), 4)}
+        d["rows"] += int(r["count"])
+        d["positives"] += int(r["sum"])
+    for d in per.values():
+        d["positive_rate"] = round(d["positives"] / max(d["rows"], 1), 4)
+    kept = {"interactions": rows_kept, "users": len(users) if users is not None else 0,
+            "items": len(items) if items is not None else 0}
+    invariant = {}
+    for what in rows_in:
+        ok = rows_in[what] == kept[what] + n_quarantined[what]
+        invariant[what] = {"rows_in": rows_in[what], "rows_kept": kept[what], "rows_quarantined": n_quarantined[what],
+                           "holds": ok}
+        if not ok:
+            raise RuntimeError(f"internal error: {what}: rows_in {rows_in[what]} != kept {kept[what]} + "
+                               f"quarantined {n_quarantined[what]}")
+    stats = {
+        "fingerprint": fp,
+        "source": raw.origins,
+        "rows": invariant,
+        "quarantine_reasons": reason_counts,
+        "splits": per,
+        "scenarios": names,
+        "vocab_sizes": {f: len(v) + 1 for f, v in vocabs.items()},
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    features = []
+    for f in categorical:
+        features.append(Feature(name=f, kind="categorical", source=_source_of(f, plan),
+                                vocab_size=len(vocabs[f]) + 1, min_count=categorical[f]))
+    for f, (mean, std) in numeric_stats.items():
+        features.append(Feature(name=f, kind="numeric", source=_source_of(f, plan), mean=mean, std=std))
+    spec = FeatureSpec(
+        features=features, scenario_names=names, text=text_fields,
+        splits={s: f"data/split={s}" for s in SPLITS if per[s]["rows"]},
+        num_rows={s: per[s]["rows"] for s in SPLITS},
+        users_table="users.parquet" if users is not None else None,
+        items_table="items.parquet" if items is not None else None,
+        data_fingerprint=fp,
+    )
+    spec.save(out / "feature_spec.json")
+    (out / "vocabs.json").write_text(json.dumps(vocabs, ensure_ascii=False))
+    (out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
+    (out / "fingerprint.json").write_text(json.dumps({"fingerprint": fp, "version": PREPARE_VERSION}))
+    step.done()
+    return PrepareResult(out, spec, stats, cached=False)
+
+
+def _source_of(f: str, plan: fuse.FusionPlan) -> str:
+    if f in plan.context:
+        return "context"
+    if f in plan.user_cols or f == "user_id":
+        return "user"
+    if f in plan.item_cols or f in plan.derived or f == "item_id":
+        return "item"
+    return "interaction"
+
+
+def _failure_message(reason_counts, quarantine, bad_ds, origins, limit) -> str:
+    lines = ["input validation failed (prepare.validation.policy = fail):"]
+    for what, counts in reason_counts.items():
+        for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+            problem, _, column = reason.partition(":")
+            lines.append(f"  {what} ({origins.get(what, '?')}): {n} rows with {problem} in column {column!r}; e.g.")
+            if what == "interactions":
+                ex = bad_ds.filter(lambda r, reason=reason: r["_reason"] == reason).take(limit)
+            else:
+                q = quarantine[what]
+                ex = q[q["_reason"] == reason].head(limit).to_dict("records")
+            lines.append(_examples_text(ex, limit))
+    lines.append("Fix the input, or set prepare.validation.policy=quarantine to set these rows aside "
+                 "(they are then written to <run>/prepare/quarantine/ with the reason per row).")
+    return "\n".join(lines)
+
+
+class _Steps:
+    """Numbered stage lines with elapsed time, so long runs show where they are."""
+
+    def __init__(self, console):
+        self.console, self.n, self.t0, self.t = console, 0, time.perf_counter(), time.perf_counter()
+
+    def __call__(self, what: str, detail: str = "") -> None:
+        self.n += 1
+        now = time.perf_counter()
+        self.console.print(f"[bold cyan]prepare[{self.n}][/] {what} {detail}  [dim](+{now - self.t0:.1f}s)[/]")
+        self.t = now
+
+    def done(self) -> None:
+        self.console.print(f"[bold green]prepare done[/] in {time.perf_counter() - self.t0:.1f}s")

@@ -1,0 +1,84 @@
+"""feature_spec.json: the only contract between data and model.
+
+Written by ``prepare``, read by ``train`` and ``serve``. Versioned: a reader refuses a spec whose
+major version it does not know instead of guessing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SPEC_VERSION = 1
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Feature(_Spec):
+    name: str
+    kind: Literal["categorical", "numeric", "text_embedding", "sequence"]
+    source: Literal["interaction", "user", "item", "context"]
+    vocab_size: int | None = Field(None, description="categorical: ids 0..vocab_size-1, 0 is OOV/unknown/null")
+    min_count: int | None = None
+    mean: float | None = Field(None, description="numeric: train-split mean used for normalisation")
+    std: float | None = None
+    dim: int | None = Field(None, description="text_embedding: embedding width")
+
+
+class TextField(_Spec):
+    key: Literal["user_id", "item_id"]
+    table: str = Field(description="parquet file (relative to the prepare dir) holding key and text")
+    column: str = "text"
+    template: str
+    embedding: str | None = Field(None, description="embeddings file, filled in by the encode stage")
+
+
+class FeatureSpec(_Spec):
+    version: int = SPEC_VERSION
+    features: list[Feature]
+    scenario_column: str = "scenario"
+    scenario_names: list[str]
+    label_column: str = "label"
+    weight_column: str = "weight"
+    provenance_column: str = "is_synthetic"
+    user_key: str = "user_key"
+    item_key: str = "item_key"
+    timestamp_column: str = "timestamp"
+    text: dict[str, TextField] = Field(default_factory=dict)
+    splits: dict[str, str] = Field(description="split name -> parquet folder relative to the prepare dir")
+    num_rows: dict[str, int]
+    users_table: str | None = "users.parquet"
+    items_table: str | None = "items.parquet"
+    vocabularies: str = "vocabs.json"
+    data_fingerprint: str
+
+    @property
+    def categorical(self) -> list[Feature]:
+        return [f for f in self.features if f.kind == "categorical"]
+
+    @property
+    def numeric(self) -> list[Feature]:
+        return [f for f in self.features if f.kind == "numeric"]
+
+    @property
+    def num_scenarios(self) -> int:
+        return len(self.scenario_names)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FeatureSpec":
+        p = Path(path)
+        if p.is_dir():
+            p = p / "feature_spec.json"
+        data = json.loads(p.read_text())
+        if data.get("version") != SPEC_VERSION:
+            raise ValueError(f"{p}: feature spec version {data.get('version')} is not supported "
+                             f"(this mcl-ray reads version {SPEC_VERSION}); re-run `mcl-ray prepare`")
+        return cls.model_validate(data)

@@ -1,0 +1,64 @@
+"""Starting or joining a Ray cluster with this project's defaults (see DESIGN.md, Ray facts)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from mcl_ray.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+# Defaults for local clusters, tests and CI; a user's own environment wins (setdefault).
+RAY_ENV_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Token auth is on by default in this Ray and writes ~/.ray/auth_token; local runs need none.
+    "RAY_AUTH_MODE": "disabled",
+}
+
+
+def apply_env_defaults() -> None:
+    for k, v in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+
+
+def ray_tmpdir(run_root: str | Path = "runs") -> str:
+    """RAY_TMPDIR if set, else <run_root>/.ray; Unix socket paths must stay short, so fall back to /tmp."""
+    if os.environ.get("RAY_TMPDIR"):
+        return os.environ["RAY_TMPDIR"]
+    cand = Path(run_root).resolve() / ".ray"
+    if len(str(cand)) > 60:
+        cand = Path(tempfile.gettempdir()) / f"mcl-ray-{os.getuid()}"
+    return str(cand)
+
+
+def quiet_ray_data() -> None:
+    """Progress bars on a terminal; in logs (CI, jobs) only warnings: our own stage lines show progress."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty() and not os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS")
+    for name in ("ray.data", "ray.data._internal"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def init_ray(cfg: RayConfig | None = None, run_root: str | Path = "runs") -> None:
+    """Join the configured cluster, RAY_ADDRESS, or an already started one; else start a local one."""
+    import ray
+
+    apply_env_defaults()
+    quiet_ray_data()
+    if ray.is_initialized():
+        return
+    cfg = cfg or RayConfig()
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return
+    tmp = ray_tmpdir(run_root)
+    Path(tmp).mkdir(parents=True, exist_ok=True)
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _temp_dir=tmp, log_to_driver=True)
