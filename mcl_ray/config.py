@@ -321,7 +321,15 @@ def load_raw(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    raw = apply_overrides(load_raw(path), overrides or [])
+    raw = load_raw(path)
+    if overrides:
+        # Override onto the config with defaults filled in, so a key the file leaves at its
+        # default (e.g. one element of the default feature list) can still be overridden.
+        try:
+            raw = ExperimentConfig.model_validate(raw).model_dump(mode="json")
+        except ValidationError:
+            pass  # the overrides may be what makes it valid; report errors after applying them
+        raw = apply_overrides(raw, overrides)
     return validate_config(raw, str(path))
 
 

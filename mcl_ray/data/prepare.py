@@ -240,10 +240,13 @@ def prepare(cfg: ExperimentConfig, out_dir: str | Path | None = None, force: boo
         else:
             items = kept
 
+    inter_columns = raw.interactions.columns()
+    if not inter_columns:  # a header-only CSV or an empty folder has no schema at all
+        raise DataValidationError(f"interactions are empty ({raw.origins.get('interactions')})")
     names, scen_index = scenario_index(pc_cfg, users, items, raw.interactions)
     categorical = {f.name: f.min_count for f in pc_cfg.categorical}
     categorical.update({c: 1 for c in pc_cfg.context})
-    plan = fuse.plan_fusion(pc_cfg, raw.interactions.columns(), users, items, scen_index)
+    plan = fuse.plan_fusion(pc_cfg, [c for c in inter_columns if c != "path"], users, items, scen_index)
     if pc_cfg.text is not None:  # fail on a bad template before the long pass
         if items is not None:
             fuse.render_text(items.head(1), pc_cfg.text.item, "item")

@@ -299,7 +299,7 @@ def _read_small(ref: TableRef, origin: str) -> pa.Table:
         else:
             # check_utf8=False: undecodable text reaches validation, which names the row.
             tables.append(pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter=ref.delimiter),
-                                         convert_options=pacsv.ConvertOptions(check_utf8=False)))
+                                         convert_options=pacsv.ConvertOptions(check_utf8=False, strings_can_be_null=True)))
     return _rename(pa.concat_tables(tables, promote_options="permissive"), ref, origin)
 
 
@@ -313,7 +313,7 @@ def load_tables(src: TablesSource) -> RawTables:
     else:
         ds = ray.data.read_csv(files, include_paths=True,
                                parse_options=pacsv.ParseOptions(delimiter=ref.delimiter),
-                               convert_options=pacsv.ConvertOptions(check_utf8=False))
+                               convert_options=pacsv.ConvertOptions(check_utf8=False, strings_can_be_null=True))
     mapping = {file_col: canon for canon, file_col in ref.columns.items()}
     if mapping:
         ds = ds.rename_columns(mapping)
