@@ -1,4 +1,3 @@
-import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """One local Ray cluster for the whole session; only this cluster is stopped at the end."""
-    from mcl_ray.ray_env import apply_env_defaults, quiet_ray_data
+    from mcl_ray.ray_env import apply_env_defaults, quiet_ray_data, ray_tmpdir
 
     apply_env_defaults()
     import ray
@@ -17,7 +16,7 @@ def ray_cluster(tmp_path_factory):
     if ray.is_initialized():
         yield ray
         return
-    tmp = os.environ.get("RAY_TMPDIR") or str(ROOT / "runs" / ".ray-tests")
+    tmp = ray_tmpdir(ROOT / "runs")
     Path(tmp).mkdir(parents=True, exist_ok=True)
     # 4 logical CPUs on a 2-core machine: Ray Data read tasks never starve behind other stages.
     ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)

@@ -42,8 +42,26 @@ def value_key(v) -> str | None:
 
 
 def keys_of(values: pd.Series) -> np.ndarray:
-    if pd.api.types.is_integer_dtype(values.dtype) and not values.isna().any():
+    """value_key over a column, vectorised for the common dtypes (this runs on every row)."""
+    dt = values.dtype
+    if pd.api.types.is_bool_dtype(dt):
         return values.astype(np.int64).astype(str).to_numpy(dtype=object)
+    if pd.api.types.is_integer_dtype(dt):
+        if values.isna().any():  # nullable ints
+            return np.where(values.isna(), None, values.astype(str)).astype(object)
+        return values.astype(np.int64).astype(str).to_numpy(dtype=object)
+    if pd.api.types.is_float_dtype(dt):
+        x = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        ok = ~np.isnan(x)
+        if (x[ok] == np.round(x[ok])).all():
+            out = np.full(len(x), None, dtype=object)
+            out[ok] = x[ok].astype(np.int64).astype(str)
+            return out
+    if pd.api.types.is_string_dtype(dt):
+        arr = values.to_numpy(dtype=object, na_value=None)
+        if all(isinstance(v, str) or v is None for v in arr[:64]):  # cheap probe; object columns may be mixed
+            if dt != object or all(isinstance(v, str) or v is None for v in arr):
+                return arr
     return np.array([value_key(v) for v in values.tolist()], dtype=object)
 
 
@@ -172,8 +190,6 @@ def plan_fusion(cfg: PrepareConfig, interaction_columns: list[str], users: pd.Da
             item_cols.append(col)
         elif col in DERIVED_ITEM and DERIVED_ITEM[col] in item_avail:
             derived.append(col)
-            if DERIVED_ITEM[col] not in item_cols:
-                item_cols.append(DERIVED_ITEM[col])
         elif col in CONTEXT:
             raise FusionError(f"feature {col!r} is a context feature: list it under prepare.context")
         else:
@@ -187,9 +203,17 @@ def plan_fusion(cfg: PrepareConfig, interaction_columns: list[str], users: pd.Da
         rating_range=cfg.validation.rating_range if cfg.label.op != "binary" else None,
         split_kind=cfg.split.kind, split_ratios=tuple(cfg.split.ratios), split_seed=cfg.split.seed,
         users=users[user_cols] if users is not None else None,
-        items=items[item_cols] if items is not None else None,
+        items=_with_derived(items, derived)[item_cols + derived] if items is not None else None,
         interaction_extra=extra,
     )
+
+
+def _with_derived(items: pd.DataFrame, derived: list[str]) -> pd.DataFrame:
+    """Derived item columns, computed once on the (small) item table rather than per interaction."""
+    items = items.copy()
+    if "first_genre" in derived:
+        items["first_genre"] = [g.split("|", 1)[0] if isinstance(g, str) and g else None for g in items["genres"]]
+    return items
 
 
 def _numeric(values: pd.Series, name: str, reasons: np.ndarray) -> np.ndarray:
@@ -266,10 +290,8 @@ def fuse_batch(batch: pa.Table, plan: FusionPlan) -> pd.DataFrame:
     if plan.items is not None:
         joined = plan.items.reindex(out["item_id"])
         _flag(reasons, ~out["item_id"].isin(plan.items.index).to_numpy(), "unknown_item:item_id")
-        for c in plan.item_cols:
+        for c in plan.item_cols + plan.derived:
             out[c] = joined[c].to_numpy()
-    if "first_genre" in plan.derived:
-        out["first_genre"] = [g.split("|", 1)[0] if isinstance(g, str) and g else None for g in out["genres"]]
     if plan.context:
         when = pd.to_datetime(out["timestamp"], unit="s", utc=True)
         for c in plan.context:

@@ -102,11 +102,6 @@ def scenario_index(cfg: PrepareConfig, users: pd.DataFrame | None, items: pd.Dat
     return names, {n: i for i, n in enumerate(names)}
 
 
-def _reason_counts(batch: pd.DataFrame) -> pd.DataFrame:
-    vc = batch["_reason"].value_counts()
-    return pd.DataFrame({"reason": vc.index.astype(str), "count": vc.to_numpy(np.int64)})
-
-
 def _bad_rows(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_valid(batch["_reason"]))
 
@@ -142,8 +137,14 @@ def assign_temporal(ds: ray.data.Dataset, cfg: PrepareConfig) -> ray.data.Datase
 
 
 def profile_batch(batch: pd.DataFrame, categorical: list[str], numeric: list[str]) -> pd.DataFrame:
-    """Partial aggregates of one batch: split x scenario counts and train-split value counts."""
+    """Partial aggregates of one batch: rejection reasons, split x scenario counts and train-split
+    value counts / moments. Small output; the driver adds the partials up."""
     parts = []
+    if "_reason" in batch.columns:
+        vc = batch["_reason"].value_counts()
+        parts.append(pd.DataFrame({"kind": "reason", "a": vc.index.astype(str), "b": "",
+                                   "count": vc.to_numpy(np.int64), "sum": 0.0, "sumsq": 0.0}))
+        batch = batch[batch["_reason"].isna()]
     g = batch.groupby(["split", "scenario"]).agg(rows=("label", "size"), pos=("label", "sum")).reset_index()
     parts.append(pd.DataFrame({"kind": "stat", "a": g["split"].astype(str), "b": g["scenario"].astype(str),
                                "count": g["rows"].astype(np.int64), "sum": g["pos"].astype(np.float64),
@@ -175,6 +176,8 @@ def fit_vocabs(profile: pd.DataFrame, cfg_cat: dict[str, int]) -> dict[str, list
 
 def encode_batch(batch: pd.DataFrame, vocabs: dict[str, dict[str, int]], numeric: dict[str, tuple[float, float]]
                  ) -> pd.DataFrame:
+    if "_reason" in batch.columns:
+        batch = batch[batch["_reason"].isna()]
     out = pd.DataFrame({
         "user_key": batch["user_id"].astype(str).to_numpy(),
         "item_key": batch["item_id"].astype(str).to_numpy(),
@@ -259,26 +262,25 @@ def prepare(cfg: ExperimentConfig, out_dir: str | Path | None = None, force: boo
     rows_in["interactions"] = checked.count()
     if rows_in["interactions"] == 0:
         raise DataValidationError(f"interactions are empty ({raw.origins.get('interactions')})")
-    bad_ds = checked.map_batches(_bad_rows, batch_format="pyarrow").materialize()
+    step("profiling: rejection reasons, split sizes, train-split vocabularies")
+    kwargs = {"categorical": list(categorical), "numeric": list(pc_cfg.numeric)}
+    prof = checked.map_batches(profile_batch, batch_format="pandas", fn_kwargs=kwargs).to_pandas()
+    rows = checked
+    if pc_cfg.split.kind == "temporal":
+        step("temporal split", pc_cfg.split.temporal_mode)
+        rows = assign_temporal(checked.map_batches(_good_rows, batch_format="pyarrow"), pc_cfg).materialize()
+        prof = pd.concat([prof[prof["kind"] == "reason"],
+                          rows.map_batches(profile_batch, batch_format="pandas", fn_kwargs=kwargs).to_pandas()])
     reason_counts: dict[str, dict[str, int]] = {w: q["_reason"].value_counts().to_dict() for w, q in quarantine.items()}
-    inter_reasons = (bad_ds.map_batches(_reason_counts, batch_format="pandas").to_pandas()
-                     .groupby("reason")["count"].sum().to_dict()) if bad_ds.count() else {}
-    reason_counts["interactions"] = {k: int(v) for k, v in inter_reasons.items()}
+    reason_counts["interactions"] = {
+        str(k): int(v) for k, v in prof[prof["kind"] == "reason"].groupby("a")["count"].sum().items()}
     total_bad = sum(sum(v.values()) for v in reason_counts.values())
+    bad_ds = checked.map_batches(_bad_rows, batch_format="pyarrow").materialize() if reason_counts["interactions"] \
+        else None
     if total_bad and pc_cfg.validation.policy == "fail":
         raise DataValidationError(_failure_message(reason_counts, quarantine, bad_ds, raw.origins,
                                                    pc_cfg.validation.max_examples))
 
-    good = checked.map_batches(_good_rows, batch_format="pyarrow")
-    if pc_cfg.split.kind == "temporal":
-        step("temporal split", pc_cfg.split.temporal_mode)
-        good = assign_temporal(good, pc_cfg)
-    good = good.materialize()
-
-    step("fitting vocabularies and normalisers on the train split")
-    prof = good.map_batches(profile_batch, batch_format="pandas",
-                            fn_kwargs={"categorical": list(categorical), "numeric": list(pc_cfg.numeric)}
-                            ).to_pandas()
     vocabs = fit_vocabs(prof, categorical)
     numeric_stats = {}
     for f in pc_cfg.numeric:
@@ -299,11 +301,11 @@ def prepare(cfg: ExperimentConfig, out_dir: str | Path | None = None, force: boo
         shutil.rmtree(out)
     (out / "quarantine").mkdir(parents=True)
     vocab_maps = {f: {v: i + 1 for i, v in enumerate(vs)} for f, vs in vocabs.items()}
-    good.map_batches(encode_batch, batch_format="pandas",
+    rows.map_batches(encode_batch, batch_format="pandas",
                      fn_kwargs={"vocabs": vocab_maps, "numeric": numeric_stats}).write_parquet(
         str((out / "data").resolve()), partition_cols=["split"])
     n_quarantined = {"interactions": int(sum(reason_counts["interactions"].values()))}
-    if n_quarantined["interactions"]:
+    if bad_ds is not None:
         bad_ds.select_columns(["_reason", "_raw", "_source", "user_id", "item_id"]).write_parquet(
             str((out / "quarantine" / "interactions").resolve()))
     for what, q in quarantine.items():

@@ -1,0 +1,57 @@
+"""The CLI end to end on the session's local Ray cluster."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mcl_ray.cli import app
+
+import tiny_data
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_quick_experiment_and_reuse(tmp_path, ray_cluster):
+    runner = CliRunner()
+    args = ["run", str(ROOT / "experiments/ml1m_swr_quick.yaml"), "--set", f"run_dir={tmp_path / 'run'}",
+            "--set", "data.max_interactions=20000"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "interactions: in 20,000 = kept 20,000 + quarantined 0" in r.output
+    out = tmp_path / "run" / "prepare"
+    for f in ("feature_spec.json", "stats.json", "vocabs.json", "users.parquet", "items.parquet"):
+        assert (out / f).exists(), f
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["split=test", "split=train", "split=valid"]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["rows"]["interactions"]["holds"]
+    r2 = runner.invoke(app, args)
+    assert r2.exit_code == 0 and "(cached)" in r2.output
+    r3 = runner.invoke(app, args + ["--set", "prepare.split.seed=1"])
+    assert r3.exit_code == 0 and "(cached)" not in r3.output
+
+
+def test_prepare_bad_input_exits_nonzero_with_message(tmp_path, ray_cluster):
+    folder = tiny_data.write(tmp_path / "in", interactions=tiny_data.INTERACTIONS + "u1,i2,9,1000003600\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_data.config(folder, tmp_path / "run")))
+    r = CliRunner().invoke(app, ["prepare", str(cfg)])
+    assert r.exit_code == 1
+    assert "out_of_range in column 'rating'" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["prepare", str(cfg), "--set", "prepare.validation.policy=quarantine",
+                                 "--out", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    assert "quarantined 1" in r.output
+    assert (tmp_path / "q" / "quarantine" / "interactions").is_dir()
+
+
+def test_help_lists_stages():
+    r = CliRunner().invoke(app, ["--help"])
+    assert r.exit_code == 0
+    for cmd in ("prepare", "run", "config", "data"):
+        assert cmd in r.output
+    r = CliRunner().invoke(app, ["prepare", "--help"])
+    assert "--set" in r.output and "--out" in r.output
