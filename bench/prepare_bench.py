@@ -64,7 +64,6 @@ def one_ray(source: str, rows: int, cpus: int) -> dict:
 def one_pandas(rows: int) -> dict:
     """The same synthetic generation + fusion + vocab + encode + write, single process, no Ray."""
     import numpy as np
-    import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -94,19 +93,19 @@ def one_pandas(rows: int) -> dict:
         names = sorted(set(u_kept["segment"]))
         plan = fuse.plan_fusion(pc_cfg, list(inter.columns), u_kept, i_kept, {n: i for i, n in enumerate(names)})
         fused = fuse.fuse_batch(pa.Table.from_pandas(inter, preserve_index=False), plan)
-        good = fused[fused["_reason"].isna()].drop(columns=["_reason", "_raw", "_source"])
+        good = pa.Table.from_pandas(fused, preserve_index=False)
         categorical = {f.name: f.min_count for f in pc_cfg.categorical}
-        prof = prep.profile_batch(good, list(categorical), list(pc_cfg.numeric))
+        prof = prep.profile_batch(good, list(categorical), list(pc_cfg.numeric)).to_pandas()
         vocabs = prep.fit_vocabs(prof, categorical)
         numeric = {}
         for f in pc_cfg.numeric:
             r = prof[(prof.kind == "num") & (prof.a == f)][["count", "sum", "sumsq"]].sum()
             mean = r["sum"] / r["count"]
             numeric[f] = (mean, float(np.sqrt(r["sumsq"] / r["count"] - mean * mean)) or 1.0)
-        enc = prep.encode_batch(good, {f: {v: i + 1 for i, v in enumerate(vs)} for f, vs in vocabs.items()}, numeric)
-        pq.write_to_dataset(pa.Table.from_pandas(enc, preserve_index=False), str(Path(tmp) / "data"),
-                            partition_cols=["split"])
+        enc = prep.encode_batch(good, {f: pa.array(vs, pa.string()) for f, vs in vocabs.items()}, numeric)
+        pq.write_to_dataset(enc, str(Path(tmp) / "data"), partition_cols=["split"])
         wall = time.perf_counter() - t0
+    assert enc.num_rows == len(inter)
     return {"path": "pandas", "source": "synthetic", "cpus": 1, "rows": len(inter), "seconds": wall,
             "rows_per_s": len(inter) / wall, "driver_peak_rss_mib": peak_rss_mib()}
 

@@ -45,6 +45,19 @@ def quiet_ray_data() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def tune_data_context(small_cluster_cpus: int = 8) -> None:
+    """On small clusters, turn off Ray Data's per-operator resource reservation.
+
+    Measured here (2 CPUs): with it on, a single map stage ran its 32 tasks one at a time (6.3 s
+    for 32 x 0.2 s of work); off, two at a time (3.7 s). Large clusters keep Ray's default."""
+    import ray
+    import ray.data
+
+    cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
+    if 0 < cpus <= small_cluster_cpus:
+        ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+
+
 def init_ray(cfg: RayConfig | None = None, run_root: str | Path = "runs") -> None:
     """Join the configured cluster, RAY_ADDRESS, or an already started one; else start a local one."""
     import ray

@@ -282,21 +282,21 @@ def fuse_batch(batch: pa.Table, plan: FusionPlan) -> pd.DataFrame:
     for col in plan.interaction_extra:
         out[col] = df[col].to_numpy()
 
-    if plan.users is not None:
-        joined = plan.users.reindex(out["user_id"])
-        _flag(reasons, ~out["user_id"].isin(plan.users.index).to_numpy(), "unknown_user:user_id")
-        for c in plan.user_cols:
-            out[c] = joined[c].to_numpy()
-    if plan.items is not None:
-        joined = plan.items.reindex(out["item_id"])
-        _flag(reasons, ~out["item_id"].isin(plan.items.index).to_numpy(), "unknown_item:item_id")
-        for c in plan.item_cols + plan.derived:
-            out[c] = joined[c].to_numpy()
+    for key, table, cols, what in (("user_id", plan.users, plan.user_cols, "unknown_user"),
+                                   ("item_id", plan.items, plan.item_cols + plan.derived, "unknown_item")):
+        if table is None:
+            continue
+        # Broadcast hash join: position of each key in the attribute table, -1 when absent. Rows
+        # with an unknown key are rejected, so the attribute value they pick up is never used.
+        pos = table.index.get_indexer(out[key])
+        _flag(reasons, pos < 0, f"{what}:{key}")
+        pos = np.maximum(pos, 0)
+        for c in cols:
+            out[c] = table[c].to_numpy()[pos] if len(table) else np.full(n, None, dtype=object)
     if plan.context:
         when = pd.to_datetime(out["timestamp"], unit="s", utc=True)
         for c in plan.context:
-            out[c] = getattr(when.dt, {"hour": "hour", "weekday": "weekday", "month": "month"}[c]).to_numpy(np.int64)
-
+            out[c] = getattr(when.dt, c).to_numpy(np.int64)
     scen_col = plan.scenario.column
     scen_keys = keys_of(out[scen_col]) if scen_col in out.columns else keys_of(df[scen_col])
     scen = np.array([plan.scenario_index.get(k, -1) if k is not None else -1 for k in scen_keys], dtype=np.int64)

@@ -136,29 +136,54 @@ def assign_temporal(ds: ray.data.Dataset, cfg: PrepareConfig) -> ray.data.Datase
     return ds.map_batches(cut, batch_format="pandas")
 
 
-def profile_batch(batch: pd.DataFrame, categorical: list[str], numeric: list[str]) -> pd.DataFrame:
+def key_array(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Arrow twin of fuse.keys_of: 25, 25.0 and '25' become the string '25' (vectorised in C++)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    t = col.type
+    if pa.types.is_boolean(t):
+        col = pc.cast(col, pa.int64())
+    elif pa.types.is_floating(t):
+        valid = pc.drop_null(col)
+        if len(valid) == 0 or pc.all(pc.equal(valid, pc.round(valid))).as_py():
+            col = pc.cast(col, pa.int64())
+    if pa.types.is_string(col.type):
+        return col
+    if pa.types.is_large_string(col.type) or pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+        return pc.cast(col, pa.string())
+    return pa.array(fuse.keys_of(col.to_pandas()), pa.string())
+
+
+def profile_batch(batch: pa.Table, categorical: list[str], numeric: list[str]) -> pa.Table:
     """Partial aggregates of one batch: rejection reasons, split x scenario counts and train-split
     value counts / moments. Small output; the driver adds the partials up."""
     parts = []
-    if "_reason" in batch.columns:
-        vc = batch["_reason"].value_counts()
-        parts.append(pd.DataFrame({"kind": "reason", "a": vc.index.astype(str), "b": "",
-                                   "count": vc.to_numpy(np.int64), "sum": 0.0, "sumsq": 0.0}))
-        batch = batch[batch["_reason"].isna()]
-    g = batch.groupby(["split", "scenario"]).agg(rows=("label", "size"), pos=("label", "sum")).reset_index()
-    parts.append(pd.DataFrame({"kind": "stat", "a": g["split"].astype(str), "b": g["scenario"].astype(str),
-                               "count": g["rows"].astype(np.int64), "sum": g["pos"].astype(np.float64),
-                               "sumsq": 0.0}))
-    train = batch[batch["split"] == "train"]
+
+    def part(kind, a, b, count, sum_=None, sumsq=None):
+        n = len(count)
+        parts.append(pa.table({
+            "kind": pa.array([kind] * n, pa.string()), "a": pc.cast(a, pa.string()), "b": pc.cast(b, pa.string()),
+            "count": pc.cast(count, pa.int64()),
+            "sum": pc.cast(sum_, pa.float64()) if sum_ is not None else pa.array(np.zeros(n)),
+            "sumsq": pc.cast(sumsq, pa.float64()) if sumsq is not None else pa.array(np.zeros(n))}))
+
+    if "_reason" in batch.column_names:
+        bad = pc.is_valid(batch["_reason"])
+        if pc.any(bad).as_py():
+            vc = pc.value_counts(pc.drop_null(batch["_reason"]))
+            part("reason", vc.field("values"), pa.array([""] * len(vc), pa.string()), vc.field("counts"))
+            batch = batch.filter(pc.invert(bad))
+    g = batch.group_by(["split", "scenario"]).aggregate([("label", "count"), ("label", "sum")])
+    part("stat", g["split"], g["scenario"], g["label_count"], g["label_sum"])
+    train = batch.filter(pc.equal(batch["split"], "train"))
     for f in categorical:
-        vc = pd.Series(fuse.keys_of(train[f])).value_counts(dropna=True)
-        parts.append(pd.DataFrame({"kind": "cat", "a": f, "b": vc.index.astype(str),
-                                   "count": vc.to_numpy(np.int64), "sum": 0.0, "sumsq": 0.0}))
+        vc = pc.value_counts(pc.drop_null(key_array(train[f])))
+        part("cat", pa.array([f] * len(vc), pa.string()), vc.field("values"), vc.field("counts"))
     for f in numeric:
-        x = pd.to_numeric(train[f], errors="coerce").dropna().to_numpy(np.float64)
-        parts.append(pd.DataFrame({"kind": ["num"], "a": [f], "b": [""], "count": [len(x)],
-                                   "sum": [x.sum()], "sumsq": [(x * x).sum()]}))
-    return pd.concat(parts, ignore_index=True)
+        x = pc.drop_null(pc.cast(train[f], pa.float64()))
+        part("num", pa.array([f]), pa.array([""]), pa.array([len(x)]),
+             pa.array([pc.sum(x).as_py() or 0.0]), pa.array([pc.sum(pc.multiply(x, x)).as_py() or 0.0]))
+    return pa.concat_tables(parts)
 
 
 def fit_vocabs(profile: pd.DataFrame, cfg_cat: dict[str, int]) -> dict[str, list[str]]:
@@ -174,26 +199,28 @@ def fit_vocabs(profile: pd.DataFrame, cfg_cat: dict[str, int]) -> dict[str, list
     return vocabs
 
 
-def encode_batch(batch: pd.DataFrame, vocabs: dict[str, dict[str, int]], numeric: dict[str, tuple[float, float]]
-                 ) -> pd.DataFrame:
-    if "_reason" in batch.columns:
-        batch = batch[batch["_reason"].isna()]
-    out = pd.DataFrame({
-        "user_key": batch["user_id"].astype(str).to_numpy(),
-        "item_key": batch["item_id"].astype(str).to_numpy(),
-        "timestamp": batch["timestamp"].to_numpy(np.int64),
-    })
+def encode_batch(batch: pa.Table, vocabs: dict[str, pa.Array], numeric: dict[str, tuple[float, float]]) -> pa.Table:
+    """Categorical values -> ids (vocab position + 1; 0 = OOV), numeric -> z-scores, plus bookkeeping."""
+    if "_reason" in batch.column_names:
+        batch = batch.filter(pc.is_null(batch["_reason"]))
+    n = batch.num_rows
+    cols = {
+        "user_key": key_array(batch["user_id"]),
+        "item_key": key_array(batch["item_id"]),
+        "timestamp": pc.cast(batch["timestamp"], pa.int64()),
+    }
     for f, vocab in vocabs.items():
-        out[f] = pd.Series(fuse.keys_of(batch[f])).map(vocab).fillna(0).to_numpy(np.int64)
+        idx = pc.index_in(key_array(batch[f]), value_set=vocab)
+        cols[f] = pc.cast(pc.add(pc.fill_null(idx, -1), 1), pa.int64())
     for f, (mean, std) in numeric.items():
-        x = pd.to_numeric(batch[f], errors="coerce").to_numpy(np.float64)
-        out[f] = np.nan_to_num((x - mean) / std).astype(np.float32)
-    out["scenario"] = batch["scenario"].to_numpy(np.int64)
-    out["label"] = batch["label"].to_numpy(np.float32)
-    out["weight"] = np.ones(len(batch), np.float32)
-    out["is_synthetic"] = np.zeros(len(batch), np.int8)
-    out["split"] = batch["split"].to_numpy()
-    return out
+        z = pc.divide(pc.subtract(pc.cast(batch[f], pa.float64()), mean), std)
+        cols[f] = pc.cast(pc.fill_null(z, 0.0), pa.float32())
+    cols["scenario"] = pc.cast(batch["scenario"], pa.int64())
+    cols["label"] = pc.cast(batch["label"], pa.float32())
+    cols["weight"] = pa.array(np.ones(n, np.float32))
+    cols["is_synthetic"] = pa.array(np.zeros(n, np.int8))
+    cols["split"] = batch["split"]
+    return pa.table(cols)
 
 
 def _examples_text(rows: list[dict], limit: int) -> str:
@@ -221,6 +248,9 @@ def prepare(cfg: ExperimentConfig, out_dir: str | Path | None = None, force: boo
         stats = json.loads((out / "stats.json").read_text())
         return PrepareResult(out, FeatureSpec.load(out / "feature_spec.json"), stats, cached=True)
 
+    from mcl_ray.ray_env import tune_data_context
+
+    tune_data_context()
     t0 = time.perf_counter()
     step = _Steps(console)
     step("reading source", cfg.data.source)
@@ -243,7 +273,7 @@ def prepare(cfg: ExperimentConfig, out_dir: str | Path | None = None, force: boo
         else:
             items = kept
 
-    inter_columns = raw.interactions.columns()
+    inter_columns = raw.interaction_columns()
     if not inter_columns:  # a header-only CSV or an empty folder has no schema at all
         raise DataValidationError(f"interactions are empty ({raw.origins.get('interactions')})")
     names, scen_index = scenario_index(pc_cfg, users, items, raw.interactions)
@@ -264,13 +294,13 @@ def prepare(cfg: ExperimentConfig, out_dir: str | Path | None = None, force: boo
         raise DataValidationError(f"interactions are empty ({raw.origins.get('interactions')})")
     step("profiling: rejection reasons, split sizes, train-split vocabularies")
     kwargs = {"categorical": list(categorical), "numeric": list(pc_cfg.numeric)}
-    prof = checked.map_batches(profile_batch, batch_format="pandas", fn_kwargs=kwargs).to_pandas()
+    prof = checked.map_batches(profile_batch, batch_format="pyarrow", fn_kwargs=kwargs).to_pandas()
     rows = checked
     if pc_cfg.split.kind == "temporal":
         step("temporal split", pc_cfg.split.temporal_mode)
         rows = assign_temporal(checked.map_batches(_good_rows, batch_format="pyarrow"), pc_cfg).materialize()
         prof = pd.concat([prof[prof["kind"] == "reason"],
-                          rows.map_batches(profile_batch, batch_format="pandas", fn_kwargs=kwargs).to_pandas()])
+                          rows.map_batches(profile_batch, batch_format="pyarrow", fn_kwargs=kwargs).to_pandas()])
     reason_counts: dict[str, dict[str, int]] = {w: q["_reason"].value_counts().to_dict() for w, q in quarantine.items()}
     reason_counts["interactions"] = {
         str(k): int(v) for k, v in prof[prof["kind"] == "reason"].groupby("a")["count"].sum().items()}
@@ -300,9 +330,9 @@ def prepare(cfg: ExperimentConfig, out_dir: str | Path | None = None, force: boo
     if out.exists():
         shutil.rmtree(out)
     (out / "quarantine").mkdir(parents=True)
-    vocab_maps = {f: {v: i + 1 for i, v in enumerate(vs)} for f, vs in vocabs.items()}
-    rows.map_batches(encode_batch, batch_format="pandas",
-                     fn_kwargs={"vocabs": vocab_maps, "numeric": numeric_stats}).write_parquet(
+    vocab_arrays = {f: pa.array(vs, pa.string()) for f, vs in vocabs.items()}
+    rows.map_batches(encode_batch, batch_format="pyarrow",
+                     fn_kwargs={"vocabs": vocab_arrays, "numeric": numeric_stats}).write_parquet(
         str((out / "data").resolve()), partition_cols=["split"])
     n_quarantined = {"interactions": int(sum(reason_counts["interactions"].values()))}
     if bad_ds is not None:

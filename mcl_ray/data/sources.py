@@ -50,6 +50,11 @@ class RawTables:
     origins: dict[str, str] = field(default_factory=dict)
     # files whose (path, size, mtime) make up the input fingerprint
     files: list[str] = field(default_factory=list)
+    # interaction columns when known without running the dataset (else read from its schema)
+    columns: list[str] | None = None
+
+    def interaction_columns(self) -> list[str] | None:
+        return self.columns if self.columns is not None else self.interactions.columns()
 
 
 def load_source(src, num_blocks: int = 8) -> RawTables:

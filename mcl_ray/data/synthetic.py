@@ -114,18 +114,11 @@ def make_interactions(batch: dict, seed: int, user_seg: np.ndarray, user_fav: np
 def synthetic_tables(src: SyntheticSource):
     from mcl_ray.data.sources import RawTables, add_profile_text_columns
 
-    users_ds = ray.data.range(src.num_users, override_num_blocks=min(src.num_blocks, src.num_users)).map_batches(
-        make_users, fn_kwargs={"seed": src.seed, "num_scenarios": src.num_scenarios}, batch_format="numpy")
-    items_ds = ray.data.range(src.num_items, override_num_blocks=min(src.num_blocks, src.num_items)).map_batches(
-        make_items, fn_kwargs={"seed": src.seed}, batch_format="numpy")
-    users = users_ds.to_arrow_refs()
-    items = items_ds.to_arrow_refs()
-    users_t = pa.concat_tables(ray.get(users)).sort_by([("user_id", "ascending")])
-    items_t = pa.concat_tables(ray.get(items))
-    # Order by numeric index so the broadcast arrays line up with the ids u{i} / i{i}.
-    u_order = np.argsort([int(s[1:]) for s in users_t["user_id"].to_pylist()])
-    i_order = np.argsort([int(s[1:]) for s in items_t["item_id"].to_pylist()])
-    users_t, items_t = users_t.take(u_order), items_t.take(i_order)
+    # Users and items are broadcast to every fusion task, so they are built here (vectorised, in
+    # id order); the interactions, the part that grows, are generated block by block by Ray Data.
+    users_t = pa.Table.from_pandas(make_users({"id": np.arange(src.num_users)}, src.seed, src.num_scenarios),
+                                   preserve_index=False)
+    items_t = pa.Table.from_pandas(make_items({"id": np.arange(src.num_items)}, src.seed), preserve_index=False)
     seg = np.array([int(s[3:]) for s in users_t["segment"].to_pylist()])
     pop = 1.0 / np.arange(1, src.num_items + 1) ** 0.8  # Zipf-like popularity over item index
     pop = pop[np.argsort(uniform(src.seed, np.arange(src.num_items), 31))]
@@ -140,4 +133,5 @@ def synthetic_tables(src: SyntheticSource):
     users_t = add_profile_text_columns(users_t.drop_columns(["fav_genre"]), ml1m_codes=True)
     items_t = items_t.drop_columns(["primary_genre", "quality"])
     origin = f"synthetic(seed={src.seed})"
-    return RawTables(inter, users_t, items_t, origins={"interactions": origin, "users": origin, "items": origin})
+    return RawTables(inter, users_t, items_t, origins={"interactions": origin, "users": origin, "items": origin},
+                     columns=["user_id", "item_id", "rating", "timestamp"])
