@@ -55,3 +55,23 @@ def test_help_lists_stages():
         assert cmd in r.output
     r = CliRunner().invoke(app, ["prepare", "--help"])
     assert "--set" in r.output and "--out" in r.output
+
+
+def test_console_script_joins_running_cluster(tmp_path, ray_cluster):
+    """The installed `mcl-ray` entry point, as a user runs it, on the cluster this session started."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("mcl-ray") or str(Path(sys.executable).parent / "mcl-ray")
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    p = subprocess.run([exe, "run", str(ROOT / "experiments/ml1m_swr_quick.yaml"), "--set", f"run_dir={tmp_path}",
+                        "--set", "data.max_interactions=5000"], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "interactions: in 5,000 = kept 5,000 + quarantined 0" in p.stdout
+    spec = json.loads((tmp_path / "prepare" / "feature_spec.json").read_text())
+    assert spec["num_rows"]["train"] + spec["num_rows"]["valid"] + spec["num_rows"]["test"] == 5000
+    p = subprocess.run([exe, "config", "validate", str(ROOT / "experiments/ml1m_swr.yaml"), "--set", "nme=x"],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 2 and "nme: unknown key" in p.stderr and "Traceback" not in p.stderr

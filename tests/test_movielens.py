@@ -118,3 +118,19 @@ def test_ml100k_package_and_grouplens(tmp_path):
     assert g_inter.equals(inter) and g_users.equals(users)
     assert g_items["genres"].to_pylist() == items["genres"].to_pylist()
     assert g_items["year"].to_pylist() == items["year"].to_pylist()
+
+
+@pytest.mark.ray
+def test_ml100k_experiment_temporal_and_context(tmp_path, ray_cluster):
+    from mcl_ray.config import load_config
+    from mcl_ray.data.prepare import prepare
+
+    res = prepare(load_config("experiments/ml100k_gender.yaml", [f"run_dir={tmp_path}"]))
+    splits = res.stats["splits"]
+    # leave-last-out: every user (943, all with >= 20 ratings) has exactly one test and one valid row
+    assert splits["test"]["rows"] == 943 and splits["valid"]["rows"] == 943
+    assert splits["train"]["rows"] == 100_000 - 2 * 943
+    assert res.spec.scenario_names == ["female", "male"]
+    kinds = {f.name: (f.kind, f.source) for f in res.spec.features}
+    assert kinds["hour"] == ("categorical", "context") and kinds["year"] == ("numeric", "item")
+    assert {f.name: f.vocab_size for f in res.spec.features}["weekday"] == 8

@@ -1,0 +1,1 @@
+"""Ray Serve applications (the serving issue adds the recommendation app here)."""
