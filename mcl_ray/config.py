@@ -194,6 +194,62 @@ class PrepareConfig(Strict):
         return self
 
 
+# ----------------------------------------------------------------------------- model / train / evaluate
+
+BackboneName = Literal["single", "shared_bottom", "mmoe", "ple", "star", "pepnet", "m2m"]
+
+
+class ModelConfig(Strict):
+    backbone: BackboneName = Field(
+        "shared_bottom",
+        description="single (one model per scenario), shared_bottom, mmoe, ple, star, pepnet or m2m.")
+    embedding_dim: int = Field(16, ge=1, le=1024, description="Width of every feature embedding (SWR: 16).")
+    hidden: list[int] = Field([256, 128], min_length=1, description="Bottom / expert / shared MLP widths.")
+    tower_hidden: list[int] = Field([64], description="Per-scenario tower widths (after the shared part).")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout in MLPs.")
+    num_experts: int = Field(4, ge=1, le=64, description="mmoe / m2m: shared experts.")
+    specific_experts: int = Field(1, ge=1, le=16, description="ple: experts per scenario.")
+    scenario_embedding_dim: int = Field(16, ge=1, description="star aux net / pepnet / m2m: scenario embedding width.")
+    attention_heads: int = Field(2, ge=1, description="m2m: heads of the within-sample field attention.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.backbone == "m2m" and self.embedding_dim % self.attention_heads:
+            raise ValueError(f"model.embedding_dim ({self.embedding_dim}) must be divisible by "
+                             f"model.attention_heads ({self.attention_heads}) for m2m")
+        return self
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, ge=1, description="Maximum epochs.")
+    batch_size: int = Field(4096, ge=1, description="Global batch size (split across DDP workers).")
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="Optimizer.")
+    lr: float = Field(1e-3, gt=0, description="Learning rate.")
+    weight_decay: float = Field(1e-5, ge=0, description="Weight decay (L2 for adam, decoupled for adamw).")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="LR schedule over the epochs.")
+    patience: int = Field(4, ge=1, description="Early stopping: epochs without a better validation AUC.")
+    seed: int = Field(2024, description="Seed of initialisation and shuffling.")
+    num_workers: int = Field(1, ge=0, description="Ray Train DDP workers (0: run the loop in the driver).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend, autocast per `precision`.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per worker (1 is fastest on small machines).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast dtype on GPU (CPU trains in fp32).")
+    max_failures: int = Field(0, ge=-1, description="Ray Train FailureConfig.max_failures (-1: unlimited).")
+    eval_batch_size: int = Field(65536, ge=1, description="Batch size for validation/test scoring.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.precision != "fp32" and not self.use_gpu:
+            raise ValueError(f"train.precision={self.precision!r} needs train.use_gpu=true (CPU trains in fp32)")
+        return self
+
+
+class EvaluateConfig(Strict):
+    top_k: list[int] = Field([10, 20], min_length=1, description="K for Recall/NDCG/HitRate/Precision/F1@K.")
+    ranking_users: int = Field(2000, ge=0, description="Test users sampled per run for top-K ranking (0: skip).")
+    exclude_seen: bool = Field(True, description="Ranking excludes items the user interacted with in train/valid.")
+
+
 class RayConfig(Strict):
     address: str | None = Field(
         None, description="Cluster to join ('auto', 'ray://host:10001'); null starts a local one (or uses RAY_ADDRESS)."
@@ -206,6 +262,9 @@ class ExperimentConfig(Strict):
     run_dir: str | None = Field(None, description="Run directory (local path or pyarrow URI); null: runs/<name>.")
     data: DataSource = Field(description="Where the raw tables come from.")
     prepare: PrepareConfig = Field(default_factory=PrepareConfig, description="Validation, fusion, vocabularies, split.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model architecture.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training on Ray Train.")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation metrics.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster to run on.")
 
     @field_validator("name")

@@ -203,12 +203,12 @@ def plan_fusion(cfg: PrepareConfig, interaction_columns: list[str], users: pd.Da
         rating_range=cfg.validation.rating_range if cfg.label.op != "binary" else None,
         split_kind=cfg.split.kind, split_ratios=tuple(cfg.split.ratios), split_seed=cfg.split.seed,
         users=users[user_cols] if users is not None else None,
-        items=_with_derived(items, derived)[item_cols + derived] if items is not None else None,
+        items=with_derived(items, derived)[item_cols + derived] if items is not None else None,
         interaction_extra=extra,
     )
 
 
-def _with_derived(items: pd.DataFrame, derived: list[str]) -> pd.DataFrame:
+def with_derived(items: pd.DataFrame, derived: list[str]) -> pd.DataFrame:
     """Derived item columns, computed once on the (small) item table rather than per interaction."""
     items = items.copy()
     if "first_genre" in derived:

@@ -32,7 +32,7 @@ from mcl_ray.feature_spec import Feature, FeatureSpec, TextField
 log = logging.getLogger(__name__)
 
 # Bump when the prepare logic changes what it writes: cached results are then recomputed.
-PREPARE_VERSION = "1"
+PREPARE_VERSION = "2"
 SPLITS = ("train", "valid", "test")
 
 
@@ -348,6 +348,8 @@ def prepare(cfg: ExperimentConfig, out_dir: str | Path | None = None, force: boo
         if frame is None:
             continue
         frame = frame.reset_index(drop=True)
+        if what == "items":  # derived item features (first_genre), so serving/ranking can encode items
+            frame = fuse.with_derived(frame, plan.derived)
         if pc_cfg.text is not None:
             template = pc_cfg.text.user if what == "users" else pc_cfg.text.item
             frame["text"] = fuse.render_text(frame, template, what[:-1])

@@ -1,0 +1,1 @@
+"""Metrics, evaluation of a trained run, plots."""

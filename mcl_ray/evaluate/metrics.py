@@ -1,0 +1,60 @@
+"""Metrics: AUC / logloss overall and per scenario (scikit-learn), user-grouped AUC, and top-K
+ranking metrics (torchmetrics retrieval functions) per scenario."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import log_loss, roc_auc_score
+from torchmetrics.functional.retrieval import (retrieval_hit_rate, retrieval_normalized_dcg, retrieval_precision,
+                                               retrieval_recall)
+
+
+def _auc_logloss(y: np.ndarray, p: np.ndarray) -> dict:
+    out = {"n": int(len(y)), "positive_rate": float(y.mean()) if len(y) else float("nan")}
+    if len(np.unique(y)) == 2:
+        out["auc"] = float(roc_auc_score(y, p))
+        out["logloss"] = float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]))
+    else:
+        out["auc"] = out["logloss"] = float("nan")
+    return out
+
+
+def binary_metrics(y: np.ndarray, p: np.ndarray, scenario: np.ndarray, names: list[str]) -> dict:
+    """{'overall': {auc, logloss, n, positive_rate}, 'by_scenario': {name: {...}}}."""
+    return {"overall": _auc_logloss(y, p),
+            "by_scenario": {name: _auc_logloss(y[scenario == s], p[scenario == s]) for s, name in enumerate(names)}}
+
+
+def gauc(y: np.ndarray, p: np.ndarray, users: np.ndarray) -> float:
+    """User-grouped AUC: per-user AUC weighted by the user's rows, over users with both labels."""
+    order = np.argsort(users, kind="stable")
+    u, y, p = users[order], y[order], p[order]
+    bounds = np.flatnonzero(np.r_[True, u[1:] != u[:-1], True])
+    total = weight = 0.0
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        yy = y[a:b]
+        if 0 < yy.sum() < len(yy):
+            total += roc_auc_score(yy, p[a:b]) * (b - a)
+            weight += b - a
+    return float(total / weight) if weight else float("nan")
+
+
+def topk_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks: list[int]) -> dict[str, float]:
+    """Mean over users of Recall/NDCG/HitRate/Precision/F1@K.
+
+    scores: [U, I] (excluded items already set to -inf), relevant: [U, I] bool held-out positives."""
+    out: dict[str, float] = {}
+    for k in ks:
+        rec, ndcg, hit, prec = [], [], [], []
+        for s, r in zip(scores, relevant):
+            rec.append(retrieval_recall(s, r, top_k=k))
+            ndcg.append(retrieval_normalized_dcg(s, r, top_k=k))
+            hit.append(retrieval_hit_rate(s, r, top_k=k))
+            prec.append(retrieval_precision(s, r, top_k=k))
+        R, P = torch.stack(rec), torch.stack(prec)
+        f1 = torch.where(R + P > 0, 2 * R * P / (R + P).clamp_min(1e-12), torch.zeros_like(R))
+        out.update({f"recall@{k}": float(R.mean()), f"ndcg@{k}": float(torch.stack(ndcg).mean()),
+                    f"hitrate@{k}": float(torch.stack(hit).mean()), f"precision@{k}": float(P.mean()),
+                    f"f1@{k}": float(f1.mean())})
+    return out

@@ -1,0 +1,1 @@
+"""Multi-scenario model blocks and backbones."""

@@ -1,0 +1,172 @@
+"""Small model blocks. Nothing here looks at other rows of the batch: no batch statistics, so a
+prediction never depends on which rows share its batch (at training or inference time).
+
+Shape letters: B batch, F feature fields, D embedding width, S scenarios, E experts, H hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mcl_ray.feature_spec import FeatureSpec
+
+
+class MLP(nn.Module):
+    """Linear -> ReLU -> Dropout, repeated. `out_dim` = last width (or in_dim when widths is empty)."""
+
+    def __init__(self, in_dim: int, widths: list[int], dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = in_dim
+        for w in widths:
+            layers += [nn.Linear(d, w), nn.ReLU(), nn.Dropout(dropout)]
+            d = w
+        self.net = nn.Sequential(*layers)
+        self.out_dim = d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, in] -> [B, out]
+        return self.net(x)
+
+
+class InputLayer(nn.Module):
+    """Every feature of the spec becomes one D-wide field.
+
+    categorical: embedding (id 0 = OOV); numeric: value * w + b; text_embedding: a learned
+    projection of a precomputed (frozen) text vector, the slot the LLM encoder fills."""
+
+    def __init__(self, spec: FeatureSpec, dim: int):
+        super().__init__()
+        self.cat_names = [f.name for f in spec.categorical]
+        self.num_names = [f.name for f in spec.numeric]
+        self.text_names = [f.name for f in spec.features if f.kind == "text_embedding"]
+        self.embeddings = nn.ModuleList([nn.Embedding(f.vocab_size, dim) for f in spec.categorical])
+        for e in self.embeddings:
+            nn.init.normal_(e.weight, std=0.01)
+        self.num_w = nn.Parameter(torch.randn(len(self.num_names), dim) * 0.01)
+        self.num_b = nn.Parameter(torch.zeros(len(self.num_names), dim))
+        self.text_proj = nn.ModuleDict({
+            f.name: nn.Linear(f.dim, dim) for f in spec.features if f.kind == "text_embedding"})
+        self.num_fields = len(self.cat_names) + len(self.num_names) + len(self.text_names)
+        self.dim = dim
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # -> [B, F, D]
+        fields = [emb(batch["cat"][:, i]) for i, emb in enumerate(self.embeddings)]  # F_cat x [B, D]
+        if self.num_names:
+            fields += list((batch["num"].unsqueeze(-1) * self.num_w + self.num_b).unbind(1))  # [B, N, D]
+        for name in self.text_names:
+            fields.append(self.text_proj[name](batch[f"text:{name}"]))  # [B, T] -> [B, D]
+        return torch.stack(fields, dim=1)
+
+    def field_index(self, name: str) -> int:
+        return self.cat_names.index(name)
+
+
+class ScenarioTowers(nn.Module):
+    """One tower + logit head per scenario; each row is scored by its own scenario's tower only,
+    so gradients reach only that tower's parameters."""
+
+    def __init__(self, in_dim: int, widths: list[int], num_scenarios: int, dropout: float):
+        super().__init__()
+        self.towers = nn.ModuleList([nn.Sequential(MLP(in_dim, widths, dropout),
+                                                   nn.Linear(widths[-1] if widths else in_dim, 1))
+                                     for _ in range(num_scenarios)])
+
+    def forward(self, h: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
+        # h: [B, H] shared input, or [B, S, H] a scenario-specific input per tower
+        out = h.new_zeros(h.shape[0])
+        for s, tower in enumerate(self.towers):
+            rows = (scenario == s).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                x = h[rows] if h.dim() == 2 else h[rows, s]
+                out = out.index_put((rows,), tower(x).squeeze(-1))
+        return out  # [B] logits
+
+
+class Experts(nn.Module):
+    def __init__(self, in_dim: int, widths: list[int], num: int, dropout: float):
+        super().__init__()
+        self.experts = nn.ModuleList([MLP(in_dim, widths, dropout) for _ in range(num)])
+        self.out_dim = self.experts[0].out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, in] -> [B, E, H]
+        return torch.stack([e(x) for e in self.experts], dim=1)
+
+
+class Gate(nn.Module):
+    """Softmax weights over experts, one gate per scenario: [B, in] -> [B, S, E] (rows sum to 1)."""
+
+    def __init__(self, in_dim: int, num_experts: int, num_scenarios: int):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, num_experts * num_scenarios)
+        self.shape = (num_scenarios, num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.linear(x).view(x.shape[0], *self.shape), dim=-1)
+
+
+class GateNU(nn.Module):
+    """PEPNet's gate: Linear-ReLU-Linear-Sigmoid scaled by gamma=2, so 1.0 is neutral. [B, in] -> [B, out]."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 64, gamma: float = 2.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim), nn.Sigmoid())
+        self.gamma = gamma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gamma * self.net(x)
+
+
+class StarLinear(nn.Module):
+    """STAR's star-topology FC: scenario s uses W = W_shared * W_s (element-wise) and b = b_shared + b_s."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_scenarios: int):
+        super().__init__()
+        self.w_shared = nn.Parameter(torch.empty(in_dim, out_dim))
+        nn.init.xavier_uniform_(self.w_shared)
+        self.b_shared = nn.Parameter(torch.zeros(out_dim))
+        self.w_spec = nn.Parameter(torch.ones(num_scenarios, in_dim, out_dim))
+        self.b_spec = nn.Parameter(torch.zeros(num_scenarios, out_dim))
+
+    def weight(self, s: int) -> torch.Tensor:  # [in, out]
+        return self.w_shared * self.w_spec[s]
+
+    def forward(self, x: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:  # [B, in] -> [B, out]
+        out = x.new_zeros(x.shape[0], self.w_shared.shape[1])
+        for s in range(self.w_spec.shape[0]):
+            rows = (scenario == s).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                out = out.index_put((rows,), x[rows] @ self.weight(s) + self.b_shared + self.b_spec[s])
+        return out
+
+
+class PartitionedNorm(nn.Module):
+    """STAR's partitioned normalisation, per sample (LayerNorm statistics, not batch statistics):
+    scale = gamma_shared * gamma_s, shift = beta_shared + beta_s."""
+
+    def __init__(self, dim: int, num_scenarios: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.gamma = nn.Parameter(torch.ones(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+        self.gamma_s = nn.Parameter(torch.ones(num_scenarios, dim))
+        self.beta_s = nn.Parameter(torch.zeros(num_scenarios, dim))
+
+    def forward(self, x: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:  # [B, H] -> [B, H]
+        return self.norm(x) * (self.gamma * self.gamma_s[scenario]) + self.beta + self.beta_s[scenario]
+
+
+class MetaLinear(nn.Module):
+    """M2M meta unit: a layer whose weights are generated from the scenario representation.
+    [B, in] x scenario repr [B, Z] -> [B, out]."""
+
+    def __init__(self, in_dim: int, out_dim: int, z_dim: int):
+        super().__init__()
+        self.w_gen = nn.Linear(z_dim, in_dim * out_dim)
+        self.b_gen = nn.Linear(z_dim, out_dim)
+        nn.init.normal_(self.w_gen.weight, std=0.01)
+        self.in_dim, self.out_dim = in_dim, out_dim
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        w = self.w_gen(z).view(-1, self.in_dim, self.out_dim)  # [B, in, out]
+        return torch.bmm(x.unsqueeze(1), w).squeeze(1) + self.b_gen(z)

@@ -1,0 +1,81 @@
+"""Checkpoints as safetensors (weights, optimizer tensors) + JSON (everything else). No pickles."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MODEL = "model.safetensors"
+OPTIM = "optimizer.safetensors"
+STATE = "state.json"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def save_weights(model: torch.nn.Module, path: str | Path) -> None:
+    sd = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    save_file(sd, str(path))
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    unwrap(model).load_state_dict(load_file(str(path)))
+
+
+def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(folder: str | Path, model, opt, sched, state: dict) -> None:
+    """Write atomically: a crash mid-save never leaves a half checkpoint behind."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(model, tmp / MODEL)
+    tensors, meta = optimizer_to_flat(opt)
+    save_file(tensors, str(tmp / OPTIM))
+    meta["scheduler"] = sched.state_dict() if sched is not None else None
+    (tmp / STATE).write_text(json.dumps({"state": state, "optimizer": meta}, default=float))
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: str | Path, model, opt, sched) -> dict:
+    folder = Path(folder)
+    load_weights(model, folder / MODEL)
+    blob = json.loads((folder / STATE).read_text())
+    optimizer_from_flat(opt, load_file(str(folder / OPTIM)), blob["optimizer"])
+    if sched is not None and blob["optimizer"].get("scheduler"):
+        sched.load_state_dict(blob["optimizer"]["scheduler"])
+    return blob["state"]
+
+
+def has_checkpoint(folder: str | Path) -> bool:
+    return all((Path(folder) / f).exists() for f in (MODEL, OPTIM, STATE))

@@ -1,0 +1,144 @@
+"""The per-worker training loop: flat and readable. Runs under Ray Train (DDP) or, with
+num_workers=0, in the driver. Rank 0 writes checkpoints; every rank reports."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mcl_ray.config import ExperimentConfig
+from mcl_ray.evaluate.metrics import binary_metrics
+from mcl_ray.feature_spec import FeatureSpec
+from mcl_ray.models.backbones import build_model
+from mcl_ray.train import checkpoint as ck
+from mcl_ray.train.tensors import Batch, num_rows, shard_to_tensors, take
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, data: Batch, batch_size: int, device: torch.device) -> np.ndarray:
+    model.eval()
+    out = []
+    for i in range(0, num_rows(data), batch_size):
+        b = {k: v[i:i + batch_size].to(device) for k, v in data.items()}
+        out.append(torch.sigmoid(model(b).float()).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def make_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):
+    tc = cfg.train
+    cls = torch.optim.Adam if tc.optimizer == "adam" else torch.optim.AdamW
+    opt = cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs) if tc.lr_schedule == "cosine" else None
+    return opt, sched
+
+
+def train_loop_per_worker(loop_cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = ExperimentConfig.model_validate(loop_cfg["config"])
+    tc = cfg.train
+    spec = FeatureSpec.load(loop_cfg["prepare_dir"])
+    out_dir = Path(loop_cfg["out_dir"])
+    seed = loop_cfg["seed"]
+    torch.set_num_threads(tc.torch_threads)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
+
+    t_load = time.perf_counter()
+    train = shard_to_tensors(ray.train.get_dataset_shard("train"), spec)
+    valid = shard_to_tensors(ray.train.get_dataset_shard("valid"), spec)
+    load_s = time.perf_counter() - t_load
+
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    model = build_model(spec, cfg.model)
+    if world > 1:
+        # DDP: gloo on CPU, NCCL on GPU. A batch may lack a scenario, leaving its tower unused.
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    else:
+        model = model.to(device)
+    opt, sched = make_optimizer(cfg, model)
+    state = {"epoch": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
+
+    resume = ray.train.get_checkpoint()
+    if resume is not None:  # a restart after a worker failure
+        with resume.as_directory() as d:
+            state = ck.load_checkpoint(d, model, opt, sched)
+    elif loop_cfg.get("resume_dir") and ck.has_checkpoint(loop_cfg["resume_dir"]):  # re-run of the same run
+        state = ck.load_checkpoint(loop_cfg["resume_dir"], model, opt, sched)
+
+    # Every rank must run the same number of steps or DDP's all-reduce hangs.
+    n = torch.tensor([num_rows(train)])
+    if world > 1:
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+    n = int(n)
+    per_rank = max(1, tc.batch_size // max(world, 1))
+    steps = max(1, math.ceil(n / per_rank))
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if tc.precision == "bf16" else torch.float16)
+                if tc.use_gpu and tc.precision != "fp32" else torch.autocast("cpu", enabled=False))
+    scaler = torch.amp.GradScaler("cuda") if tc.use_gpu and tc.precision == "fp16" else None
+
+    for epoch in range(state["epoch"], tc.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch * 101 + rank)
+        perm = torch.randperm(num_rows(train), generator=g)[:n]
+        loss_sum = 0.0
+        for i in range(steps):
+            b = take(train, perm[i * per_rank:(i + 1) * per_rank])
+            if tc.use_gpu:
+                b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+            with autocast:
+                logits = model(b)  # [B]
+                loss = (F.binary_cross_entropy_with_logits(logits.float(), b["label"], reduction="none")
+                        * b["weight"]).sum() / b["weight"].sum()
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            loss_sum += float(loss.detach())
+        if sched is not None:
+            sched.step()
+        train_s = time.perf_counter() - t0
+        p = predict(model, valid, tc.eval_batch_size, device)
+        val = binary_metrics(valid["label"].numpy(), p, valid["scenario"].numpy(), spec.scenario_names)
+        auc = val["overall"]["auc"]
+        improved = auc > state["best_auc"]
+        if improved:
+            state.update(best_auc=auc, best_epoch=epoch, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        stop = state["bad_epochs"] >= tc.patience or epoch + 1 >= tc.epochs
+        metrics = {"epoch": epoch, "train_loss": loss_sum / steps, "val_auc": auc,
+                   "val_logloss": val["overall"]["logloss"], "best_val_auc": state["best_auc"],
+                   "epoch_seconds": train_s, "samples_per_s": n * max(world, 1) / train_s,
+                   "load_seconds": load_s, "world_size": world,
+                   **{f"val_auc/{k}": v["auc"] for k, v in val["by_scenario"].items()}}
+        state["history"].append(metrics)
+        state["epoch"] = epoch + 1
+        ckpt = None
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                if improved:
+                    ck.save_weights(model, out_dir / "best_model.tmp")
+                    os.replace(out_dir / "best_model.tmp", out_dir / ck.MODEL)
+                ck.save_checkpoint(out_dir / "checkpoint", model, opt, sched, state)
+                ck.save_checkpoint(Path(tmp) / "c", model, opt, sched, state)
+                (out_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
+                ckpt = ray.train.Checkpoint.from_directory(str(Path(tmp) / "c"))
+            ray.train.report(metrics, checkpoint=ckpt)
+        if stop:
+            break

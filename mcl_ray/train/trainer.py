@@ -1,0 +1,134 @@
+"""Driver side of training: build the TorchTrainer, run it per seed, evaluate, summarise."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mcl_ray.config import ExperimentConfig
+from mcl_ray.feature_spec import FeatureSpec
+from mcl_ray.train import checkpoint as ck
+from mcl_ray.train.tensors import columns_for
+
+
+@dataclass
+class TrainResult:
+    train_dir: Path
+    metrics: dict  # test metrics
+    history: list[dict]
+    cached: bool
+    seconds: float
+
+
+def train_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec, seed: int) -> str:
+    blob = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+            "seed": seed, "data": spec.data_fingerprint}
+    # Scale-out settings do not change what is learned enough to invalidate a finished run.
+    for k in ("num_workers", "use_gpu", "cpus_per_worker", "max_failures", "eval_batch_size"):
+        blob["train"].pop(k)
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def train_one(cfg: ExperimentConfig, prepare_dir: Path, train_dir: Path, seed: int, force: bool = False,
+              console=None, evaluate: bool = True) -> TrainResult:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mcl_ray.train.loop import train_loop_per_worker
+
+    t0 = time.perf_counter()
+    spec = FeatureSpec.load(prepare_dir)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
+    fp = train_fingerprint(cfg, spec, seed)
+    fp_file = train_dir / "fingerprint.json"
+    same = fp_file.exists() and json.loads(fp_file.read_text())["fingerprint"] == fp
+    if same and not force and (train_dir / "metrics.json").exists():
+        say(console, f"[green]train seed {seed}: finished run with the same config and data; reusing {train_dir}")
+        return TrainResult(train_dir, json.loads((train_dir / "metrics.json").read_text()),
+                           json.loads((train_dir / "history.json").read_text()), True, 0.0)
+    if force or not same:
+        shutil.rmtree(train_dir, ignore_errors=True)
+    train_dir.mkdir(parents=True, exist_ok=True)
+    fp_file.write_text(json.dumps({"fingerprint": fp}))
+    (train_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    resume_dir = train_dir / "checkpoint"
+    if ck.has_checkpoint(resume_dir):
+        state = json.loads((resume_dir / ck.STATE).read_text())["state"]
+        say(console, f"[yellow]train seed {seed}: resuming from {resume_dir} at epoch {state['epoch'] + 1}")
+
+    tc = cfg.train
+    cols = columns_for(spec)
+    # Materialised before fit(): workers that take every CPU would otherwise starve the read tasks.
+    datasets = {s: ray.data.read_parquet(str((prepare_dir / spec.splits[s]).resolve()), columns=cols).materialize()
+                for s in ("train", "valid")}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "prepare_dir": str(prepare_dir.resolve()),
+                           "out_dir": str(train_dir.resolve()), "seed": seed, "resume_dir": str(resume_dir.resolve())},
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                               resources_per_worker={"CPU": tc.cpus_per_worker}
+                                               if tc.num_workers else None),
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=f"{cfg.name}-seed{seed}", storage_path=str((train_dir / "ray_results").resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
+        datasets=datasets,
+        # validation data goes whole to every worker, so all ranks take the same early-stopping decision
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    say(console, f"[bold cyan]train[/] {cfg.model.backbone} seed {seed}: {tc.num_workers} worker(s), "
+                 f"{spec.num_rows['train']:,} train rows, up to {tc.epochs} epochs")
+    trainer.fit()
+    history = json.loads((train_dir / "history.json").read_text())
+    for h in history:
+        say(console, f"  epoch {h['epoch'] + 1}: loss {h['train_loss']:.4f}  val AUC {h['val_auc']:.4f}  "
+                     f"({h['samples_per_s']:,.0f} samples/s)")
+    metrics = {}
+    if evaluate:
+        from mcl_ray.evaluate.evaluate import evaluate_train_dir
+
+        metrics = evaluate_train_dir(train_dir, prepare_dir)
+    return TrainResult(train_dir, metrics, history, False, time.perf_counter() - t0)
+
+
+def summarize(results: list[TrainResult]) -> dict:
+    """Mean and (sample) standard deviation over seeds of overall and per-scenario AUC/logloss."""
+    def agg(values):
+        values = [v for v in values if v == v]
+        return {"mean": statistics.fmean(values) if values else float("nan"),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+    ms = [r.metrics for r in results]
+    out = {"overall": {m: agg([x["overall"][m] for x in ms]) for m in ("auc", "logloss", "gauc")},
+           "by_scenario": {}}
+    for name in ms[0]["by_scenario"]:
+        out["by_scenario"][name] = {m: agg([x["by_scenario"][name][m] for x in ms]) for m in ("auc", "logloss")}
+    if all("ranking" in x for x in ms):
+        out["ranking"] = {}
+        for name in ms[0]["ranking"]:
+            keys = [k for k in ms[0]["ranking"][name] if "@" in k]
+            out["ranking"][name] = {k: agg([x["ranking"][name][k] for x in ms if name in x["ranking"]]) for k in keys}
+    out["seeds"] = [r.metrics.get("seed") for r in results]
+    out["backbone"] = ms[0].get("backbone")
+    return out
+
+
+def train(cfg: ExperimentConfig, prepare_dir: Path, run_dir: Path, seeds: int = 1, force: bool = False,
+          console=None) -> tuple[list[TrainResult], dict]:
+    results = [train_one(cfg, prepare_dir, run_dir / "train" / f"seed_{cfg.train.seed + i}", cfg.train.seed + i,
+                         force=force, console=console) for i in range(seeds)]
+    summary = summarize(results)
+    (run_dir / "train" / "summary.json").write_text(json.dumps(summary, indent=2))
+    return results, summary
+
+
+def say(console, msg: str) -> None:
+    if console is not None:
+        console.print(msg)
