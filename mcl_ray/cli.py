@@ -126,18 +126,101 @@ def prepare(
     _prepare(_load(config, set_), out_dir, force)
 
 
+SeedsOpt = Annotated[int, typer.Option("--seeds", min=1, help="Repeat with seeds seed..seed+N-1; report mean and std.")]
+
+
+def _train(cfg, prepare_dir: Path, seeds: int, force: bool):
+    from mcl_ray.train.trainer import train
+
+    run_dir = Path(cfg.resolved_run_dir())
+    results, summary = train(cfg, prepare_dir, run_dir, seeds=seeds, force=force, console=err)
+    print_metrics(results, summary, run_dir)
+    return results, summary
+
+
+def _fmt(agg: dict) -> str:
+    return f"{agg['mean']:.4f}" + (f" ± {agg['std']:.4f}" if agg["n"] > 1 else "")
+
+
+def print_metrics(results, summary, run_dir: Path) -> None:
+    n = len(results)
+    t = Table(title=f"test metrics: {summary['backbone']}, {n} seed(s) (mean ± std)" if n > 1
+              else f"test metrics: {summary['backbone']}")
+    for c in ("scenario", "AUC", "logloss"):
+        t.add_column(c, justify="right" if c != "scenario" else "left")
+    for name, m in summary["by_scenario"].items():
+        t.add_row(name, _fmt(m["auc"]), _fmt(m["logloss"]))
+    t.add_row("overall", _fmt(summary["overall"]["auc"]), _fmt(summary["overall"]["logloss"]), style="bold")
+    out.print(t)
+    out.print(f"user-grouped AUC: {_fmt(summary['overall']['gauc'])}")
+    if "ranking" in summary:
+        r = Table(title="top-K ranking on held-out test positives")
+        r.add_column("scenario")
+        keys = [k for k in next(iter(summary["ranking"].values()))]
+        for k in keys:
+            r.add_column(k, justify="right")
+        for name, m in summary["ranking"].items():
+            r.add_row(name, *[f"{m[k]['mean']:.4f}" for k in keys])
+        out.print(r)
+    out.print(f"metrics: {run_dir / 'train'}/seed_*/metrics.json, summary.json; plots: learning_curves.png, "
+              f"scenario_auc.png")
+
+
+@app.command()
+def train(
+    config: ConfigArg,
+    seeds: SeedsOpt = 1,
+    force: Annotated[bool, typer.Option("--force", help="Start over instead of resuming or reusing.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Train on Ray Train (DDP) from the prepared data, then evaluate on the test split.
+
+    Re-running the same experiment resumes from its last checkpoint, or reuses a finished run."""
+    cfg = _load(config, set_)
+    prepare_dir = Path(cfg.resolved_run_dir()) / "prepare"
+    if not (prepare_dir / "feature_spec.json").exists():
+        err.print(f"[red]error:[/] no prepared data in {prepare_dir}; run `mcl-ray prepare {config}` first")
+        raise typer.Exit(1)
+    from mcl_ray.ray_env import init_ray
+
+    init_ray(cfg.ray, Path(cfg.resolved_run_dir()).parent)
+    _train(cfg, prepare_dir, seeds, force)
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<name>) or one seed's train folder.")],
+    split: Annotated[str, typer.Option(help="Split to evaluate: test or valid.")] = "test",
+) -> None:
+    """Evaluate trained model(s): AUC/logloss overall and per scenario, user-grouped AUC, top-K ranking."""
+    from mcl_ray.evaluate.evaluate import evaluate_train_dir
+    from mcl_ray.train.trainer import TrainResult, summarize
+
+    dirs = [run_dir] if (run_dir / "config.json").exists() else sorted((run_dir / "train").glob("seed_*"))
+    dirs = [d for d in dirs if (d / "model.safetensors").exists()]
+    if not dirs:
+        err.print(f"[red]error:[/] no trained model under {run_dir} (expected train/seed_*/model.safetensors)")
+        raise typer.Exit(1)
+    if split not in ("test", "valid"):
+        err.print(f"[red]error:[/] --split must be test or valid, not {split!r}")
+        raise typer.Exit(2)
+    root = run_dir if not (run_dir / "config.json").exists() else run_dir.parent.parent
+    results = [TrainResult(d, evaluate_train_dir(d, root / "prepare", split), [], False, 0.0) for d in dirs]
+    print_metrics(results, summarize(results), root)
+
+
 @app.command()
 def run(
     config: ConfigArg,
+    seeds: SeedsOpt = 1,
     force: Annotated[bool, typer.Option("--force", help="Recompute every stage.")] = False,
     set_: SetOpt = None,
 ) -> None:
-    """Run the pipeline on an experiment (stages whose inputs are unchanged are reused).
-
-    Stages so far: prepare."""
+    """Run the pipeline on an experiment: prepare -> train -> evaluate (unchanged stages are reused)."""
     cfg = _load(config, set_)
     err.print(f"[bold]mcl-ray run[/] {cfg.name} -> {cfg.resolved_run_dir()}")
-    _prepare(cfg, None, force)
+    res = _prepare(cfg, None, force)
+    _train(cfg, res.out_dir, seeds, force)
 
 
 def main() -> None:

@@ -24,6 +24,17 @@ def save_weights(model: torch.nn.Module, path: str | Path) -> None:
     save_file(sd, str(path))
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over the weights in state_dict order: equal digests mean identical weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in unwrap(model).state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     unwrap(model).load_state_dict(load_file(str(path)))
 

@@ -73,8 +73,14 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     if resume is not None:  # a restart after a worker failure
         with resume.as_directory() as d:
             state = ck.load_checkpoint(d, model, opt, sched)
+        state.setdefault("resumes", []).append({"from": "failure", "epoch": state["epoch"],
+                                                "weights": ck.weights_digest(model)})
     elif loop_cfg.get("resume_dir") and ck.has_checkpoint(loop_cfg["resume_dir"]):  # re-run of the same run
         state = ck.load_checkpoint(loop_cfg["resume_dir"], model, opt, sched)
+        state.setdefault("resumes", []).append({"from": "rerun", "epoch": state["epoch"],
+                                                "weights": ck.weights_digest(model)})
+    if rank == 0:  # lets operators (and the failure test) find the worker process
+        (out_dir / f"worker_rank{rank}.pid").write_text(str(os.getpid()))
 
     # Every rank must run the same number of steps or DDP's all-reduce hangs.
     n = torch.tensor([num_rows(train)])

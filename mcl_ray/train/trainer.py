@@ -28,8 +28,9 @@ class TrainResult:
 def train_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec, seed: int) -> str:
     blob = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
             "seed": seed, "data": spec.data_fingerprint}
-    # Scale-out settings do not change what is learned enough to invalidate a finished run.
-    for k in ("num_workers", "use_gpu", "cpus_per_worker", "max_failures", "eval_batch_size"):
+    # Scale-out settings do not change what is learned enough to invalidate a run, and a larger
+    # `epochs` continues a run from its last checkpoint instead of starting over.
+    for k in ("num_workers", "use_gpu", "cpus_per_worker", "max_failures", "eval_batch_size", "epochs"):
         blob["train"].pop(k)
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -48,7 +49,9 @@ def train_one(cfg: ExperimentConfig, prepare_dir: Path, train_dir: Path, seed: i
     fp = train_fingerprint(cfg, spec, seed)
     fp_file = train_dir / "fingerprint.json"
     same = fp_file.exists() and json.loads(fp_file.read_text())["fingerprint"] == fp
-    if same and not force and (train_dir / "metrics.json").exists():
+    finished = same and (train_dir / "metrics.json").exists() and json.loads(
+        (train_dir / "config.json").read_text())["train"]["epochs"] == cfg.train.epochs
+    if finished and not force:
         say(console, f"[green]train seed {seed}: finished run with the same config and data; reusing {train_dir}")
         return TrainResult(train_dir, json.loads((train_dir / "metrics.json").read_text()),
                            json.loads((train_dir / "history.json").read_text()), True, 0.0)

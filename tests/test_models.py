@@ -1,0 +1,140 @@
+"""Shape and numeric tests of the model blocks and every backbone."""
+
+import pytest
+import torch
+
+from mcl_ray.config import ModelConfig
+from mcl_ray.feature_spec import Feature, FeatureSpec
+from mcl_ray.models import blocks
+from mcl_ray.models.backbones import BACKBONES, build_model
+
+S = 3
+
+
+def make_spec(text_dim: int | None = None) -> FeatureSpec:
+    feats = [Feature(name="user_id", kind="categorical", source="user", vocab_size=50),
+             Feature(name="item_id", kind="categorical", source="item", vocab_size=40),
+             Feature(name="gender", kind="categorical", source="user", vocab_size=3),
+             Feature(name="year", kind="numeric", source="item", mean=0.0, std=1.0)]
+    if text_dim:
+        feats.append(Feature(name="item_text", kind="text_embedding", source="item", dim=text_dim))
+    return FeatureSpec(features=feats, scenario_names=["a", "b", "c"], splits={"train": "x"}, num_rows={"train": 1},
+                       data_fingerprint="t")
+
+
+def make_batch(n: int = 32, scenario: int | None = None, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"cat": torch.stack([torch.randint(0, v, (n,), generator=g) for v in (50, 40, 3)], 1),
+            "num": torch.randn(n, 1, generator=g),
+            "scenario": torch.full((n,), scenario) if scenario is not None else torch.randint(0, S, (n,), generator=g),
+            "label": torch.randint(0, 2, (n,), generator=g).float(), "weight": torch.ones(n)}
+
+
+CFG = ModelConfig(embedding_dim=8, hidden=[32, 16], tower_hidden=[8], dropout=0.1, num_experts=3,
+                  scenario_embedding_dim=4, attention_heads=2)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_shape_and_finite(name):
+    torch.manual_seed(0)
+    model = build_model(make_spec(), CFG.model_copy(update={"backbone": name}))
+    out = model(make_batch())
+    assert out.shape == (32,) and torch.isfinite(out).all()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(out, make_batch()["label"])
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_prediction_does_not_depend_on_batch_neighbours(name):
+    torch.manual_seed(0)
+    model = build_model(make_spec(), CFG.model_copy(update={"backbone": name})).eval()
+    batch = make_batch(64)
+    full = model(batch)
+    alone = torch.cat([model({k: v[i:i + 1] for k, v in batch.items()}) for i in range(8)])
+    torch.testing.assert_close(full[:8], alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,own", [
+    ("shared_bottom", lambda m, s: m.towers.towers[s]),
+    ("mmoe", lambda m, s: m.towers.towers[s]),
+    ("ple", lambda m, s: m.specific[s]),
+    ("single", lambda m, s: m.mlps[s]),
+])
+def test_scenario_only_touches_its_own_specific_parameters(name, own):
+    torch.manual_seed(0)
+    model = build_model(make_spec(), CFG.model_copy(update={"backbone": name, "dropout": 0.0}))
+    out = model(make_batch(16, scenario=1))
+    out.sum().backward()
+    for s in range(S):
+        grads = [p.grad for p in own(model, s).parameters()]
+        touched = any(g is not None and g.abs().sum() > 0 for g in grads)
+        assert touched == (s == 1), (name, s)
+
+
+def test_star_weight_is_elementwise_product_and_only_own_partition_gets_gradient():
+    torch.manual_seed(0)
+    layer = blocks.StarLinear(5, 4, S)
+    with torch.no_grad():
+        layer.w_spec.copy_(torch.rand_like(layer.w_spec))
+        layer.b_spec.copy_(torch.randn_like(layer.b_spec))
+    x = torch.randn(6, 5)
+    scen = torch.tensor([0, 1, 2, 0, 1, 2])
+    out = layer(x, scen)
+    for i in range(6):
+        s = int(scen[i])
+        w = layer.w_shared * layer.w_spec[s]
+        torch.testing.assert_close(layer.weight(s), w)
+        torch.testing.assert_close(out[i], x[i] @ w + layer.b_shared + layer.b_spec[s])
+    layer.zero_grad()
+    layer(x[:2], torch.tensor([2, 2])).sum().backward()
+    assert layer.w_spec.grad[2].abs().sum() > 0
+    assert layer.w_spec.grad[:2].abs().sum() == 0 and layer.b_spec.grad[:2].abs().sum() == 0
+
+
+def test_gate_rows_sum_to_one_and_gatenu_range():
+    gate = blocks.Gate(10, num_experts=4, num_scenarios=S)
+    w = gate(torch.randn(7, 10))
+    assert w.shape == (7, S, 4)
+    torch.testing.assert_close(w.sum(-1), torch.ones(7, S))
+    assert (w >= 0).all()
+    g = blocks.GateNU(10, 6)(torch.randn(7, 10) * 10)
+    assert g.shape == (7, 6) and (g > 0).all() and (g < 2).all()
+
+
+def test_partitioned_norm_is_per_sample_and_per_scenario():
+    pn = blocks.PartitionedNorm(6, S)
+    with torch.no_grad():
+        pn.gamma_s[1] *= 3.0
+    x = torch.randn(4, 6)
+    out = pn(x, torch.tensor([0, 1, 0, 1]))
+    ref = torch.nn.functional.layer_norm(x, (6,))
+    torch.testing.assert_close(out[0], ref[0])
+    torch.testing.assert_close(out[1], ref[1] * 3.0)
+
+
+def test_mlp_experts_meta_shapes():
+    assert blocks.MLP(10, [8, 4])(torch.randn(3, 10)).shape == (3, 4)
+    assert blocks.MLP(10, []).out_dim == 10
+    assert blocks.Experts(10, [8], 5, 0.0)(torch.randn(3, 10)).shape == (3, 5, 8)
+    meta = blocks.MetaLinear(6, 5, 4)
+    x, z = torch.randn(3, 6), torch.randn(3, 4)
+    out = meta(x, z)
+    assert out.shape == (3, 5)
+    w = meta.w_gen(z[0]).view(6, 5)
+    torch.testing.assert_close(out[0], x[0] @ w + meta.b_gen(z[0]))
+
+
+def test_text_embedding_slot_projects_and_trains():
+    spec = make_spec(text_dim=12)
+    model = build_model(spec, CFG.model_copy(update={"backbone": "shared_bottom"}))
+    assert model.inputs.num_fields == 5
+    batch = make_batch(8)
+    batch["text:item_text"] = torch.randn(8, 12)
+    model(batch).sum().backward()
+    assert model.inputs.text_proj["item_text"].weight.grad.abs().sum() > 0
+
+
+def test_m2m_rejects_heads_not_dividing_dim():
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(backbone="m2m", embedding_dim=10, attention_heads=3)

@@ -1,0 +1,112 @@
+"""Ray Train integration: DDP learning, resume by re-run, recovery from a killed worker, CLI."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from mcl_ray.config import load_config
+from mcl_ray.data.prepare import prepare
+from mcl_ray.train.trainer import train_one
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cfg_for(run_dir, *overrides):
+    return load_config(ROOT / "experiments/ml1m_swr_quick.yaml", [
+        f"run_dir={run_dir}", "data.max_interactions=150000", "train.batch_size=1024", "train.lr=0.003",
+        "model.hidden=[64,32]", "model.tower_hidden=[16]", "evaluate.ranking_users=50", *overrides])
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, ray_cluster):
+    run_dir = tmp_path_factory.mktemp("train")
+    res = prepare(cfg_for(run_dir))
+    return run_dir, res.out_dir
+
+
+def test_ddp_two_workers_learns(prepared):
+    run_dir, pdir = prepared
+    cfg = cfg_for(run_dir, "train.num_workers=2", "train.cpus_per_worker=1", "train.epochs=3")
+    res = train_one(cfg, pdir, run_dir / "ddp", seed=1)
+    assert [h["world_size"] for h in res.history] == [2, 2, 2]
+    assert max(h["val_auc"] for h in res.history) > 0.7
+    m = res.metrics
+    assert m["overall"]["auc"] > 0.7 and set(m["by_scenario"]) == {"s0_age_under25", "s1_age_25_34", "s2_age_35plus"}
+    assert 0 <= m["overall"]["gauc"] <= 1
+    assert all(0 <= r["recall@10"] <= 1 for r in m["ranking"].values())
+    for f in ("model.safetensors", "metrics.json", "learning_curves.png", "scenario_auc.png", "checkpoint/state.json"):
+        assert (res.train_dir / f).exists(), f
+    # reusing a finished run does no work
+    again = train_one(cfg, pdir, run_dir / "ddp", seed=1)
+    assert again.cached and again.metrics["overall"]["auc"] == m["overall"]["auc"]
+
+
+def test_rerun_resumes_at_next_epoch_with_identical_weights(prepared):
+    run_dir, pdir = prepared
+    out = run_dir / "resume"
+    first = train_one(cfg_for(run_dir, "train.epochs=2", "train.num_workers=1"), pdir, out, seed=2, evaluate=False)
+    assert [h["epoch"] for h in first.history] == [0, 1]
+    saved = load_file(str(out / "checkpoint" / "model.safetensors"))
+    from mcl_ray.models.backbones import build_model
+    from mcl_ray.feature_spec import FeatureSpec
+    from mcl_ray.train import checkpoint as ck
+
+    cfg3 = cfg_for(run_dir, "train.epochs=3", "train.num_workers=1")
+    model = build_model(FeatureSpec.load(pdir), cfg3.model)
+    model.load_state_dict(saved)
+    digest = ck.weights_digest(model)
+    second = train_one(cfg3, pdir, out, seed=2, evaluate=False)
+    assert [h["epoch"] for h in second.history] == [0, 1, 2]  # one new epoch, history kept
+    state = json.loads((out / "checkpoint" / "state.json").read_text())["state"]
+    assert state["resumes"] == [{"from": "rerun", "epoch": 2, "weights": digest}]
+
+
+def test_killed_worker_recovers_from_last_checkpoint(prepared):
+    run_dir, pdir = prepared
+    out = run_dir / "kill"
+    # small batches: epochs long enough to kill one mid-way
+    cfg = cfg_for(run_dir, "train.epochs=3", "train.num_workers=1", "train.max_failures=1", "train.batch_size=256")
+    result = {}
+    th = threading.Thread(target=lambda: result.update(r=train_one(cfg, pdir, out, seed=3, evaluate=False)))
+    th.start()
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "history.json").exists():
+        time.sleep(0.2)
+    assert (out / "history.json").exists(), "first epoch never finished"
+    time.sleep(0.5)  # now inside epoch 2
+    pid = int((out / "worker_rank0.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    th.join(timeout=400)
+    assert not th.is_alive()
+    hist = result["r"].history
+    assert [h["epoch"] for h in hist] == [0, 1, 2]
+    state = json.loads((out / "checkpoint" / "state.json").read_text())["state"]
+    assert [r["from"] for r in state["resumes"]] == ["failure"] and state["resumes"][0]["epoch"] == 1
+    assert int((out / "worker_rank0.pid").read_text()) != pid  # a new worker process finished the run
+
+
+def test_cli_train_with_seeds_and_evaluate(prepared):
+    from typer.testing import CliRunner
+
+    from mcl_ray.cli import app
+
+    run_dir, pdir = prepared
+    cfgs = ["--set", f"run_dir={run_dir}", "--set", "data.max_interactions=150000", "--set", "train.epochs=1",
+            "--set", "model.hidden=[32]", "--set", "evaluate.ranking_users=20", "--set", "train.batch_size=2048"]
+    r = CliRunner().invoke(app, ["train", str(ROOT / "experiments/ml1m_swr_quick.yaml"), "--seeds", "2", *cfgs])
+    assert r.exit_code == 0, r.output
+    assert "2 seed(s)" in r.output and "±" in r.output
+    summary = json.loads((run_dir / "train" / "summary.json").read_text())
+    assert summary["overall"]["auc"]["n"] == 2 and summary["seeds"] == [2024, 2025]
+    r = CliRunner().invoke(app, ["evaluate", str(run_dir)])
+    assert r.exit_code == 0, r.output
+    assert "overall" in r.output
+    r = CliRunner().invoke(app, ["evaluate", str(run_dir / "nothing")])
+    assert r.exit_code == 1 and "no trained model" in r.output
