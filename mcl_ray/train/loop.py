@@ -69,15 +69,18 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     opt, sched = make_optimizer(cfg, model)
     state = {"epoch": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
 
+    # Ray Train hands back the latest reported checkpoint both after a worker failure and when the
+    # same run (name + storage path) is started again; start_epoch tells the two apart.
     resume = ray.train.get_checkpoint()
-    if resume is not None:  # a restart after a worker failure
+    start_epoch = loop_cfg.get("start_epoch", 0)
+    if resume is not None:
         with resume.as_directory() as d:
             state = ck.load_checkpoint(d, model, opt, sched)
-        state.setdefault("resumes", []).append({"from": "failure", "epoch": state["epoch"],
-                                                "weights": ck.weights_digest(model)})
-    elif loop_cfg.get("resume_dir") and ck.has_checkpoint(loop_cfg["resume_dir"]):  # re-run of the same run
+    elif loop_cfg.get("resume_dir") and ck.has_checkpoint(loop_cfg["resume_dir"]):  # ray_results was removed
         state = ck.load_checkpoint(loop_cfg["resume_dir"], model, opt, sched)
-        state.setdefault("resumes", []).append({"from": "rerun", "epoch": state["epoch"],
+    if state["epoch"] > 0:
+        kind = "failure" if state["epoch"] > start_epoch else "rerun"
+        state.setdefault("resumes", []).append({"from": kind, "epoch": state["epoch"],
                                                 "weights": ck.weights_digest(model)})
     if rank == 0:  # lets operators (and the failure test) find the worker process
         (out_dir / f"worker_rank{rank}.pid").write_text(str(os.getpid()))

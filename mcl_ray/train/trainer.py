@@ -61,9 +61,10 @@ def train_one(cfg: ExperimentConfig, prepare_dir: Path, train_dir: Path, seed: i
     fp_file.write_text(json.dumps({"fingerprint": fp}))
     (train_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     resume_dir = train_dir / "checkpoint"
+    start_epoch = 0
     if ck.has_checkpoint(resume_dir):
-        state = json.loads((resume_dir / ck.STATE).read_text())["state"]
-        say(console, f"[yellow]train seed {seed}: resuming from {resume_dir} at epoch {state['epoch'] + 1}")
+        start_epoch = json.loads((resume_dir / ck.STATE).read_text())["state"]["epoch"]
+        say(console, f"[yellow]train seed {seed}: resuming from {resume_dir} at epoch {start_epoch + 1}")
 
     tc = cfg.train
     cols = columns_for(spec)
@@ -73,7 +74,8 @@ def train_one(cfg: ExperimentConfig, prepare_dir: Path, train_dir: Path, seed: i
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "prepare_dir": str(prepare_dir.resolve()),
-                           "out_dir": str(train_dir.resolve()), "seed": seed, "resume_dir": str(resume_dir.resolve())},
+                           "out_dir": str(train_dir.resolve()), "seed": seed, "resume_dir": str(resume_dir.resolve()),
+                           "start_epoch": start_epoch},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker={"CPU": tc.cpus_per_worker}
                                                if tc.num_workers else None),

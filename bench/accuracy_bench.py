@@ -1,0 +1,133 @@
+"""Scenario-Wise Rec protocol on ML-1M: every backbone x 3 seeds, overall and per-scenario test AUC
+and logloss (mean +- std), next to the published numbers (DESIGN.md). Numbers, not assertions.
+
+  python bench/accuracy_bench.py                      # all backbones, 3 seeds, 2 jobs at a time
+  python bench/accuracy_bench.py --backbones shared_bottom star --seeds 1 --epochs 2   # a smoke run
+
+Settings (SWR's own): embedding dim 16, Adam lr 1e-3, batch 4096, weight decay 1e-5, early stopping
+on validation AUC with patience 4; here capped at --epochs (default 15) to fit a 2-core machine.
+Expert MLPs (mmoe, ple, m2m) are [128, 64] instead of [256, 128] for the same reason.
+Each (backbone, seed) runs through the real path (Ray Train, 1 worker, 1 thread) in its own
+process; --jobs of them run side by side. Results: bench/results/accuracy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PUBLISHED = {  # overall, (scenario 0, 1, 2); SWR paper, KDD'24
+    "shared_bottom": (0.8095, (0.8116, 0.8128, 0.8041)), "mmoe": (0.8086, (0.8029, 0.8178, 0.8016)),
+    "ple": (0.8091, (0.8118, 0.8187, 0.8002)), "star": (0.8096, (0.8137, 0.8133, 0.7979)),
+    "m2m": (0.8115, (0.8111, 0.8163, 0.8057)), "pepnet": (None, None), "single": (None, None),
+}
+ORDER = ["m2m", "ple", "mmoe", "pepnet", "star", "single", "shared_bottom"]  # longest first
+EXPERT_HIDDEN = {"mmoe": "[128,64]", "ple": "[128,64]", "m2m": "[128,64]"}
+
+
+def overrides(backbone: str, epochs: int) -> list[str]:
+    o = [f"model.backbone={backbone}", f"train.epochs={epochs}", "train.num_workers=1", "train.torch_threads=1"]
+    if backbone in EXPERT_HIDDEN:
+        o.append(f"model.hidden={EXPERT_HIDDEN[backbone]}")
+    return o
+
+
+def child(backbone: str, seed: int, epochs: int, run_dir: str) -> None:
+    from mcl_ray.config import load_config
+    from mcl_ray.ray_env import init_ray
+    from mcl_ray.train.trainer import train_one
+
+    cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={run_dir}", *overrides(backbone, epochs)])
+    init_ray(cfg.ray)
+    t0 = time.perf_counter()
+    res = train_one(cfg, Path(run_dir) / "prepare", Path(run_dir) / "train" / f"{backbone}_seed{seed}", seed)
+    m = res.metrics
+    print(json.dumps({"backbone": backbone, "seed": seed, "auc": m["overall"]["auc"],
+                      "logloss": m["overall"]["logloss"], "gauc": m["overall"]["gauc"],
+                      "by_scenario": {k: {"auc": v["auc"], "logloss": v["logloss"]} for k, v in m["by_scenario"].items()},
+                      "epochs": len(res.history), "best_epoch": max(res.history, key=lambda h: h["val_auc"])["epoch"],
+                      "seconds": time.perf_counter() - t0,
+                      "epoch_seconds": statistics.median(h["epoch_seconds"] for h in res.history)}))
+
+
+def run_job(args, backbone: str, seed: int, slot: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=f"/tmp/mclb{slot}", RAY_DATA_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, __file__, "--child", backbone, str(seed), str(args.epochs), args.run_dir],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    if p.returncode != 0:
+        return {"backbone": backbone, "seed": seed, "error": p.stderr[-1500:]}
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    print(f"  {backbone:14s} seed {seed}: AUC {r['auc']:.4f}  logloss {r['logloss']:.4f}  "
+          f"{r['epochs']} epochs ({r['epoch_seconds']:.1f} s each)", flush=True)
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backbones", nargs="*", default=ORDER)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--run-dir", default=str(ROOT / "runs" / "bench_accuracy"))
+    ap.add_argument("--out", default=str(ROOT / "bench/results/accuracy.json"))
+    ap.add_argument("--child", nargs=4)
+    a = ap.parse_args()
+    if a.child:
+        child(a.child[0], int(a.child[1]), int(a.child[2]), a.child[3])
+        return
+    from mcl_ray.config import load_config
+    from mcl_ray.data.prepare import prepare
+    from mcl_ray.ray_env import init_ray
+
+    cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={a.run_dir}"])
+    init_ray(cfg.ray)
+    prepare(cfg)  # once; every job reuses it
+    import ray
+
+    ray.shutdown()
+    jobs = [(b, 2024 + s) for b in a.backbones for s in range(a.seeds)]
+    t0 = time.time()
+    with ThreadPoolExecutor(a.jobs) as pool:
+        futs = [pool.submit(run_job, a, b, s, i % a.jobs) for i, (b, s) in enumerate(jobs)]
+        runs = [f.result() for f in futs]
+    errors = [r for r in runs if "error" in r]
+    for e in errors:
+        print(f"FAILED {e['backbone']} seed {e['seed']}:\n{e['error']}")
+    ok = [r for r in runs if "error" not in r]
+    table = {}
+    for b in a.backbones:
+        rs = [r for r in ok if r["backbone"] == b]
+        if not rs:
+            continue
+        agg = lambda xs: {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}  # noqa: E731
+        scen = list(rs[0]["by_scenario"])
+        table[b] = {"auc": agg([r["auc"] for r in rs]), "logloss": agg([r["logloss"] for r in rs]),
+                    "by_scenario": {s: {"auc": agg([r["by_scenario"][s]["auc"] for r in rs]),
+                                        "logloss": agg([r["by_scenario"][s]["logloss"] for r in rs])} for s in scen},
+                    "seeds": len(rs), "published": PUBLISHED.get(b)}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"table": table, "runs": runs, "epochs_cap": a.epochs,
+                                       "wall_seconds": time.time() - t0}, indent=2))
+    print(f"\nSWR protocol on ML-1M, test split, {a.seeds} seeds (mean ± std); published in brackets")
+    print(f"{'backbone':14s} {'overall AUC':>20s} {'logloss':>16s}   per-scenario AUC (s0 / s1 / s2)")
+    for b, t in sorted(table.items(), key=lambda kv: -kv[1]["auc"]["mean"]):
+        pub = t["published"][0] if t["published"] else None
+        ps = t["published"][1] if t["published"] else None
+        sc = " / ".join(f"{v['auc']['mean']:.4f}" + (f" [{ps[i]:.4f}]" if ps else "")
+                        for i, v in enumerate(t["by_scenario"].values()))
+        print(f"{b:14s} {t['auc']['mean']:.4f} ± {t['auc']['std']:.4f}" + (f" [{pub:.4f}]" if pub else " [  -   ]")
+              + f" {t['logloss']['mean']:.4f} ± {t['logloss']['std']:.4f}   {sc}")
+    print(f"results -> {a.out}")
+
+
+if __name__ == "__main__":
+    main()
