@@ -118,11 +118,12 @@ def test_mlp_experts_meta_shapes():
     assert blocks.MLP(10, []).out_dim == 10
     assert blocks.Experts(10, [8], 5, 0.0)(torch.randn(3, 10)).shape == (3, 5, 8)
     meta = blocks.MetaLinear(6, 5, 4)
-    x, z = torch.randn(3, 6), torch.randn(3, 4)
-    out = meta(x, z)
+    x, z, scen = torch.randn(3, 6), torch.randn(S, 4), torch.tensor([2, 0, 2])
+    out = meta(x, z, scen)
     assert out.shape == (3, 5)
-    w = meta.w_gen(z[0]).view(6, 5)
-    torch.testing.assert_close(out[0], x[0] @ w + meta.b_gen(z[0]))
+    for i in range(3):
+        w = meta.w_gen(z[scen[i]]).view(6, 5)  # weights generated from the row's scenario
+        torch.testing.assert_close(out[i], x[i] @ w + meta.b_gen(z[scen[i]]))
 
 
 def test_text_embedding_slot_projects_and_trains():

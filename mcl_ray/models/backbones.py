@@ -81,14 +81,18 @@ class PLE(nn.Module):
         self.towers = ScenarioTowers(self.shared.out_dim, cfg.tower_hidden, s, cfg.dropout)
 
     def forward(self, batch):
+        scen = batch["scenario"]
         x = self.inputs(batch).flatten(1)
         shared = self.shared(x)  # [B, Es, H]
-        outs = []
-        for spec_experts, gate in zip(self.specific, self.gates):
-            e = torch.cat([spec_experts(x), shared], dim=1)  # [B, k+Es, H]
-            w = torch.softmax(gate(x), dim=-1)  # [B, k+Es]
-            outs.append(torch.einsum("be,beh->bh", w, e))
-        return self.towers(torch.stack(outs, dim=1), batch["scenario"])  # [B, S, H]
+        mixed = shared.new_zeros(shared.shape[0], shared.shape[2])  # [B, H]
+        for s, (spec_experts, gate) in enumerate(zip(self.specific, self.gates)):
+            rows = (scen == s).nonzero(as_tuple=True)[0]  # a row only runs its own scenario's experts
+            if rows.numel():
+                xs = x[rows]
+                e = torch.cat([spec_experts(xs), shared[rows]], dim=1)  # [b, k+Es, H]
+                w = torch.softmax(gate(xs), dim=-1)  # [b, k+Es]
+                mixed = mixed.index_put((rows,), torch.einsum("be,beh->bh", w, e))
+        return self.towers(mixed, scen)  # [B, H] -> [B]
 
 
 class STAR(nn.Module):
@@ -177,13 +181,14 @@ class M2M(nn.Module):
         self.head = nn.Linear(widths[0], 1)
 
     def forward(self, batch):
+        scen = batch["scenario"]
         fields = self.field_attn(self.inputs(batch))  # [B, F, D], attention over F within each row
-        z = self.scen_repr(self.scen_emb(batch["scenario"]))  # [B, Z]
+        z_all = self.scen_repr(self.scen_emb.weight)  # [S, Z]: one representation per scenario
         e = self.experts(fields.flatten(1))  # [B, E, H]
-        att = torch.softmax(torch.einsum("bh,beh->be", self.q(z), self.k(e)) / e.shape[-1] ** 0.5, dim=-1)
+        att = torch.softmax(torch.einsum("bh,beh->be", self.q(z_all)[scen], self.k(e)) / e.shape[-1] ** 0.5, dim=-1)
         h = torch.relu(self.proj(torch.einsum("be,beh->bh", att, e)))  # [B, W]
         for meta in self.meta:
-            h = self.drop(h + torch.relu(meta(h, z)))  # residual meta layers
+            h = self.drop(h + torch.relu(meta(h, z_all, scen)))  # residual meta layers
         return self.head(h).squeeze(-1)
 
 

@@ -158,7 +158,9 @@ class PartitionedNorm(nn.Module):
 
 class MetaLinear(nn.Module):
     """M2M meta unit: a layer whose weights are generated from the scenario representation.
-    [B, in] x scenario repr [B, Z] -> [B, out]."""
+
+    The representation depends on the scenario only, so weights are generated once per scenario
+    ([S, in, out]) and each row is multiplied by its own scenario's matrix."""
 
     def __init__(self, in_dim: int, out_dim: int, z_dim: int):
         super().__init__()
@@ -167,6 +169,13 @@ class MetaLinear(nn.Module):
         nn.init.normal_(self.w_gen.weight, std=0.01)
         self.in_dim, self.out_dim = in_dim, out_dim
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        w = self.w_gen(z).view(-1, self.in_dim, self.out_dim)  # [B, in, out]
-        return torch.bmm(x.unsqueeze(1), w).squeeze(1) + self.b_gen(z)
+    def forward(self, x: torch.Tensor, z: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
+        # x: [B, in], z: [S, Z] one representation per scenario, scenario: [B] -> [B, out]
+        w = self.w_gen(z).view(-1, self.in_dim, self.out_dim)  # [S, in, out]
+        b = self.b_gen(z)  # [S, out]
+        out = x.new_zeros(x.shape[0], self.out_dim)
+        for s in range(w.shape[0]):
+            rows = (scenario == s).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                out = out.index_put((rows,), x[rows] @ w[s] + b[s])
+        return out
