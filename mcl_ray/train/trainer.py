@@ -83,7 +83,9 @@ def train_one(cfg: ExperimentConfig, prepare_dir: Path, train_dir: Path, seed: i
         run_config=ray.train.RunConfig(
             name=f"{cfg.name}-seed{seed}", storage_path=str((train_dir / "ray_results").resolve()),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            # Ray Train logs every report with its full metrics dict at INFO; we print our own epoch lines.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         datasets=datasets,
         # validation data goes whole to every worker, so all ranks take the same early-stopping decision
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
