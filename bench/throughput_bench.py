@@ -57,7 +57,7 @@ def conversion_cost(cfg, spec, pdir, batches: int = 30) -> dict:
 
     from mcl_ray.train.tensors import columns_for, load_split, take
 
-    ds = ray.data.read_parquet(str(pdir / spec.splits["train"]), columns=columns_for(spec)).materialize()
+    ds = ray.data.read_parquet(str(pdir / spec.splits["train"])).select_columns(columns_for(spec)).materialize()
     it = ds.iter_torch_batches(batch_size=4096)
     next(iter(it))
     t0 = time.perf_counter()

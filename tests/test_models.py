@@ -11,11 +11,12 @@ from mcl_ray.models.backbones import BACKBONES, build_model
 S = 3
 
 
-def make_spec(text_dim: int | None = None) -> FeatureSpec:
+def make_spec(text_dim: int | None = None, numeric: bool = True) -> FeatureSpec:
     feats = [Feature(name="user_id", kind="categorical", source="user", vocab_size=50),
              Feature(name="item_id", kind="categorical", source="item", vocab_size=40),
-             Feature(name="gender", kind="categorical", source="user", vocab_size=3),
-             Feature(name="year", kind="numeric", source="item", mean=0.0, std=1.0)]
+             Feature(name="gender", kind="categorical", source="user", vocab_size=3)]
+    if numeric:
+        feats.append(Feature(name="year", kind="numeric", source="item", mean=0.0, std=1.0))
     if text_dim:
         feats.append(Feature(name="item_text", kind="text_embedding", source="item", dim=text_dim))
     return FeatureSpec(features=feats, scenario_names=["a", "b", "c"], splits={"train": "x"}, num_rows={"train": 1},
@@ -139,3 +140,16 @@ def test_text_embedding_slot_projects_and_trains():
 def test_m2m_rejects_heads_not_dividing_dim():
     with pytest.raises(ValueError, match="divisible"):
         ModelConfig(backbone="m2m", embedding_dim=10, attention_heads=3)
+
+
+@pytest.mark.parametrize("numeric", [True, False])
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_parameter_is_in_the_graph_even_when_a_scenario_is_absent(name, numeric):
+    """DDP without find_unused_parameters needs a gradient (zero is fine) for every parameter."""
+    model = build_model(make_spec(numeric=numeric), CFG.model_copy(update={"backbone": name}))
+    batch = make_batch(8, scenario=0)
+    if not numeric:
+        batch["num"] = batch["num"][:, :0]
+    model(batch).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == []

@@ -31,9 +31,8 @@ class SinglePerScenario(nn.Module):
         out = scen.new_zeros(scen.shape[0], dtype=torch.float32)
         for s, (inp, mlp) in enumerate(zip(self.inputs, self.mlps)):
             rows = (scen == s).nonzero(as_tuple=True)[0]
-            if rows.numel():
-                sub = {k: v[rows] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
-                out = out.index_put((rows,), mlp(inp(sub).flatten(1)).squeeze(-1))
+            sub = {k: v[rows] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+            out = out.index_put((rows,), mlp(inp(sub).flatten(1)).squeeze(-1))
         return out
 
 
@@ -87,11 +86,10 @@ class PLE(nn.Module):
         mixed = shared.new_zeros(shared.shape[0], shared.shape[2])  # [B, H]
         for s, (spec_experts, gate) in enumerate(zip(self.specific, self.gates)):
             rows = (scen == s).nonzero(as_tuple=True)[0]  # a row only runs its own scenario's experts
-            if rows.numel():
-                xs = x[rows]
-                e = torch.cat([spec_experts(xs), shared[rows]], dim=1)  # [b, k+Es, H]
-                w = torch.softmax(gate(xs), dim=-1)  # [b, k+Es]
-                mixed = mixed.index_put((rows,), torch.einsum("be,beh->bh", w, e))
+            xs = x[rows]
+            e = torch.cat([spec_experts(xs), shared[rows]], dim=1)  # [b, k+Es, H]
+            w = torch.softmax(gate(xs), dim=-1)  # [b, k+Es]
+            mixed = mixed.index_put((rows,), torch.einsum("be,beh->bh", w, e))
         return self.towers(mixed, scen)  # [B, H] -> [B]
 
 

@@ -43,8 +43,10 @@ class InputLayer(nn.Module):
         self.embeddings = nn.ModuleList([nn.Embedding(f.vocab_size, dim) for f in spec.categorical])
         for e in self.embeddings:
             nn.init.normal_(e.weight, std=0.01)
-        self.num_w = nn.Parameter(torch.randn(len(self.num_names), dim) * 0.01)
-        self.num_b = nn.Parameter(torch.zeros(len(self.num_names), dim))
+        # Created only when used: a parameter outside the graph would stall DDP's gradient reduction.
+        if self.num_names:
+            self.num_w = nn.Parameter(torch.randn(len(self.num_names), dim) * 0.01)
+            self.num_b = nn.Parameter(torch.zeros(len(self.num_names), dim))
         self.text_proj = nn.ModuleDict({
             f.name: nn.Linear(f.dim, dim) for f in spec.features if f.kind == "text_embedding"})
         self.num_fields = len(self.cat_names) + len(self.num_names) + len(self.text_names)
@@ -64,7 +66,10 @@ class InputLayer(nn.Module):
 
 class ScenarioTowers(nn.Module):
     """One tower + logit head per scenario; each row is scored by its own scenario's tower only,
-    so gradients reach only that tower's parameters."""
+    so gradients reach only that tower's parameters.
+
+    A scenario absent from the batch still runs its tower on zero rows: every parameter stays in
+    the autograd graph (with a zero gradient), so DDP needs no find_unused_parameters."""
 
     def __init__(self, in_dim: int, widths: list[int], num_scenarios: int, dropout: float):
         super().__init__()
@@ -77,9 +82,8 @@ class ScenarioTowers(nn.Module):
         out = h.new_zeros(h.shape[0])
         for s, tower in enumerate(self.towers):
             rows = (scenario == s).nonzero(as_tuple=True)[0]
-            if rows.numel():
-                x = h[rows] if h.dim() == 2 else h[rows, s]
-                out = out.index_put((rows,), tower(x).squeeze(-1))
+            x = h[rows] if h.dim() == 2 else h[rows, s]
+            out = out.index_put((rows,), tower(x).squeeze(-1))
         return out  # [B] logits
 
 
@@ -135,8 +139,7 @@ class StarLinear(nn.Module):
         out = x.new_zeros(x.shape[0], self.w_shared.shape[1])
         for s in range(self.w_spec.shape[0]):
             rows = (scenario == s).nonzero(as_tuple=True)[0]
-            if rows.numel():
-                out = out.index_put((rows,), x[rows] @ self.weight(s) + self.b_shared + self.b_spec[s])
+            out = out.index_put((rows,), x[rows] @ self.weight(s) + self.b_shared + self.b_spec[s])
         return out
 
 
@@ -176,6 +179,5 @@ class MetaLinear(nn.Module):
         out = x.new_zeros(x.shape[0], self.out_dim)
         for s in range(w.shape[0]):
             rows = (scenario == s).nonzero(as_tuple=True)[0]
-            if rows.numel():
-                out = out.index_put((rows,), x[rows] @ w[s] + b[s])
+            out = out.index_put((rows,), x[rows] @ w[s] + b[s])
         return out

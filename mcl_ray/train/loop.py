@@ -62,8 +62,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = build_model(spec, cfg.model)
     if world > 1:
-        # DDP: gloo on CPU, NCCL on GPU. A batch may lack a scenario, leaving its tower unused.
-        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+        # DDP: gloo on CPU, NCCL on GPU. Scenario-specific blocks run even on zero rows, so every
+        # parameter gets a gradient each step and DDP can skip the unused-parameter search.
+        model = ray.train.torch.prepare_model(model)
     else:
         model = model.to(device)
     opt, sched = make_optimizer(cfg, model)

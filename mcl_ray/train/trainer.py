@@ -69,7 +69,7 @@ def train_one(cfg: ExperimentConfig, prepare_dir: Path, train_dir: Path, seed: i
     tc = cfg.train
     cols = columns_for(spec)
     # Materialised before fit(): workers that take every CPU would otherwise starve the read tasks.
-    datasets = {s: ray.data.read_parquet(str((prepare_dir / spec.splits[s]).resolve()), columns=cols).materialize()
+    datasets = {s: ray.data.read_parquet(str((prepare_dir / spec.splits[s]).resolve())).select_columns(cols).materialize()
                 for s in ("train", "valid")}
     trainer = TorchTrainer(
         train_loop_per_worker,
