@@ -154,13 +154,14 @@ def print_metrics(results, summary, run_dir: Path) -> None:
     out.print(t)
     out.print(f"user-grouped AUC: {_fmt(summary['overall']['gauc'])}")
     if "ranking" in summary:
-        r = Table(title="top-K ranking on held-out test positives")
-        r.add_column("scenario")
-        keys = [k for k in next(iter(summary["ranking"].values()))]
-        for k in keys:
-            r.add_column(k, justify="right")
-        for name, m in summary["ranking"].items():
-            r.add_row(name, *[f"{m[k]['mean']:.4f}" for k in keys])
+        # metrics as rows, scenarios as columns: stays readable in an 80-column log
+        r = Table(title="top-K ranking on held-out test positives (mean over users)")
+        r.add_column("metric")
+        names = list(summary["ranking"])
+        for name in names:
+            r.add_column(name, justify="right")
+        for k in next(iter(summary["ranking"].values())):
+            r.add_row(k, *[f"{summary['ranking'][n][k]['mean']:.4f}" for n in names])
         out.print(r)
     out.print(f"metrics: {run_dir / 'train'}/seed_*/metrics.json, summary.json; plots: learning_curves.png, "
               f"scenario_auc.png")

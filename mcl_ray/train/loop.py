@@ -4,6 +4,7 @@ num_workers=0, in the driver. Rank 0 writes checkpoints; every rank reports."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -44,6 +45,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    # Ray Train logs each report with its whole metrics dict at INFO; the driver prints epoch lines.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = ExperimentConfig.model_validate(loop_cfg["config"])
     tc = cfg.train
     spec = FeatureSpec.load(loop_cfg["prepare_dir"])
