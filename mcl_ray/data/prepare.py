@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from mcl_ray.config import ExperimentConfig, MovieLensSource, PrepareConfig, SyntheticSource, TablesSource
+from mcl_ray.config import ExperimentConfig, MovieLensSource, PrepareConfig, TablesSource
 from mcl_ray.data import fuse, package_data, sources
 from mcl_ray.feature_spec import Feature, FeatureSpec, TextField
 

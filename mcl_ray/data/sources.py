@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -329,6 +328,3 @@ def load_tables(src: TablesSource) -> RawTables:
         "interactions": ref.path, "users": src.users.path if src.users else "-",
         "items": src.items.path if src.items else "-"}, files=all_files)
 
-
-def first_genre(genres: np.ndarray) -> np.ndarray:
-    return np.array([g.split("|", 1)[0] if isinstance(g, str) and g else "unknown" for g in genres], dtype=object)

@@ -25,7 +25,7 @@ from mcl_ray.train.tensors import read_split, table_to_tensors
 def load_model(train_dir: Path, spec: FeatureSpec, cfg: ExperimentConfig) -> torch.nn.Module:
     model = build_model(spec, cfg.model)
     ck.load_weights(model, train_dir / ck.MODEL)
-    return model.eval()
+    return model.train(False)  # inference mode: dropout off
 
 
 def encode_entities(table: pa.Table, key: str, spec: FeatureSpec, vocabs: dict[str, list[str]],

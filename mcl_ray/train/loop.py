@@ -25,7 +25,7 @@ from mcl_ray.train.tensors import Batch, num_rows, shard_to_tensors, take
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, data: Batch, batch_size: int, device: torch.device) -> np.ndarray:
-    model.eval()
+    model.train(False)  # dropout off
     out = []
     for i in range(0, num_rows(data), batch_size):
         b = {k: v[i:i + batch_size].to(device) for k, v in data.items()}
