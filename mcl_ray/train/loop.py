@@ -41,12 +41,24 @@ def make_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):
     return opt, sched
 
 
+def _quiet_report_logs() -> None:
+    """Ray Train logs every report with its whole metrics dict at INFO, under a logger named after
+    its source file (so outside the "ray.train" hierarchy); the driver prints its own epoch lines.
+    Cosmetic only, hence tolerant of that internal module moving in another Ray version."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
 def train_loop_per_worker(loop_cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    # Ray Train logs each report with its whole metrics dict at INFO; the driver prints epoch lines.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    _quiet_report_logs()
     cfg = ExperimentConfig.model_validate(loop_cfg["config"])
     tc = cfg.train
     spec = FeatureSpec.load(loop_cfg["prepare_dir"])
