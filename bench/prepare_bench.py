@@ -77,15 +77,11 @@ def one_pandas(rows: int) -> dict:
         t0 = time.perf_counter()
         users = synthetic.make_users({"id": np.arange(src.num_users)}, src.seed, src.num_scenarios)
         items = synthetic.make_items({"id": np.arange(src.num_items)}, src.seed)
-        pop = 1.0 / np.arange(1, src.num_items + 1) ** 0.8
-        pop = pop[np.argsort(synthetic.uniform(src.seed, np.arange(src.num_items), 31))]
-        liked = np.zeros((src.num_scenarios, len(synthetic.GENRES)))
-        for k, gs in enumerate(synthetic.scenario_genres(src.seed, src.num_scenarios)):
-            liked[k, gs] = 1.0
+        item_cdf, liked = synthetic.planted_structure(src)
         inter = synthetic.make_interactions(
             {"id": np.arange(src.num_interactions)}, src.seed,
             np.array([int(s[3:]) for s in users["segment"]]), users["fav_genre"].to_numpy(),
-            np.cumsum(pop) / pop.sum(), items["primary_genre"].to_numpy(), items["quality"].to_numpy(), liked)
+            item_cdf, items["primary_genre"].to_numpy(), items["quality"].to_numpy(), liked)
         users_t = add_profile_text_columns(pa.Table.from_pandas(users.drop(columns=["fav_genre"])), ml1m_codes=True)
         items_t = pa.Table.from_pandas(items.drop(columns=["primary_genre", "quality"]))
         u_kept, _ = fuse.validate_keyed_table(users_t, "user_id", "users")
@@ -97,11 +93,7 @@ def one_pandas(rows: int) -> dict:
         categorical = {f.name: f.min_count for f in pc_cfg.categorical}
         prof = prep.profile_batch(good, list(categorical), list(pc_cfg.numeric)).to_pandas()
         vocabs = prep.fit_vocabs(prof, categorical)
-        numeric = {}
-        for f in pc_cfg.numeric:
-            r = prof[(prof.kind == "num") & (prof.a == f)][["count", "sum", "sumsq"]].sum()
-            mean = r["sum"] / r["count"]
-            numeric[f] = (mean, float(np.sqrt(r["sumsq"] / r["count"] - mean * mean)) or 1.0)
+        numeric = prep.fit_numeric(prof, list(pc_cfg.numeric))
         enc = prep.encode_batch(good, {f: pa.array(vs, pa.string()) for f, vs in vocabs.items()}, numeric)
         pq.write_to_dataset(enc, str(Path(tmp) / "data"), partition_cols=["split"])
         wall = time.perf_counter() - t0

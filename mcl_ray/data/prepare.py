@@ -199,6 +199,17 @@ def fit_vocabs(profile: pd.DataFrame, cfg_cat: dict[str, int]) -> dict[str, list
     return vocabs
 
 
+def fit_numeric(profile: pd.DataFrame, numeric: list[str]) -> dict[str, tuple[float, float]]:
+    """Train-split mean and std per numeric feature from the summed partial moments (std 0 -> 1)."""
+    out = {}
+    for f in numeric:
+        row = profile[(profile["kind"] == "num") & (profile["a"] == f)][["count", "sum", "sumsq"]].sum()
+        n = max(float(row["count"]), 1.0)
+        mean = float(row["sum"]) / n
+        out[f] = (mean, float(np.sqrt(max(float(row["sumsq"]) / n - mean * mean, 0.0))) or 1.0)
+    return out
+
+
 def encode_batch(batch: pa.Table, vocabs: dict[str, pa.Array], numeric: dict[str, tuple[float, float]]) -> pa.Table:
     """Categorical values -> ids (vocab position + 1; 0 = OOV), numeric -> z-scores, plus bookkeeping."""
     if "_reason" in batch.column_names:
@@ -312,13 +323,7 @@ def prepare(cfg: ExperimentConfig, out_dir: str | Path | None = None, force: boo
                                                    pc_cfg.validation.max_examples))
 
     vocabs = fit_vocabs(prof, categorical)
-    numeric_stats = {}
-    for f in pc_cfg.numeric:
-        row = prof[(prof["kind"] == "num") & (prof["a"] == f)][["count", "sum", "sumsq"]].sum()
-        n = max(float(row["count"]), 1.0)
-        mean = float(row["sum"]) / n
-        std = float(np.sqrt(max(float(row["sumsq"]) / n - mean * mean, 0.0))) or 1.0
-        numeric_stats[f] = (mean, std)
+    numeric_stats = fit_numeric(prof, list(pc_cfg.numeric))
     split_stats = prof[prof["kind"] == "stat"].groupby(["a", "b"], as_index=False)[["count", "sum"]].sum()
     rows_kept = int(split_stats["count"].sum())
     if rows_kept == 0:
@@ -440,13 +445,12 @@ class _Steps:
     """Numbered stage lines with elapsed time, so long runs show where they are."""
 
     def __init__(self, console):
-        self.console, self.n, self.t0, self.t = console, 0, time.perf_counter(), time.perf_counter()
+        self.console, self.n, self.t0 = console, 0, time.perf_counter()
 
     def __call__(self, what: str, detail: str = "") -> None:
         self.n += 1
-        now = time.perf_counter()
-        self.console.print(f"[bold cyan]prepare[{self.n}][/] {what} {detail}  [dim](+{now - self.t0:.1f}s)[/]")
-        self.t = now
+        self.console.print(f"[bold cyan]prepare[{self.n}][/] {what} {detail}  "
+                           f"[dim](+{time.perf_counter() - self.t0:.1f}s)[/]")
 
     def done(self) -> None:
         self.console.print(f"[bold green]prepare done[/] in {time.perf_counter() - self.t0:.1f}s")

@@ -58,6 +58,16 @@ def scenario_genres(seed: int, num_scenarios: int) -> list[list[int]]:
     return [[int(perm[(3 * k + j) % len(GENRES)]) for j in range(3)] for k in range(num_scenarios)]
 
 
+def planted_structure(src: SyntheticSource) -> tuple[np.ndarray, np.ndarray]:
+    """(item popularity CDF: Zipf-like, shuffled by seed; [S, genres] 0/1 matrix of liked genres)."""
+    pop = 1.0 / np.arange(1, src.num_items + 1) ** 0.8
+    pop = pop[np.argsort(uniform(src.seed, np.arange(src.num_items), 31))]
+    liked = np.zeros((src.num_scenarios, len(GENRES)), dtype=np.float64)
+    for k, gs in enumerate(scenario_genres(src.seed, src.num_scenarios)):
+        liked[k, gs] = 1.0
+    return np.cumsum(pop) / pop.sum(), liked
+
+
 def make_users(batch: dict, seed: int, num_scenarios: int) -> pd.DataFrame:
     idx = batch["id"]
     seg = _pick(uniform(seed, idx, 1), num_scenarios)
@@ -120,15 +130,11 @@ def synthetic_tables(src: SyntheticSource):
                                    preserve_index=False)
     items_t = pa.Table.from_pandas(make_items({"id": np.arange(src.num_items)}, src.seed), preserve_index=False)
     seg = np.array([int(s[3:]) for s in users_t["segment"].to_pylist()])
-    pop = 1.0 / np.arange(1, src.num_items + 1) ** 0.8  # Zipf-like popularity over item index
-    pop = pop[np.argsort(uniform(src.seed, np.arange(src.num_items), 31))]
-    liked = np.zeros((src.num_scenarios, len(GENRES)), dtype=np.float64)
-    for k, gs in enumerate(scenario_genres(src.seed, src.num_scenarios)):
-        liked[k, gs] = 1.0
+    item_cdf, liked = planted_structure(src)
     inter = ray.data.range(src.num_interactions, override_num_blocks=src.num_blocks).map_batches(
         make_interactions, batch_format="numpy",
         fn_kwargs={"seed": src.seed, "user_seg": seg, "user_fav": users_t["fav_genre"].to_numpy(),
-                   "item_cdf": np.cumsum(pop) / pop.sum(), "item_genre": items_t["primary_genre"].to_numpy(),
+                   "item_cdf": item_cdf, "item_genre": items_t["primary_genre"].to_numpy(),
                    "item_quality": items_t["quality"].to_numpy(), "liked": liked})
     users_t = add_profile_text_columns(users_t.drop_columns(["fav_genre"]), ml1m_codes=True)
     items_t = items_t.drop_columns(["primary_genre", "quality"])
