@@ -210,18 +210,108 @@ def evaluate(
     print_metrics(results, summarize(results), root)
 
 
+def _tune(cfg, prepare_dir: Path, force: bool = False):
+    from mcl_ray.tune.sweep import SweepError, sweep
+
+    try:
+        res = sweep(cfg, prepare_dir, Path(cfg.resolved_run_dir()), console=err, force=force)
+    except SweepError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        err.print("[yellow]tune interrupted; its state is saved: run the same command again to resume "
+                  "(finished trials are kept)")
+        raise typer.Exit(130) from None
+    print_sweep(res)
+    return res
+
+
+def print_sweep(res) -> None:
+    keys = list(res.trials[0]["params"]) if res.trials else []
+    t = Table(title=f"sweep: {len(res.trials)} trials in {res.seconds / 60:.1f} min")
+    for c in ["trial", "status", *keys, "epochs", "val AUC"]:
+        t.add_column(c, justify="left" if c in ("trial", "status") else "right")
+    for r in sorted(res.trials, key=lambda r: -r["best_val_auc"] if r["best_val_auc"] == r["best_val_auc"] else 1):
+        style = "bold green" if r["trial_id"] == res.winner["trial_id"] else None
+        t.add_row(r["trial_id"], r["status"], *[_short(r["params"].get(k)) for k in keys], str(r["epochs"]),
+                  f"{r['best_val_auc']:.4f}", style=style)
+    out.print(t)
+    m = res.test_metrics
+    out.print(f"winner test AUC {m['overall']['auc']:.4f} ("
+              + ", ".join(f"{k} {v['auc']:.4f}" for k, v in m["by_scenario"].items()) + ")")
+    out.print(f"report: {res.tune_dir / 'report.md'}; artifact: {res.artifact}")
+
+
+def _short(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+@app.command()
+def tune(
+    config: ConfigArg,
+    force: Annotated[bool, typer.Option("--force", help="Start a new sweep instead of resuming or reusing.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Hyperparameter sweep (Ray Tune + Optuna TPE + ASHA) over the experiment's `tune.space`.
+
+    Each trial is a Ray Train run. The winner (best validation AUC) is evaluated on the test split
+    and exported to <run_dir>/artifact. An interrupted sweep resumes when run again."""
+    cfg = _load(config, set_)
+    prepare_dir = Path(cfg.resolved_run_dir()) / "prepare"
+    if not (prepare_dir / "feature_spec.json").exists():
+        err.print(f"[red]error:[/] no prepared data in {prepare_dir}; run `mcl-ray prepare {config}` first")
+        raise typer.Exit(1)
+    from mcl_ray.ray_env import init_ray
+
+    init_ray(cfg.ray, Path(cfg.resolved_run_dir()).parent)
+    _tune(cfg, prepare_dir, force)
+
+
+def _export(train_dir: Path, prepare_dir: Path, out_dir: Path) -> Path:
+    from mcl_ray.artifact import ArtifactError, export_artifact
+
+    try:
+        path = export_artifact(train_dir, prepare_dir, out_dir, source={"kind": "train"})
+    except ArtifactError as e:
+        _fail(e)
+    out.print(f"artifact: {path} (model card: {path / 'MODEL_CARD.md'})")
+    return path
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<name>) or one seed's train folder.")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Artifact folder (default <run_dir>/artifact).")] = None,
+) -> None:
+    """Package a trained model as a serving artifact (safetensors + JSON + parquet, model card)."""
+    if (run_dir / "config.json").exists() and (run_dir / "model.safetensors").exists():
+        train_dir, root = run_dir, run_dir.parent.parent
+    else:
+        seeds = sorted((run_dir / "train").glob("seed_*/model.safetensors"))
+        if not seeds:
+            err.print(f"[red]error:[/] no trained model under {run_dir} (expected train/seed_*/model.safetensors)")
+            raise typer.Exit(1)
+        train_dir, root = seeds[0].parent, run_dir
+    _export(train_dir, root / "prepare", out_dir or root / "artifact")
+
+
 @app.command()
 def run(
     config: ConfigArg,
     seeds: SeedsOpt = 1,
     force: Annotated[bool, typer.Option("--force", help="Recompute every stage.")] = False,
     set_: SetOpt = None,
+    tune_: Annotated[Optional[bool], typer.Option("--tune/--no-tune", help="Sweep instead of one training run "
+                                                  "(default: the experiment's tune.enabled).")] = None,
 ) -> None:
-    """Run the pipeline on an experiment: prepare -> train -> evaluate (unchanged stages are reused)."""
+    """Run the pipeline: prepare -> train (or tune) -> evaluate -> export (unchanged stages are reused)."""
     cfg = _load(config, set_)
     err.print(f"[bold]mcl-ray run[/] {cfg.name} -> {cfg.resolved_run_dir()}")
     res = _prepare(cfg, None, force)
-    _train(cfg, res.out_dir, seeds, force)
+    if cfg.tune.enabled if tune_ is None else tune_:
+        _tune(cfg, res.out_dir, force)
+    else:
+        results, _ = _train(cfg, res.out_dir, seeds, force)
+        _export(results[0].train_dir, res.out_dir, Path(cfg.resolved_run_dir()) / "artifact")
 
 
 def main() -> None:

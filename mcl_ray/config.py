@@ -257,6 +257,81 @@ class RayConfig(Strict):
     num_cpus: int | None = Field(None, gt=0, description="Logical CPUs of a local cluster (null: all cores).")
 
 
+# ----------------------------------------------------------------------------- tune
+
+
+class LogUniform(Strict):
+    type: Literal["loguniform"]
+    low: float = Field(gt=0, description="Lower bound (> 0).")
+    high: float = Field(gt=0, description="Upper bound.")
+
+
+class Uniform(Strict):
+    type: Literal["uniform"]
+    low: float
+    high: float
+
+
+class IntRange(Strict):
+    type: Literal["int"]
+    low: int
+    high: int = Field(description="Upper bound, inclusive.")
+    log: bool = Field(False, description="Sample on a log scale (low >= 1).")
+
+
+class Choice(Strict):
+    type: Literal["choice"]
+    values: list[Any] = Field(min_length=1, description="Candidates (scalars, or lists such as layer widths).")
+
+
+SearchParam = Annotated[Union[LogUniform, Uniform, IntRange, Choice], Field(discriminator="type")]
+
+# Only what a trial may change: the data (prepare) stays fixed across a sweep.
+TUNABLE_SECTIONS = ("model", "train")
+UNTUNABLE = {"train.num_workers", "train.use_gpu", "train.cpus_per_worker", "train.max_failures",
+             "train.eval_batch_size", "train.epochs", "train.seed"}
+
+
+class TuneConfig(Strict):
+    enabled: bool = Field(False, description="`mcl-ray run` runs this sweep instead of a single training run.")
+    space: dict[str, SearchParam] = Field(
+        default_factory=lambda: {
+            "train.lr": LogUniform(type="loguniform", low=3e-4, high=1e-2),
+            "train.weight_decay": LogUniform(type="loguniform", low=1e-7, high=1e-4),
+            "model.dropout": Uniform(type="uniform", low=0.0, high=0.3),
+        },
+        description="Config key (model.* or train.*) -> distribution {type: loguniform|uniform|int|choice, ...}.",
+    )
+    num_samples: int = Field(16, ge=1, description="Trials.")
+    include_default: bool = Field(
+        True, description="The experiment's own config is the first trial, so the winner is never worse on validation.")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha: stop weak trials early; fifo: run all to the end.")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped.")
+    reduction_factor: int = Field(3, ge=2, description="ASHA: keep the top 1/reduction_factor at each rung.")
+    epochs: int | None = Field(None, ge=1, description="Epoch cap per trial (null: train.epochs).")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="Trials at once (null: cluster CPUs // CPUs per trial).")
+    seed: int = Field(0, description="Seed of the Optuna TPE sampler.")
+    storage: str | None = Field(
+        None, description="Optuna storage URL (e.g. sqlite:///runs/sweep.db) to keep the study for inspection.")
+    time_budget_s: float | None = Field(None, gt=0, description="Stop starting trials after this many seconds.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TuneConfig":
+        for key, p in self.space.items():
+            where = f"tune.space.{key}"
+            parts = key.split(".")
+            if len(parts) != 2 or parts[0] not in TUNABLE_SECTIONS:
+                raise ValueError(f"{where}: searchable keys are model.<key> or train.<key>")
+            if key in UNTUNABLE:
+                raise ValueError(f"{where}: this key is fixed per sweep (set it in the experiment instead)")
+            if isinstance(p, (LogUniform, Uniform, IntRange)) and not p.low < p.high:
+                raise ValueError(f"{where}: low ({p.low}) must be below high ({p.high})")
+            if isinstance(p, IntRange) and p.log and p.low < 1:
+                raise ValueError(f"{where}: a log-scale int range needs low >= 1")
+        return self
+
+
 class ExperimentConfig(Strict):
     name: str = Field(description="Experiment name; the default run directory is runs/<name>.")
     run_dir: str | None = Field(None, description="Run directory (local path or pyarrow URI); null: runs/<name>.")
@@ -265,6 +340,7 @@ class ExperimentConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model architecture.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training on Ray Train.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation metrics.")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyperparameter sweep (Ray Tune + Optuna).")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster to run on.")
 
     @field_validator("name")
@@ -273,6 +349,24 @@ class ExperimentConfig(Strict):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
             raise ValueError("name may hold letters, digits, '_', '.', '-' (it names a directory)")
         return v
+
+    @model_validator(mode="after")
+    def _check_space(self) -> "ExperimentConfig":
+        for key, p in self.tune.space.items():
+            section, field = key.split(".")
+            model = {"model": ModelConfig, "train": TrainConfig}[section]
+            if field not in model.model_fields:
+                raise ValueError(f"tune.space.{key}: unknown key (allowed in {section}: "
+                                 f"{', '.join(k for k in model.model_fields if f'{section}.{k}' not in UNTUNABLE)})")
+            values = p.values if isinstance(p, Choice) else [p.low, p.high]
+            base = getattr(self, section).model_dump()
+            for v in values:
+                try:
+                    model.model_validate({**base, field: v})
+                except ValidationError as e:
+                    first = e.errors()[0]
+                    raise ValueError(f"tune.space.{key}: value {v!r} is not valid for {key}: {first['msg']}") from None
+        return self
 
     def resolved_run_dir(self) -> str:
         return self.run_dir or str(Path("runs") / self.name)
@@ -284,18 +378,20 @@ class ExperimentConfig(Strict):
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid experiment config ({source}):"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _SOURCE_TAGS)) or "<root>"
-        msg = e["msg"]
+        path = ".".join(str(p) for p in e["loc"]
+                        if not (isinstance(p, str) and (p in _SOURCE_TAGS or p in _PARAM_TAGS))) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
             allowed = _allowed_keys(e["loc"][:-1])
             if allowed:
                 msg += f" (allowed here: {', '.join(allowed)})"
-        lines.append(f"  {path}: {msg}")
+        lines.append(f"  {msg}" if path == "<root>" and msg.startswith("tune.") else f"  {path}: {msg}")
     return "\n".join(lines)
 
 
 _SOURCE_TAGS = {"movielens-1m", "movielens-100k", "tables", "synthetic"}
+_PARAM_TAGS = {"loguniform": LogUniform, "uniform": Uniform, "int": IntRange, "choice": Choice}
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
@@ -307,6 +403,11 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
         if part in _SOURCE_TAGS:
             model = {"movielens-1m": MovieLensSource, "movielens-100k": MovieLensSource,
                      "tables": TablesSource, "synthetic": SyntheticSource}[part]
+            continue
+        if part in _PARAM_TAGS:
+            model = _PARAM_TAGS[part]
+            continue
+        if "." in part:  # a tune.space key (a config path); the next part names its distribution
             continue
         if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
             return []

@@ -74,4 +74,8 @@ def init_ray(cfg: RayConfig | None = None, run_root: str | Path = "runs") -> Non
         return
     tmp = ray_tmpdir(run_root)
     Path(tmp).mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _temp_dir=tmp, log_to_driver=True)
+    # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner needs to free
+    # the workers of a trial that Tune stops early (without it, those CPUs stay reserved and the
+    # next trial waits forever); `serve deploy` and `serve status` use it too. Bound to 127.0.0.1.
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=tmp,
+             log_to_driver=True)

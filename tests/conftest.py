@@ -19,7 +19,8 @@ def ray_cluster(tmp_path_factory):
     tmp = ray_tmpdir(ROOT / "runs")
     Path(tmp).mkdir(parents=True, exist_ok=True)
     # 4 logical CPUs on a 2-core machine: Ray Data read tasks never starve behind other stages.
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
+    # The dashboard (state API) lets Ray Train free the workers of trials Tune stops early.
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=tmp, log_to_driver=False)
     quiet_ray_data()
     yield ray
     ray.shutdown()

@@ -153,6 +153,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                    "load_seconds": load_s, "world_size": world,
                    **{f"val_auc/{k}": v["auc"] for k, v in val["by_scenario"].items()}}
         state["history"].append(metrics)
+        if rank == 0:  # live progress in the driver's log (Ray forwards worker stdout)
+            print(f"[{cfg.name}] epoch {epoch + 1}/{tc.epochs}: loss {metrics['train_loss']:.4f} "
+                  f"val AUC {auc:.4f} ({metrics['samples_per_s']:,.0f} samples/s)", flush=True)
         state["epoch"] = epoch + 1
         ckpt = None
         with tempfile.TemporaryDirectory() as tmp:

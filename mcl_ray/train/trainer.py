@@ -37,12 +37,6 @@ def train_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec, seed: int) -> st
 
 def train_one(cfg: ExperimentConfig, prepare_dir: Path, train_dir: Path, seed: int, force: bool = False,
               console=None, evaluate: bool = True) -> TrainResult:
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from mcl_ray.train.loop import train_loop_per_worker
-
     t0 = time.perf_counter()
     spec = FeatureSpec.load(prepare_dir)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
@@ -60,36 +54,12 @@ def train_one(cfg: ExperimentConfig, prepare_dir: Path, train_dir: Path, seed: i
     train_dir.mkdir(parents=True, exist_ok=True)
     fp_file.write_text(json.dumps({"fingerprint": fp}))
     (train_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    resume_dir = train_dir / "checkpoint"
-    start_epoch = 0
-    if ck.has_checkpoint(resume_dir):
-        start_epoch = json.loads((resume_dir / ck.STATE).read_text())["state"]["epoch"]
-        say(console, f"[yellow]train seed {seed}: resuming from {resume_dir} at epoch {start_epoch + 1}")
+    start_epoch = resume_epoch(train_dir)
+    if start_epoch:
+        say(console, f"[yellow]train seed {seed}: resuming from {train_dir / 'checkpoint'} at epoch {start_epoch + 1}")
 
+    trainer = build_trainer(cfg, spec, prepare_dir, train_dir, seed, start_epoch, run_name=f"{cfg.name}-seed{seed}")
     tc = cfg.train
-    cols = columns_for(spec)
-    # Materialised before fit(): workers that take every CPU would otherwise starve the read tasks.
-    datasets = {s: ray.data.read_parquet(str((prepare_dir / spec.splits[s]).resolve())).select_columns(cols).materialize()
-                for s in ("train", "valid")}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "prepare_dir": str(prepare_dir.resolve()),
-                           "out_dir": str(train_dir.resolve()), "seed": seed, "resume_dir": str(resume_dir.resolve()),
-                           "start_epoch": start_epoch},
-        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                               resources_per_worker={"CPU": tc.cpus_per_worker}
-                                               if tc.num_workers else None),
-        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(
-            name=f"{cfg.name}-seed{seed}", storage_path=str((train_dir / "ray_results").resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            # Ray Train logs every report with its full metrics dict at INFO; we print our own epoch lines.
-            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-        datasets=datasets,
-        # validation data goes whole to every worker, so all ranks take the same early-stopping decision
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
     say(console, f"[bold cyan]train[/] {cfg.model.backbone} seed {seed}: {tc.num_workers} worker(s), "
                  f"{spec.num_rows['train']:,} train rows, up to {tc.epochs} epochs")
     trainer.fit()
@@ -103,6 +73,57 @@ def train_one(cfg: ExperimentConfig, prepare_dir: Path, train_dir: Path, seed: i
 
         metrics = evaluate_train_dir(train_dir, prepare_dir)
     return TrainResult(train_dir, metrics, history, False, time.perf_counter() - t0)
+
+
+def build_trainer(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path, out_dir: Path, seed: int,
+                  start_epoch: int, run_name: str, callbacks: list | None = None, datasets: dict | None = None):
+    """The TorchTrainer of one training run (a `train` seed or a Tune trial); its checkpoints live
+    under out_dir, so the same run name + out_dir resumes where it stopped."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mcl_ray.train.loop import train_loop_per_worker
+
+    tc = cfg.train
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "prepare_dir": str(prepare_dir.resolve()),
+                           "out_dir": str(out_dir.resolve()), "seed": seed,
+                           "resume_dir": str((out_dir / "checkpoint").resolve()), "start_epoch": start_epoch},
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                               resources_per_worker={"CPU": tc.cpus_per_worker}
+                                               if tc.num_workers else None),
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=str((out_dir / "ray_results").resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks,
+            # Ray Train logs every report with its full metrics dict at INFO; we print our own epoch lines.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+        datasets=datasets or materialized_splits(spec, prepare_dir),
+        # validation data goes whole to every worker, so all ranks take the same early-stopping decision
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def materialized_splits(spec: FeatureSpec, prepare_dir: Path) -> dict:
+    """train/valid as materialised Ray Datasets: workers that take every CPU would otherwise starve
+    the read tasks (a sweep reads them once and hands the same blocks to every trial)."""
+    import ray.data
+
+    cols = columns_for(spec)
+    return {s: ray.data.read_parquet(str((prepare_dir / spec.splits[s]).resolve())).select_columns(cols).materialize()
+            for s in ("train", "valid")}
+
+
+def resume_epoch(out_dir: Path) -> int:
+    """Epochs already done by the checkpoint in out_dir (0 when there is none)."""
+    resume_dir = out_dir / "checkpoint"
+    if ck.has_checkpoint(resume_dir):
+        return json.loads((resume_dir / ck.STATE).read_text())["state"]["epoch"]
+    return 0
 
 
 def summarize(results: list[TrainResult]) -> dict:

@@ -1,0 +1,203 @@
+"""The model artifact: everything serving needs, in one folder, no pickles.
+
+    artifact/
+      model.safetensors      weights of the exported model
+      config.json            the full ExperimentConfig it was trained with
+      feature_spec.json      data contract (+ vocabs.json: feature -> values, id = position + 1)
+      users.parquet          user attributes (cold start, user features)
+      items.parquet          item attributes and titles (candidates)
+      seen.parquet           known (user_key, item_key) interactions, for exclude_seen
+      metrics.json           validation (and test) metrics, overall and per scenario
+      manifest.json          version, weights digest, data fingerprint, library versions, git commit
+      model_card.json, MODEL_CARD.md
+
+Written by `export_artifact` from any trained folder (a `train` seed or the winning Tune trial);
+read by `load_artifact` (serving, tests). The folder is written next to its final place and
+renamed into it, so a reader never sees half an artifact.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mcl_ray.config import ExperimentConfig
+from mcl_ray.feature_spec import FeatureSpec
+from mcl_ray.train import checkpoint as ck
+from mcl_ray.train.tensors import read_split
+
+ARTIFACT_FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(ValueError):
+    """A folder that is not a usable model artifact; the message says what is missing."""
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("mcl-ray", "torch", "ray", "optuna", "pyarrow", "transformers", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit(cwd: str | Path = ".") -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                           capture_output=True, text=True, timeout=5).stdout.strip()
+    return r.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_artifact(train_dir: Path, prepare_dir: Path, out_dir: Path, source: dict | None = None) -> Path:
+    """Package a trained folder (model.safetensors + config.json + metrics) as a serving artifact."""
+    train_dir, prepare_dir, out_dir = Path(train_dir), Path(prepare_dir), Path(out_dir)
+    for need in (train_dir / ck.MODEL, train_dir / "config.json", prepare_dir / "feature_spec.json"):
+        if not need.exists():
+            raise ArtifactError(f"cannot export: {need} is missing")
+    cfg = ExperimentConfig.model_validate_json((train_dir / "config.json").read_text())
+    spec = FeatureSpec.load(prepare_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy2(train_dir / ck.MODEL, tmp / ck.MODEL)
+    (tmp / "config.json").write_text(cfg.model_dump_json(indent=2))
+    for name in ("feature_spec.json", spec.vocabularies, spec.users_table, spec.items_table):
+        if name and (prepare_dir / name).exists():
+            shutil.copy2(prepare_dir / name, tmp / name)
+    seen = pa.concat_tables([read_split(prepare_dir, spec, s, extra=[spec.user_key, spec.item_key])
+                             .select([spec.user_key, spec.item_key]) for s in spec.splits])
+    pq.write_table(seen, tmp / "seen.parquet")
+
+    history = json.loads((train_dir / "history.json").read_text()) if (train_dir / "history.json").exists() else []
+    best = max(history, key=lambda h: h["val_auc"]) if history else {}
+    metrics = {"valid": {"overall": {"auc": best.get("val_auc")},
+                         "by_scenario": {k.split("/", 1)[1]: {"auc": v} for k, v in best.items()
+                                         if k.startswith("val_auc/")},
+                         "best_epoch": best.get("epoch")}}
+    if (train_dir / "metrics.json").exists():
+        metrics["test"] = json.loads((train_dir / "metrics.json").read_text())
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    digest = file_digest(tmp / ck.MODEL)
+    manifest = {
+        "format": ARTIFACT_FORMAT,
+        "version": f"{cfg.name}-{digest[:12]}",
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "weights_sha256": digest,
+        "data_fingerprint": spec.data_fingerprint,
+        "backbone": cfg.model.backbone,
+        "source": {"train_dir": str(train_dir.resolve()), **(source or {})},
+        "libraries": library_versions(),
+        "git_commit": git_commit(Path(__file__).parent),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_model_card(tmp, cfg, spec, manifest, metrics)
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def write_model_card(folder: Path, cfg: ExperimentConfig, spec: FeatureSpec, manifest: dict, metrics: dict) -> None:
+    test = metrics.get("test", {})
+    card = {
+        "name": cfg.name,
+        "version": manifest["version"],
+        "task": "binary click/like prediction per scenario, used for top-K recommendation",
+        "backbone": cfg.model.backbone,
+        "scenarios": spec.scenario_names,
+        "features": [{"name": f.name, "kind": f.kind, "source": f.source} for f in spec.features],
+        "data": {"source": cfg.data.source, "rows": spec.num_rows, "fingerprint": spec.data_fingerprint},
+        "label": cfg.prepare.label.model_dump(),
+        "metrics": {"valid_auc": metrics["valid"]["overall"]["auc"],
+                    "test_auc": test.get("overall", {}).get("auc"),
+                    "test_auc_by_scenario": {k: v["auc"] for k, v in test.get("by_scenario", {}).items()}},
+        "hyperparameters": {"model": cfg.model.model_dump(), "train": cfg.train.model_dump()},
+        "limitations": "Trained offline on the data above; scores are calibrated to its label rate. "
+                       "Users and items unseen in training get the OOV embedding (cold start from attributes).",
+    }
+    (folder / "model_card.json").write_text(json.dumps(card, indent=2))
+    lines = [f"# Model card: {cfg.name}", "", f"- version: `{manifest['version']}`",
+             f"- backbone: `{cfg.model.backbone}`", f"- data: `{cfg.data.source}`, rows {spec.num_rows}",
+             f"- created: {manifest['created']}, git {manifest['git_commit']}", "",
+             "| scenario | valid AUC | test AUC |", "|---|---|---|"]
+    by_val = metrics["valid"]["by_scenario"]
+    for s in spec.scenario_names:
+        t = test.get("by_scenario", {}).get(s, {}).get("auc")
+        v = by_val.get(s, {}).get("auc")
+        lines.append(f"| {s} | {_f(v)} | {_f(t)} |")
+    lines.append(f"| **overall** | {_f(metrics['valid']['overall']['auc'])} | {_f(test.get('overall', {}).get('auc'))} |")
+    lines += ["", "## Hyperparameters", "", "```json", json.dumps(card["hyperparameters"], indent=1), "```", "",
+              "## Limitations", "", card["limitations"], ""]
+    (folder / "MODEL_CARD.md").write_text("\n".join(lines))
+
+
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+@dataclass
+class Artifact:
+    path: Path
+    cfg: ExperimentConfig
+    spec: FeatureSpec
+    manifest: dict
+    metrics: dict
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+def open_artifact(path: str | Path) -> Artifact:
+    """Read and check an artifact folder (not the weights: `load_model` does that)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ArtifactError(f"artifact folder not found: {p}")
+    missing = [n for n in (ck.MODEL, "config.json", "feature_spec.json", MANIFEST, "metrics.json") if not (p / n).exists()]
+    if missing:
+        raise ArtifactError(f"{p} is not a model artifact (missing {', '.join(missing)}); "
+                            "create one with `mcl-ray export RUN_DIR` or `mcl-ray tune`")
+    manifest = json.loads((p / MANIFEST).read_text())
+    if manifest.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{p}: artifact format {manifest.get('format')} is not supported (expected {ARTIFACT_FORMAT})")
+    return Artifact(p, ExperimentConfig.model_validate_json((p / "config.json").read_text()), FeatureSpec.load(p),
+                    manifest, json.loads((p / "metrics.json").read_text()))
+
+
+def load_model(art: Artifact):
+    from mcl_ray.models.backbones import build_model
+
+    model = build_model(art.spec, art.cfg.model)
+    ck.load_weights(model, art.file(ck.MODEL))
+    return model.train(False)

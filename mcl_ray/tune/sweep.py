@@ -1,0 +1,286 @@
+"""Hyperparameter sweeps: Ray Tune + OptunaSearch (TPE) + ASHA over epochs, a TorchTrainer per trial.
+
+Layout under <run_dir>/tune/:
+    ray/<name>/            Tune's experiment state (what `Tuner.restore` resumes from)
+    trials/<trial_id>/     each trial's training folder (params.json, config.json, history.json,
+                           model.safetensors of its best epoch, checkpoint/ for resumption)
+    trials.json            one row per trial; report.md + PNG plots (mcl_ray.tune.report)
+    best/                  the winner's folder name and params (winner.json)
+The winner is evaluated on the test split once and exported to <run_dir>/artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mcl_ray.config import Choice, ExperimentConfig, IntRange, LogUniform, TuneConfig, Uniform, validate_config
+from mcl_ray.feature_spec import FeatureSpec
+
+METRIC = "best_val_auc"  # monotone in epochs: ASHA and Optuna compare each trial's best so far
+
+
+class SweepError(RuntimeError):
+    """A sweep that produced no usable trial."""
+
+
+@dataclass
+class SweepResult:
+    tune_dir: Path
+    trials: list[dict]
+    winner: dict
+    artifact: Path
+    test_metrics: dict
+    seconds: float
+
+
+# ----------------------------------------------------------------------------- search space
+
+
+def _encode(v):
+    """Optuna's categorical values must be scalars: lists (layer widths) travel as JSON strings."""
+    return json.dumps(v) if isinstance(v, (list, dict)) else v
+
+
+def _decode(v):
+    if isinstance(v, str) and v[:1] in "[{":
+        return json.loads(v)
+    return v
+
+
+def search_space(tc: TuneConfig) -> dict:
+    from ray import tune
+
+    space = {}
+    for key, p in tc.space.items():
+        if isinstance(p, LogUniform):
+            space[key] = tune.loguniform(p.low, p.high)
+        elif isinstance(p, Uniform):
+            space[key] = tune.uniform(p.low, p.high)
+        elif isinstance(p, IntRange):
+            space[key] = (tune.lograndint if p.log else tune.randint)(p.low, p.high + 1)  # randint: high exclusive
+        elif isinstance(p, Choice):
+            space[key] = tune.choice([_encode(v) for v in p.values])
+    return space
+
+
+def default_point(cfg: ExperimentConfig) -> dict:
+    """The experiment's own values of the searched keys (a trial Optuna evaluates first)."""
+    point = {}
+    for key, p in cfg.tune.space.items():
+        section, field = key.split(".")
+        v = getattr(getattr(cfg, section), field)
+        if isinstance(p, Choice) and v not in p.values:
+            return {}  # the default is outside the declared choices: nothing to pin
+        if isinstance(p, (LogUniform, Uniform, IntRange)) and not p.low <= v <= p.high:
+            return {}
+        point[key] = _encode(v)
+    return point
+
+
+def trial_config(base: dict, params: dict) -> ExperimentConfig:
+    raw = json.loads(json.dumps(base))
+    for key, v in params.items():
+        section, field = key.split(".")
+        raw[section][field] = _decode(v)
+    return validate_config(raw, "tune trial")
+
+
+# ----------------------------------------------------------------------------- one trial
+
+
+def run_trial(params: dict, base: dict, prepare_dir: str, trials_dir: str, datasets: dict) -> None:
+    """Tune function trainable: builds and fits one TorchTrainer; epochs reach Tune through
+    TuneReportCallback. A trial restarted after an interruption resumes from its checkpoint."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mcl_ray.train.trainer import build_trainer, resume_epoch
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(base, params)
+    out_dir = Path(trials_dir) / trial_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "params.json").write_text(json.dumps({k: _decode(v) for k, v in params.items()}, indent=1))
+    (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    with open(out_dir / "starts.log", "a") as f:  # one line per (re)start: resumption is visible
+        f.write(f"{time.time():.0f} epoch {resume_epoch(out_dir)}\n")
+    spec = FeatureSpec.load(prepare_dir)
+    trainer = build_trainer(cfg, spec, Path(prepare_dir), out_dir, cfg.train.seed, resume_epoch(out_dir),
+                            run_name=f"trial-{trial_id}", callbacks=[TuneReportCallback()], datasets=datasets)
+    trainer.fit()
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def concurrency(cfg: ExperimentConfig) -> int:
+    import ray
+
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    per_trial = max(cfg.train.num_workers, 1) * cfg.train.cpus_per_worker
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+
+
+def make_tuner(cfg: ExperimentConfig, prepare_dir: Path, tune_dir: Path, console=None):
+    import optuna
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from mcl_ray.train.trainer import materialized_splits
+
+    tc = cfg.tune
+    epochs = tc.epochs or cfg.train.epochs
+    base = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})}).model_dump(mode="json")
+    trainable = ray.tune.with_parameters(run_trial, base=base, prepare_dir=str(prepare_dir.resolve()),
+                                         trials_dir=str((tune_dir / "trials").resolve()),
+                                         datasets=materialized_splits(FeatureSpec.load(prepare_dir), prepare_dir))
+    # The trial function only drives its TorchTrainer: the workers hold the CPUs. Any CPU share
+    # here would leave N trials x (workers + share) > CPUs and deadlock the last worker, so the
+    # request is a token amount of memory (Tune refuses an empty one).
+    trainable = ray.tune.with_resources(trainable, {"cpu": 0, "memory": 1 << 20})
+    storage_root = (tune_dir / "ray").resolve()
+    exp_path = storage_root / cfg.name
+    if ray.tune.Tuner.can_restore(str(exp_path)):
+        say(console, f"[yellow]tune: resuming the sweep in {exp_path} (finished trials are kept, not re-run)")
+        return ray.tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True,
+                                      restart_errored=False), True
+    points = [default_point(cfg)] if tc.include_default and default_point(cfg) else None
+    storage = optuna.storages.RDBStorage(tc.storage) if tc.storage else None
+    searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=tc.seed), seed=tc.seed,
+                            points_to_evaluate=points, storage=storage,
+                            study_name=cfg.name if storage else None)
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=min(tc.grace_period, epochs),
+                               reduction_factor=tc.reduction_factor)
+                 if tc.scheduler == "asha" else FIFOScheduler())
+    tuner = ray.tune.Tuner(
+        trainable,
+        param_space=search_space(tc),
+        tune_config=ray.tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
+                                        num_samples=tc.num_samples, max_concurrent_trials=concurrency(cfg),
+                                        time_budget_s=tc.time_budget_s, trial_dirname_creator=_trial_dirname),
+        run_config=ray.tune.RunConfig(name=cfg.name, storage_path=str(storage_root),
+                                      failure_config=ray.tune.FailureConfig(max_failures=0),
+                                      verbose=1),  # a trial-status table every 30 s
+    )
+    return tuner, False
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id  # Tune's folder and ours share the name
+
+
+def trial_rows(result_grid, tune_dir: Path, max_epochs: int) -> list[dict]:
+    rows = []
+    for r in result_grid:
+        m = r.metrics or {}
+        trial_id = Path(r.path).name
+        folder = tune_dir / "trials" / trial_id
+        hist = json.loads((folder / "history.json").read_text()) if (folder / "history.json").exists() else []
+        params = json.loads((folder / "params.json").read_text()) if (folder / "params.json").exists() else {}
+        epochs = len(hist)
+        rows.append({
+            "trial_id": trial_id, "params": params, "epochs": epochs,
+            "best_val_auc": max((h["val_auc"] for h in hist), default=float("nan")),
+            "val_auc_curve": [h["val_auc"] for h in hist],
+            # Tune's view decides the status; the history on disk may hold one more epoch that
+            # finished while the stop was on its way (the exported weights match the history).
+            "status": "error" if r.error else ("early-stopped" if m.get("training_iteration", 0) < max_epochs
+                                               and hist and not _patience_stop(hist, folder) else "done"),
+            "error": f"{type(r.error).__name__}: {str(r.error).splitlines()[0][:300]}" if r.error else None,
+            "seconds": sum(h.get("epoch_seconds", 0) for h in hist),
+            "started": _first_start(folder),
+            "folder": str(folder),
+        })
+    rows.sort(key=lambda x: x["started"])
+    for i, r in enumerate(rows):
+        r["order"] = i
+    return rows
+
+
+def _patience_stop(hist: list[dict], folder: Path) -> bool:
+    """True when the trial ended on its own early stopping (train.patience), not ASHA's."""
+    cfg = json.loads((folder / "config.json").read_text())
+    best = max(range(len(hist)), key=lambda i: hist[i]["val_auc"])
+    return len(hist) - 1 - best >= cfg["train"]["patience"]
+
+
+def _first_start(folder: Path) -> float:
+    f = folder / "starts.log"
+    return float(f.read_text().split()[0]) if f.exists() and f.read_text().strip() else math.inf
+
+
+def sweep_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec) -> str:
+    """Same fingerprint: the sweep in the run directory is this one (resume or reuse it)."""
+    blob = {k: getattr(cfg, k).model_dump(mode="json") for k in ("model", "train", "tune")}
+    blob["tune"].pop("enabled")
+    blob["data"] = spec.data_fingerprint
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def sweep(cfg: ExperimentConfig, prepare_dir: Path, run_dir: Path, console=None, force: bool = False) -> SweepResult:
+    from mcl_ray.artifact import export_artifact
+    from mcl_ray.evaluate.evaluate import evaluate_train_dir
+    from mcl_ray.tune.report import write_report
+
+    t0 = time.perf_counter()
+    tune_dir = run_dir / "tune"
+    fp = sweep_fingerprint(cfg, FeatureSpec.load(prepare_dir))
+    fp_file = tune_dir / "fingerprint.json"
+    if tune_dir.exists() and (force or not fp_file.exists() or json.loads(fp_file.read_text())["fingerprint"] != fp):
+        say(console, f"[yellow]tune: {'--force' if force else 'config or data changed'}; starting a new sweep in {tune_dir}")
+        shutil.rmtree(tune_dir)
+    (tune_dir / "trials").mkdir(parents=True, exist_ok=True)
+    fp_file.write_text(json.dumps({"fingerprint": fp}))
+    (tune_dir / "sweep_config.json").write_text(cfg.model_dump_json(indent=2))
+    tuner, _ = make_tuner(cfg, prepare_dir, tune_dir, console)
+    epochs = cfg.tune.epochs or cfg.train.epochs
+    say(console, f"[bold cyan]tune[/] {cfg.tune.num_samples} trials x up to {epochs} epochs, "
+                 f"{cfg.tune.scheduler.upper()}, {concurrency(cfg)} at a time, searching "
+                 f"{', '.join(cfg.tune.space)}")
+    t_fit = time.perf_counter()
+    try:
+        grid = tuner.fit()
+    finally:  # wall time across interruptions and resumptions, for trials per hour
+        timing = tune_dir / "timing.json"
+        spent = json.loads(timing.read_text())["fit_seconds"] if timing.exists() else 0.0
+        timing.write_text(json.dumps({"fit_seconds": spent + time.perf_counter() - t_fit}))
+    # Tune turns Ctrl+C / SIGTERM into an orderly stop that saves the experiment and returns the
+    # partial results; a short sweep that was not cut by its time budget was interrupted.
+    budget_hit = cfg.tune.time_budget_s and time.perf_counter() - t_fit >= cfg.tune.time_budget_s
+    unfinished = [r for r in grid if not r.error and not (r.metrics or {}).get("done", False)]
+    if (len(grid) < cfg.tune.num_samples or unfinished) and not budget_hit:
+        raise KeyboardInterrupt(f"sweep interrupted after {len(grid) - len(unfinished)} finished trial(s)")
+    rows = trial_rows(grid, tune_dir, epochs)
+    (tune_dir / "trials.json").write_text(json.dumps(rows, indent=1))
+    ok = [r for r in rows if r["status"] != "error" and r["epochs"] > 0]
+    for r in rows:
+        if r["status"] == "error":
+            say(console, f"[red]  trial {r['trial_id']} failed: {r['error']}")
+    if not ok:
+        raise SweepError(f"all {len(rows)} trials failed; see {tune_dir / 'trials.json'} and {tune_dir / 'ray'}")
+    winner = max(ok, key=lambda r: r["best_val_auc"])
+    winner_dir = Path(winner["folder"])
+    say(console, f"[green]tune: winner {winner['trial_id']} val AUC {winner['best_val_auc']:.4f} "
+                 f"with {winner['params']}; evaluating it on the test split")
+    test = evaluate_train_dir(winner_dir, prepare_dir, "test")  # the only test evaluation of the sweep
+    (tune_dir / "winner.json").write_text(json.dumps({**winner, "test": test["overall"]}, indent=1))
+    artifact = export_artifact(winner_dir, prepare_dir, run_dir / "artifact",
+                               source={"kind": "tune", "trial_id": winner["trial_id"], "params": winner["params"]})
+    point = {k: _decode(v) for k, v in default_point(cfg).items()}
+    default = next((r for r in rows if cfg.tune.include_default and point and r["params"] == point), None)
+    fit_s = json.loads((tune_dir / "timing.json").read_text())["fit_seconds"]
+    write_report(tune_dir, cfg, rows, winner, test, default, fit_s)
+    return SweepResult(tune_dir, rows, winner, artifact, test, time.perf_counter() - t0)
+
+
+def say(console, msg: str) -> None:
+    if console is not None:
+        console.print(msg)
