@@ -294,6 +294,94 @@ def export(
     _export(train_dir, root / "prepare", out_dir or root / "artifact")
 
 
+def start_serve(artifact: Path, host: str, port: int, app_name: str = "recommender", **args):
+    """Deploy the Serve app on the current Ray cluster; returns the base URL once it answers."""
+    from ray import serve
+
+    from serve_apps.recommender import build_app
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app({"artifact": str(artifact.resolve()), **args}), name=app_name, route_prefix="/",
+              blocking=False)
+    return f"http://{host}:{port}"
+
+
+def sample_request(base: str, artifact: Path) -> dict:
+    """A request for a real user of the test split, in the scenario they belong to."""
+    import json as _json
+    import urllib.request
+
+    from mcl_ray.artifact import open_artifact
+
+    art = open_artifact(artifact)
+    import pyarrow.parquet as pq
+
+    seen = pq.read_table(art.file("seen.parquet")).slice(0, 1).to_pylist()[0]
+    users = pq.read_table(art.file(art.spec.users_table)).to_pandas().set_index("user_id")
+    user = seen[art.spec.user_key]
+    scen_col = art.cfg.prepare.scenario
+    scenario = art.spec.scenario_names[0]
+    if scen_col.groups and scen_col.column in users.columns:
+        value = users.loc[user, scen_col.column]
+        scenario = next((n for n, vals in scen_col.groups.items() if value in vals), scenario)
+    body = {"user_id": str(user), "scenario": scenario, "k": 5, "exclude_seen": True}
+    req = urllib.request.Request(f"{base}/v1/recommend", data=_json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return {"request": body, "response": _json.loads(r.read())}
+
+
+@app.command("serve")
+def serve_cmd(
+    artifact: Annotated[Path, typer.Argument(help="Model artifact folder (runs/<name>/artifact).")],
+    host: Annotated[str, typer.Option(help="Bind address (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    replicas: Annotated[Optional[int], typer.Option(help="Fixed model replicas (default: autoscale 1-4).")] = None,
+) -> None:
+    """Serve a model artifact over HTTP with Ray Serve until Ctrl+C (OpenAPI docs at /docs)."""
+    import time as _time
+
+    from mcl_ray.artifact import ArtifactError, open_artifact
+    from mcl_ray.ray_env import init_ray
+
+    try:
+        art = open_artifact(artifact)
+    except ArtifactError as e:
+        _fail(e)
+    init_ray(None, Path("runs"))
+    base = start_serve(artifact, host, port, **({"num_replicas": replicas} if replicas else {}))
+    out.print(f"serving {art.manifest['version']} at {base} (docs: {base}/docs; status: `serve status`)")
+    out.print(f"try: curl -s -X POST {base}/v1/recommend -H 'Content-Type: application/json' "
+              f"-d '{{\"user_id\": \"1\", \"scenario\": \"{art.spec.scenario_names[0]}\", \"k\": 5}}'")
+    try:
+        while True:
+            _time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+        out.print("stopped")
+
+
+def _serve_demo(artifact: Path, port: int) -> None:
+    from ray import serve
+
+    err.print("[bold cyan]serve[/] starting the app for a sample request")
+    base = start_serve(artifact, "127.0.0.1", port, num_replicas=1, num_cpus=0.5)
+    try:
+        demo = sample_request(base, artifact)
+    finally:
+        serve.shutdown()
+    req, resp = demo["request"], demo["response"]
+    t = Table(title=f"POST /v1/recommend user {req['user_id']} in {req['scenario']} (model {resp['model_version']})")
+    for c in ("#", "item", "score"):
+        t.add_column(c, justify="right" if c != "item" else "left")
+    for i, it in enumerate(resp["items"], 1):
+        t.add_row(str(i), it["title"], f"{it['score']:.4f}")
+    out.print(t)
+    out.print(f"serve it yourself: mcl-ray serve {artifact}")
+
+
 @app.command()
 def run(
     config: ConfigArg,
@@ -302,16 +390,22 @@ def run(
     set_: SetOpt = None,
     tune_: Annotated[Optional[bool], typer.Option("--tune/--no-tune", help="Sweep instead of one training run "
                                                   "(default: the experiment's tune.enabled).")] = None,
+    serve_demo: Annotated[bool, typer.Option("--serve-demo/--no-serve-demo",
+                                             help="End by serving the artifact and sending a sample request.")] = True,
+    serve_port: Annotated[int, typer.Option(help="Port of the sample serve app.")] = 8000,
 ) -> None:
     """Run the pipeline: prepare -> train (or tune) -> evaluate -> export (unchanged stages are reused)."""
     cfg = _load(config, set_)
     err.print(f"[bold]mcl-ray run[/] {cfg.name} -> {cfg.resolved_run_dir()}")
     res = _prepare(cfg, None, force)
+    artifact = Path(cfg.resolved_run_dir()) / "artifact"
     if cfg.tune.enabled if tune_ is None else tune_:
         _tune(cfg, res.out_dir, force)
     else:
         results, _ = _train(cfg, res.out_dir, seeds, force)
-        _export(results[0].train_dir, res.out_dir, Path(cfg.resolved_run_dir()) / "artifact")
+        _export(results[0].train_dir, res.out_dir, artifact)
+    if serve_demo:
+        _serve_demo(artifact, serve_port)
 
 
 def main() -> None:

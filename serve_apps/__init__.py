@@ -1,1 +1,1 @@
-"""Ray Serve applications (the serving issue adds the recommendation app here)."""
+"""Ray Serve applications (deployed by import path, e.g. serve_apps.recommender:build_app)."""

@@ -1,0 +1,69 @@
+"""HTTP API schema (v1). Strict: unknown fields are rejected, sizes are bounded."""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+MAX_K = 100
+MAX_ITEMS = 1000
+MAX_BODY_BYTES = 64 * 1024
+
+Key = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+Attr = Union[Annotated[str, StringConstraints(max_length=256)], int]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecommendRequest(Strict):
+    user_id: Key = Field(description="User id as in the training data (e.g. '42').")
+    scenario: Key = Field(description="Scenario name (GET /v1/model lists them).")
+    k: int = Field(10, ge=1, le=MAX_K, description="Number of items to return.")
+    exclude_seen: bool = Field(True, description="Leave out items the user already interacted with.")
+    diversity: float = Field(0.0, ge=0.0, le=1.0, description="0: pure relevance; up to 1: MMR re-ranking for variety.")
+    profile: dict[Key, Attr] | None = Field(
+        None, max_length=32, description="User attributes (e.g. gender, age): override the stored ones; "
+                                         "required for users unknown to the model (cold start).")
+    context: dict[Key, Attr] | None = Field(None, max_length=32, description="Context features the model uses (e.g. hour).")
+
+
+class ScoreRequest(Strict):
+    user_id: Key
+    scenario: Key
+    item_ids: list[Key] = Field(min_length=1, max_length=MAX_ITEMS, description="Candidates to score.")
+    profile: dict[Key, Attr] | None = Field(None, max_length=32)
+    context: dict[Key, Attr] | None = Field(None, max_length=32)
+
+
+class Item(BaseModel):
+    item_id: str
+    title: str
+    score: float
+
+
+class RecommendResponse(BaseModel):
+    user_id: str
+    scenario: str
+    items: list[Item]
+    model_version: str
+    excluded_seen: int
+    cold_start: bool
+
+
+class Scored(BaseModel):
+    item_id: str
+    score: float
+
+
+class ScoreResponse(BaseModel):
+    user_id: str
+    scenario: str
+    model_version: str
+    scores: list[Scored]
+
+
+class ErrorResponse(BaseModel):
+    detail: str

@@ -1,0 +1,232 @@
+"""Ray Serve app end to end on a real local Serve: recommend/score/health, every bad-input class
+and its status code, exclude_seen and diversity, overload 503s, a rollout under load that loses
+no request, and the YAML deployed with `serve deploy`."""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mcl_ray.config import load_config
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[1]
+SCEN = "s0_age_under25"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(base: str, path: str, body=None, raw: bytes | None = None, headers=None, timeout=60):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read()), {k.lower(): v for k, v in r.headers.items()}
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}"), {k.lower(): v for k, v in e.headers.items()}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, ray_cluster):
+    """Two artifacts of the same data (different seeds): the second one is the rollout target."""
+    from mcl_ray.artifact import export_artifact
+    from mcl_ray.data.prepare import prepare
+    from mcl_ray.train.trainer import train_one
+
+    run = tmp_path_factory.mktemp("serve")
+    cfg = load_config(ROOT / "experiments/ml1m_swr_quick.yaml", [
+        f"run_dir={run}", "data.max_interactions=30000", "train.epochs=2", "train.num_workers=0",
+        "model.hidden=[64,32]", "evaluate.ranking_users=0"])
+    prep = prepare(cfg)
+    out = []
+    for seed in (1, 2):
+        r = train_one(cfg, prep.out_dir, run / f"seed{seed}", seed=seed)
+        out.append(export_artifact(r.train_dir, prep.out_dir, run / f"artifact{seed}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(artifacts):
+    from ray import serve
+
+    from mcl_ray.cli import start_serve
+
+    port = free_port()
+    url = start_serve(artifacts[0], "127.0.0.1", port, num_replicas=1, num_cpus=0.5)
+    yield url
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def known(artifacts):
+    import pyarrow.parquet as pq
+
+    seen = pq.read_table(artifacts[0] / "seen.parquet").to_pandas()
+    counts = seen.groupby("user_key").size().sort_values()
+    user = str(counts.index[-1])  # the heaviest user: many seen items
+    return user, set(seen.loc[seen.user_key == user, "item_key"])
+
+
+def test_recommend_score_model_health(base, known, artifacts):
+    user, _ = known
+    st, body, _ = call(base, "/v1/recommend", {"user_id": user, "scenario": SCEN, "k": 7})
+    assert st == 200, body
+    scores = [i["score"] for i in body["items"]]
+    assert len(scores) == 7 and scores == sorted(scores, reverse=True) and all(0 < s < 1 for s in scores)
+    assert all(i["title"] for i in body["items"]) and body["cold_start"] is False
+    ids = [i["item_id"] for i in body["items"]]
+    st, sc, _ = call(base, "/v1/score", {"user_id": user, "scenario": SCEN, "item_ids": ids})
+    assert st == 200 and [s["item_id"] for s in sc["scores"]] == ids
+    assert [s["score"] for s in sc["scores"]] == pytest.approx(scores, abs=1e-5)  # one model, two paths
+    st, info, _ = call(base, "/v1/model")
+    assert st == 200 and info["scenarios"][0] == SCEN and info["version"] == body["model_version"]
+    assert info["metrics"]["valid"]["overall"]["auc"] > 0.5
+    assert call(base, "/healthz")[:2] == (200, {"status": "ok", "model_version": info["version"]})
+    st, spec, _ = call(base, "/openapi.json")
+    assert st == 200 and {"/v1/recommend", "/v1/score", "/v1/model", "/healthz"} <= set(spec["paths"])
+
+
+@pytest.mark.parametrize("path, body, status, text", [
+    ("/v1/recommend", {"user_id": "1", "scenario": SCEN, "kk": 3}, 422, "extra_forbidden"),
+    ("/v1/recommend", {"user_id": "1", "scenario": SCEN, "k": 0}, 422, "greater than or equal to 1"),
+    ("/v1/recommend", {"user_id": "1", "scenario": SCEN, "k": 101}, 422, "less than or equal to 100"),
+    ("/v1/recommend", {"user_id": "1", "scenario": SCEN, "diversity": 1.5}, 422, "less than or equal to 1"),
+    ("/v1/recommend", {"user_id": "1", "scenario": "nowhere"}, 422, "unknown scenario 'nowhere'"),
+    ("/v1/recommend", {"scenario": SCEN}, 422, "missing"),
+    ("/v1/recommend", {"user_id": "no-such-user", "scenario": SCEN}, 404, "send `profile`"),
+    ("/v1/recommend", {"user_id": "x", "scenario": SCEN, "profile": {"shoe_size": 9}}, 422, "unknown profile field"),
+    ("/v1/recommend", {"user_id": "1", "scenario": SCEN, "context": {"hour": 3}}, 422, "unknown context field"),
+    ("/v1/score", {"user_id": "1", "scenario": SCEN, "item_ids": ["Not A Movie (2099)"]}, 404, "unknown item id"),
+    ("/v1/score", {"user_id": "1", "scenario": SCEN, "item_ids": []}, 422, "at least 1 item"),
+    ("/v1/score", {"user_id": "1", "scenario": SCEN, "item_ids": ["a"] * 1001}, 422, "at most 1000 items"),
+])
+def test_bad_input_gets_its_4xx(base, path, body, status, text):
+    st, resp, _ = call(base, path, body)
+    assert st == status and text in json.dumps(resp), resp
+
+
+def test_malformed_and_oversized_bodies(base):
+    st, resp, _ = call(base, "/v1/recommend", raw=b"{not json")
+    assert st == 422 and "json_invalid" in json.dumps(resp)
+    st, resp, _ = call(base, "/v1/recommend", raw=b"[1, 2]")
+    assert st == 422
+    big = json.dumps({"user_id": "1", "scenario": SCEN, "profile": {"zip": "x" * 70_000}}).encode()
+    st, resp, _ = call(base, "/v1/recommend", raw=big)
+    assert st == 413 and "over 65536 bytes" in resp["detail"]
+
+
+def test_exclude_seen_and_diversity(base, known):
+    user, seen = known
+    req = {"user_id": user, "scenario": SCEN, "k": 20}
+    st, excl, _ = call(base, "/v1/recommend", {**req, "exclude_seen": True})
+    st2, incl, _ = call(base, "/v1/recommend", {**req, "exclude_seen": False})
+    assert st == st2 == 200 and 0 < excl["excluded_seen"] <= len(seen)  # seen items the model has ids for
+    assert not {i["item_id"] for i in excl["items"]} & seen
+    assert {i["item_id"] for i in incl["items"]} & seen  # the model rates what the user watched highly
+    st, div, _ = call(base, "/v1/recommend", {**req, "diversity": 0.9})
+    assert st == 200 and len(div["items"]) == 20
+    assert [i["item_id"] for i in div["items"]] != [i["item_id"] for i in excl["items"]]
+    assert div["items"][0]["item_id"] == excl["items"][0]["item_id"]  # MMR starts from the most relevant
+    assert not {i["item_id"] for i in div["items"]} & seen
+
+
+def test_cold_start_from_profile(base):
+    req = {"user_id": "brand-new", "scenario": SCEN, "k": 5, "profile": {"gender": "F", "age": 18, "occupation": 4}}
+    st, body, _ = call(base, "/v1/recommend", req)
+    assert st == 200 and body["cold_start"] is True and len(body["items"]) == 5
+    st, other, _ = call(base, "/v1/recommend", {**req, "profile": {"gender": "M", "age": 56, "occupation": 13}})
+    assert [i["score"] for i in other["items"]] != [i["score"] for i in body["items"]]  # attributes matter
+
+
+def test_overload_is_503_with_retry_after(artifacts, base):
+    from ray import serve
+
+    from serve_apps.recommender import build_app
+
+    port = int(base.rsplit(":", 1)[1])
+    serve.run(build_app({"artifact": str(artifacts[0]), "num_replicas": 1, "num_cpus": 0.5,
+                         "max_ongoing_requests": 1, "max_queued_requests": 1, "batch_wait_ms": 50}),
+              name="tight", route_prefix="/tight")
+    url = f"http://127.0.0.1:{port}/tight"
+    with ThreadPoolExecutor(32) as ex:
+        res = list(ex.map(lambda _: call(url, "/v1/recommend", {"user_id": "1", "scenario": SCEN}), range(64)))
+    codes = [r[0] for r in res]
+    assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) > 0, codes
+    assert all(r[2].get("retry-after") == "1" for r in res if r[0] == 503), [r for r in res if r[0] == 503][:3]
+    serve.delete("tight")
+
+
+def test_rollout_under_load_loses_no_request(artifacts, base):
+    from ray import serve
+
+    from serve_apps.recommender import build_app
+
+    st, info, _ = call(base, "/v1/model")
+    old = info["version"]
+    codes, versions, stop = [], set(), threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            st, body, _ = call(base, "/v1/recommend", {"user_id": "1", "scenario": SCEN, "k": 3})
+            codes.append(st)
+            if st == 200:
+                versions.add(body["model_version"])
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    serve.run(build_app({"artifact": str(artifacts[1]), "num_replicas": 1, "num_cpus": 0.5}),
+              name="recommender", route_prefix="/")
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    new = call(base, "/v1/model")[1]["version"]
+    assert new != old and versions == {old, new}
+    assert len(codes) > 20 and set(codes) == {200}, codes
+
+
+def test_yaml_deploys_with_serve_deploy(artifacts, base, tmp_path, ray_cluster):
+    from ray import serve
+
+    port = int(base.rsplit(":", 1)[1])
+    serve.delete("recommender")
+    cfg = yaml.safe_load((ROOT / "serve_apps/recommender.yaml").read_text())
+    cfg["http_options"]["port"] = port
+    app = cfg["applications"][0]
+    app["args"]["artifact"] = str(artifacts[0])
+    model = next(d for d in app["deployments"] if d["name"] == "RecommenderModel")
+    model["user_config"]["artifact"] = str(artifacts[0])
+    for d in app["deployments"]:  # small enough for the test cluster
+        d["ray_actor_options"]["num_cpus"] = 0.25
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    dashboard = "http://" + ray_cluster._private.worker.global_worker.node.address_info["webui_url"]
+    serve_cli = str(Path(sys.executable).with_name("serve"))
+    r = subprocess.run([serve_cli, "deploy", str(path), "-a", dashboard], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        st = subprocess.run([serve_cli, "status", "-a", dashboard], capture_output=True, text=True, timeout=60).stdout
+        if "RUNNING" in st and "DEPLOYING" not in st:
+            break
+        time.sleep(2)
+    status = yaml.safe_load(st)
+    assert status["applications"]["recommender"]["status"] == "RUNNING", st
+    assert set(status["applications"]["recommender"]["deployments"]) == {"RecommenderModel", "RecommenderAPI"}
+    assert call(base, "/healthz")[0] == 200
+    assert call(base, "/v1/recommend", {"user_id": "1", "scenario": SCEN, "k": 2})[0] == 200
