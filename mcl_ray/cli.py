@@ -363,10 +363,22 @@ def serve_cmd(
         out.print("stopped")
 
 
+def _free_port(preferred: int) -> int:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:  # taken: any free port will do for a demo
+            s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _serve_demo(artifact: Path, port: int) -> None:
     from ray import serve
 
-    err.print("[bold cyan]serve[/] starting the app for a sample request")
+    port = _free_port(port)
+    err.print(f"[bold cyan]serve[/] starting the app on 127.0.0.1:{port} for a sample request")
     base = start_serve(artifact, "127.0.0.1", port, num_replicas=1, num_cpus=0.5)
     try:
         demo = sample_request(base, artifact)

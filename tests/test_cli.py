@@ -22,6 +22,10 @@ def test_run_quick_experiment_and_reuse(tmp_path, ray_cluster):
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "interactions: in 20,000 = kept 20,000 + quarantined 0" in r.output
+    # the run ends by serving its artifact and showing a real answer
+    assert (tmp_path / "run/artifact/model.safetensors").exists()
+    assert "POST /v1/recommend user" in r.output and "serve it yourself: mcl-ray serve" in r.output
+    args += ["--no-serve-demo"]
     out = tmp_path / "run" / "prepare"
     for f in ("feature_spec.json", "stats.json", "vocabs.json", "users.parquet", "items.parquet"):
         assert (out / f).exists(), f
@@ -67,7 +71,7 @@ def test_console_script_joins_running_cluster(tmp_path, ray_cluster):
     exe = shutil.which("mcl-ray") or str(Path(sys.executable).parent / "mcl-ray")
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     p = subprocess.run([exe, "run", str(ROOT / "experiments/ml1m_swr_quick.yaml"), "--set", f"run_dir={tmp_path}",
-                        "--set", "data.max_interactions=5000"], capture_output=True, text=True, env=env, timeout=300)
+                        "--set", "data.max_interactions=5000", "--no-serve-demo"], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "interactions: in 5,000 = kept 5,000 + quarantined 0" in p.stdout
     spec = json.loads((tmp_path / "prepare" / "feature_spec.json").read_text())

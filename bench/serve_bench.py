@@ -1,0 +1,139 @@
+"""Load test of POST /v1/recommend on loopback: Ray Serve app (1 model replica) vs a bare
+FastAPI + uvicorn app with the same scoring function, same artifact, same run.
+
+For each concurrency level (1, 8, 32, 64 requests in flight) a bounded closed-loop generator sends
+--requests requests (random known users, their own scenario, k=10, exclude_seen) and records
+latency per request and status codes. Prints a table and writes bench/results/serve.json.
+
+  python bench/serve_bench.py --artifact runs/ml1m_swr/artifact
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bodies(artifact: Path, n: int, seed: int = 0) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    from mcl_ray.artifact import open_artifact
+
+    art = open_artifact(artifact)
+    users = pq.read_table(art.file(art.spec.users_table)).to_pandas()
+    rule = art.cfg.prepare.scenario
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        u = users.iloc[rng.randrange(len(users))]
+        scen = next((name for name, vals in (rule.groups or {}).items() if u[rule.column] in vals),
+                    art.spec.scenario_names[0])
+        out.append({"user_id": str(u["user_id"]), "scenario": scen, "k": 10, "exclude_seen": True})
+    return out
+
+
+async def load(url: str, reqs: list[dict], concurrency: int) -> dict:
+    lat, codes = [], {}
+    it = iter(reqs)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as s:
+        async def worker():
+            for body in it:
+                t = time.perf_counter()
+                async with s.post(url, json=body) as r:
+                    await r.read()
+                    codes[r.status] = codes.get(r.status, 0) + 1
+                lat.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        wall = time.perf_counter() - t0
+    q = statistics.quantiles(lat, n=100)
+    return {"requests": len(lat), "rps": len(lat) / wall, "p50_ms": q[49] * 1e3, "p95_ms": q[94] * 1e3,
+            "p99_ms": q[98] * 1e3, "codes": {str(k): v for k, v in sorted(codes.items())}}
+
+
+def wait_ready(url: str, timeout: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--artifact", type=Path, default=ROOT / "runs/ml1m_swr/artifact")
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--requests", type=int, default=400, help="per level")
+    args = ap.parse_args()
+    reqs = bodies(args.artifact, args.requests)
+    results: dict = {"artifact": str(args.artifact), "requests_per_level": args.requests, "serve": {}, "bare": {}}
+
+    # bare FastAPI + uvicorn, one process
+    port = free_port()
+    env = {**os.environ, "MCL_RAY_ARTIFACT": str(args.artifact.resolve()), "OMP_NUM_THREADS": "1"}
+    bare = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(port),
+                             "--log-level", "warning"], cwd=ROOT, env=env)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/docs")
+        for c in args.levels:
+            asyncio.run(load(f"http://127.0.0.1:{port}/v1/recommend", reqs[:50], c))  # warm-up
+            results["bare"][c] = asyncio.run(load(f"http://127.0.0.1:{port}/v1/recommend", reqs, c))
+            print("bare ", c, results["bare"][c], flush=True)
+    finally:
+        bare.terminate()
+        bare.wait()
+
+    # Ray Serve: 1 model replica, default batching
+    from ray import serve
+
+    from mcl_ray.cli import start_serve
+    from mcl_ray.ray_env import init_ray
+
+    init_ray(None, ROOT / "runs")
+    port = free_port()
+    base = start_serve(args.artifact, "127.0.0.1", port, num_replicas=1)
+    try:
+        for c in args.levels:
+            asyncio.run(load(f"{base}/v1/recommend", reqs[:50], c))
+            results["serve"][c] = asyncio.run(load(f"{base}/v1/recommend", reqs, c))
+            print("serve", c, results["serve"][c], flush=True)
+    finally:
+        serve.shutdown()
+
+    print(f"\n{'in flight':>9} | {'serve p50/p95/p99 ms':>22} {'rps':>6} | {'bare p50/p95/p99 ms':>22} {'rps':>6} | ratio")
+    for c in args.levels:
+        s, b = results["serve"][c], results["bare"][c]
+        print(f"{c:>9} | {s['p50_ms']:6.1f} {s['p95_ms']:6.1f} {s['p99_ms']:7.1f} {s['rps']:7.1f} | "
+              f"{b['p50_ms']:6.1f} {b['p95_ms']:6.1f} {b['p99_ms']:7.1f} {b['rps']:7.1f} | {s['rps'] / b['rps']:.2f}x")
+    dest = ROOT / "bench/results/serve.json"
+    dest.write_text(json.dumps(results, indent=1))
+    print(f"wrote {dest}")
+
+
+if __name__ == "__main__":
+    main()
