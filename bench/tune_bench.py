@@ -1,4 +1,4 @@
-"""Sweep benchmark on ML-1M (SWR protocol): `experiments/ml1m_swr_tune.yaml` (16 trials, <= 8 epochs,
+"""Sweep benchmark on ML-1M (SWR protocol): `experiments/ml1m_swr_tune.yaml` (16 trials, <= 6 epochs here,
 Optuna TPE) run twice, with ASHA and with FIFO (every trial to the end), one after the other in one
 process; plus the experiment's default configuration trained once. Prints and writes
 bench/results/tune.json: trials/hour and epochs of each sweep, the ASHA winner's overall and
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--schedulers", nargs="+", default=["asha", "fifo"])
     args = ap.parse_args()
 

@@ -72,10 +72,28 @@ def init_ray(cfg: RayConfig | None = None, run_root: str | Path = "runs") -> Non
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
         return
+    ray.init(num_cpus=cfg.num_cpus, log_to_driver=True, **local_cluster_kwargs(run_root))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_cluster_kwargs(run_root: str | Path = "runs") -> dict:
+    """ray.init arguments for a local cluster.
+
+    The dashboard serves Ray's state API, which Ray Train's placement-group cleaner uses to free
+    the workers of a trial that Tune stops early (without it those CPUs stay reserved and the next
+    trial waits forever); `serve deploy`/`serve status` use it too. The cleaner finds the API by
+    auto-detection, which fails when a second Ray cluster runs on the machine ("multiple active Ray
+    instances"), so every worker is told the address (RAY_API_SERVER_ADDRESS) of a port picked here.
+    """
     tmp = ray_tmpdir(run_root)
     Path(tmp).mkdir(parents=True, exist_ok=True)
-    # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner needs to free
-    # the workers of a trial that Tune stops early (without it, those CPUs stay reserved and the
-    # next trial waits forever); `serve deploy` and `serve status` use it too. Bound to 127.0.0.1.
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=tmp,
-             log_to_driver=True)
+    port = free_port()
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port, "_temp_dir": tmp,
+            "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """One local Ray cluster for the whole session; only this cluster is stopped at the end."""
-    from mcl_ray.ray_env import apply_env_defaults, quiet_ray_data, ray_tmpdir
+    from mcl_ray.ray_env import apply_env_defaults, local_cluster_kwargs, quiet_ray_data
 
     apply_env_defaults()
     import ray
@@ -16,11 +16,9 @@ def ray_cluster(tmp_path_factory):
     if ray.is_initialized():
         yield ray
         return
-    tmp = ray_tmpdir(ROOT / "runs")
-    Path(tmp).mkdir(parents=True, exist_ok=True)
     # 4 logical CPUs on a 2-core machine: Ray Data read tasks never starve behind other stages.
-    # The dashboard (state API) lets Ray Train free the workers of trials Tune stops early.
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=tmp, log_to_driver=False)
+    # Dashboard on (state API for Ray Train's placement-group cleanup; `serve deploy`).
+    ray.init(num_cpus=4, log_to_driver=False, **local_cluster_kwargs(ROOT / "runs"))
     quiet_ray_data()
     yield ray
     ray.shutdown()
