@@ -93,8 +93,17 @@ def _prepare(cfg, out_dir: Path | None, force: bool):
         res = prepare(cfg, out_dir=out_dir, force=force, console=err)
     except (DataValidationError, FusionError, SourceError, PackageDataError) as e:
         _fail(e)
+    _meta(cfg, "prepare", res.out_dir)
     print_prepare_summary(res)
     return res
+
+
+def _meta(cfg, stage: str, prepare_dir: Path) -> None:
+    from mcl_ray.feature_spec import FeatureSpec
+    from mcl_ray.run_meta import write_run_metadata
+
+    fp = FeatureSpec.load(prepare_dir).data_fingerprint if (prepare_dir / "feature_spec.json").exists() else None
+    write_run_metadata(cfg.resolved_run_dir(), cfg, stage, fp)
 
 
 def print_prepare_summary(res) -> None:
@@ -133,6 +142,7 @@ def _train(cfg, prepare_dir: Path, seeds: int, force: bool):
     from mcl_ray.train.trainer import train
 
     run_dir = Path(cfg.resolved_run_dir())
+    _meta(cfg, "train", prepare_dir)
     results, summary = train(cfg, prepare_dir, run_dir, seeds=seeds, force=force, console=err)
     print_metrics(results, summary, run_dir)
     return results, summary
@@ -213,6 +223,7 @@ def evaluate(
 def _tune(cfg, prepare_dir: Path, force: bool = False):
     from mcl_ray.tune.sweep import SweepError, sweep
 
+    _meta(cfg, "tune", prepare_dir)
     try:
         res = sweep(cfg, prepare_dir, Path(cfg.resolved_run_dir()), console=err, force=force)
     except SweepError as e:

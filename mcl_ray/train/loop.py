@@ -101,6 +101,11 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     if rank == 0:  # lets operators (and the failure test) find the worker process
         (out_dir / f"worker_rank{rank}.pid").write_text(str(os.getpid()))
 
+    tb = None
+    if rank == 0:  # TensorBoard event files, always (tensorboard --logdir runs/)
+        from tensorboardX import SummaryWriter
+
+        tb = SummaryWriter(str(out_dir / "tensorboard"), flush_secs=10)
     # Every rank must run the same number of steps or DDP's all-reduce hangs.
     n = torch.tensor([num_rows(train)])
     if world > 1:
@@ -153,6 +158,11 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                    "load_seconds": load_s, "world_size": world,
                    **{f"val_auc/{k}": v["auc"] for k, v in val["by_scenario"].items()}}
         state["history"].append(metrics)
+        if tb is not None:
+            for k, v in metrics.items():
+                if k not in ("epoch", "world_size"):
+                    tb.add_scalar(k, v, epoch + 1)
+            tb.flush()
         if rank == 0:  # live progress in the driver's log (Ray forwards worker stdout)
             print(f"[{cfg.name}] epoch {epoch + 1}/{tc.epochs}: loss {metrics['train_loss']:.4f} "
                   f"val AUC {auc:.4f} ({metrics['samples_per_s']:,.0f} samples/s)", flush=True)
@@ -170,3 +180,5 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
         if stop:
             break
+    if tb is not None:
+        tb.close()
