@@ -427,6 +427,9 @@ def run(
     else:
         results, _ = _train(cfg, res.out_dir, seeds, force)
         _export(results[0].train_dir, res.out_dir, artifact)
+    from mcl_ray.report import write_run_report
+
+    err.print(f"report: {write_run_report(cfg.resolved_run_dir())}")
     if serve_demo:
         _serve_demo(artifact, serve_port)
 

@@ -25,6 +25,11 @@ def test_run_quick_experiment_and_reuse(tmp_path, ray_cluster):
     # the run ends by serving its artifact and showing a real answer
     assert (tmp_path / "run/artifact/model.safetensors").exists()
     assert "POST /v1/recommend user" in r.output and "serve it yourself: mcl-ray serve" in r.output
+    report = (tmp_path / "run/report.md").read_text()
+    for section in ("## Data (prepare)", "## Training", "## Model artifact", "learning_curves.png"):
+        assert section in report, section
+    meta = json.loads((tmp_path / "run/metadata.json").read_text())["runs"]
+    assert [m["stage"] for m in meta] == ["prepare", "train"] and meta[0]["config"]["name"] == "ml1m_swr_quick"
     args += ["--no-serve-demo"]
     out = tmp_path / "run" / "prepare"
     for f in ("feature_spec.json", "stats.json", "vocabs.json", "users.parquet", "items.parquet"):

@@ -1,0 +1,78 @@
+"""runs/<name>/report.md: one page per run directory, from the files the stages wrote
+(prepare stats, training metrics and plots, the sweep report, the artifact's card, metadata)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def _load(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _rel(path: Path, root: Path) -> str:
+    return os.path.relpath(path, root)
+
+
+def write_run_report(run_dir: str | Path) -> Path:
+    root = Path(run_dir)
+    lines = [f"# Run report: {root.name}", ""]
+    meta = _load(root / "metadata.json")
+    if meta and meta["runs"]:
+        last = meta["runs"][-1]
+        lines += [f"Last stage `{last['stage']}` at {last['time']}, git `{last['git_commit']}`, "
+                  f"ray {last['libraries'].get('ray')}, torch {last['libraries'].get('torch')}; "
+                  f"data fingerprint `{last['data_fingerprint']}`. Full history: `metadata.json`.", ""]
+
+    stats = _load(root / "prepare" / "stats.json")
+    if stats:
+        lines += ["## Data (prepare)", "", "| split | " + " | ".join(stats["scenarios"]) + " | all | positive rate |",
+                  "|" + "---|" * (len(stats["scenarios"]) + 3)]
+        for split, d in stats["splits"].items():
+            cells = [f"{d['by_scenario'].get(n, {}).get('rows', 0):,}" for n in stats["scenarios"]]
+            lines.append(f"| {split} | " + " | ".join(cells) + f" | {d['rows']:,} | {d['positive_rate']:.3f} |")
+        q = {k: v["rows_quarantined"] for k, v in stats["rows"].items()}
+        lines += ["", f"Quarantined rows: {q} (kept in `prepare/quarantine/`).", ""]
+
+    summary = _load(root / "train" / "summary.json")
+    if summary:
+        lines += ["## Training", "", f"Backbone `{summary['backbone']}`, seeds {summary['seeds']}.", "",
+                  "| scenario | test AUC | logloss |", "|---|---|---|"]
+        for name, m in summary["by_scenario"].items():
+            lines.append(f"| {name} | {_agg(m['auc'])} | {_agg(m['logloss'])} |")
+        lines.append(f"| **overall** | {_agg(summary['overall']['auc'])} | {_agg(summary['overall']['logloss'])} |")
+        lines.append("")
+        for seed_dir in sorted((root / "train").glob("seed_*")):
+            pngs = sorted(seed_dir.glob("*.png"))
+            if pngs:
+                lines += [f"{seed_dir.name}: " + " ".join(f"![{p.stem}]({_rel(p, root)})" for p in pngs), ""]
+
+    tune = root / "tune" / "summary.json"
+    if tune.exists():
+        s = _load(tune)
+        lines += ["## Sweep", "", f"{s['trials']} trials ({s['scheduler']}), {s['trials_per_hour']:.1f} trials/hour; "
+                  f"winner `{s['winner']['trial_id']}` val AUC {s['winner']['best_val_auc']:.4f}, "
+                  f"test AUC {s['winner_test']['overall']['auc']:.4f}. Details: [tune/report.md](tune/report.md).", ""]
+        for png in ("history.png", "curves.png", "importance.png"):
+            if (root / "tune" / png).exists():
+                lines.append(f"![{png[:-4]}](tune/{png})")
+        lines.append("")
+
+    card = root / "artifact" / "MODEL_CARD.md"
+    manifest = _load(root / "artifact" / "manifest.json")
+    if manifest:
+        lines += ["## Model artifact", "", f"`artifact/` version `{manifest['version']}` "
+                  f"(weights sha256 `{manifest['weights_sha256'][:16]}...`); model card: [artifact/MODEL_CARD.md]"
+                  f"({_rel(card, root)}). Serve it: `mcl-ray serve {root / 'artifact'}`.", ""]
+    tb = sorted(root.glob("**/tensorboard"))
+    if tb:
+        lines += [f"TensorBoard: `tensorboard --logdir {root}` ({len(tb)} run(s)).", ""]
+    out = root / "report.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+def _agg(m: dict) -> str:
+    return f"{m['mean']:.4f}" + (f" ± {m['std']:.4f}" if m.get("n", 1) > 1 else "")
