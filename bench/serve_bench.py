@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--artifact", type=Path, default=ROOT / "runs/ml1m_swr/artifact")
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--requests", type=int, default=400, help="per level")
+    ap.add_argument("--skip-bare", action="store_true")
+    ap.add_argument("--serve-args", default="{}", help="JSON of extra build_app args, e.g. '{\"max_ongoing_requests\": 64}'")
     args = ap.parse_args()
     reqs = bodies(args.artifact, args.requests)
     results: dict = {"artifact": str(args.artifact), "requests_per_level": args.requests, "serve": {}, "bare": {}}
@@ -96,11 +98,13 @@ def main() -> None:
     # bare FastAPI + uvicorn, one process
     port = free_port()
     env = {**os.environ, "MCL_RAY_ARTIFACT": str(args.artifact.resolve()), "OMP_NUM_THREADS": "1"}
+    if args.skip_bare:
+        args.levels_bare = []
     bare = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(port),
                              "--log-level", "warning"], cwd=ROOT, env=env)
     try:
         wait_ready(f"http://127.0.0.1:{port}/docs")
-        for c in args.levels:
+        for c in ([] if args.skip_bare else args.levels):
             asyncio.run(load(f"http://127.0.0.1:{port}/v1/recommend", reqs[:50], c))  # warm-up
             results["bare"][c] = asyncio.run(load(f"http://127.0.0.1:{port}/v1/recommend", reqs, c))
             print("bare ", c, results["bare"][c], flush=True)
@@ -116,7 +120,7 @@ def main() -> None:
 
     init_ray(None, ROOT / "runs")
     port = free_port()
-    base = start_serve(args.artifact, "127.0.0.1", port, num_replicas=1)
+    base = start_serve(args.artifact, "127.0.0.1", port, num_replicas=1, **json.loads(args.serve_args))
     try:
         for c in args.levels:
             asyncio.run(load(f"{base}/v1/recommend", reqs[:50], c))
@@ -125,6 +129,8 @@ def main() -> None:
     finally:
         serve.shutdown()
 
+    if args.skip_bare:
+        return
     print(f"\n{'in flight':>9} | {'serve p50/p95/p99 ms':>22} {'rps':>6} | {'bare p50/p95/p99 ms':>22} {'rps':>6} | ratio")
     for c in args.levels:
         s, b = results["serve"][c], results["bare"][c]
