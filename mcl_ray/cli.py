@@ -318,7 +318,7 @@ def start_serve(artifact: Path, host: str, port: int, app_name: str = "recommend
 
 
 def sample_request(base: str, artifact: Path) -> dict:
-    """A request for a real user of the test split, in the scenario they belong to."""
+    """A request for a real user (of the first known interaction), in the scenario they belong to."""
     import json as _json
     import urllib.request
 

@@ -84,3 +84,15 @@ def test_console_script_joins_running_cluster(tmp_path, ray_cluster):
     p = subprocess.run([exe, "config", "validate", str(ROOT / "experiments/ml1m_swr.yaml"), "--set", "nme=x"],
                        capture_output=True, text=True, env=env)
     assert p.returncode == 2 and "nme: unknown key" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_serve_and_export_refuse_what_is_not_there(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["serve", str(tmp_path / "nope")])
+    assert r.exit_code == 1 and "artifact folder not found" in r.output
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    r = runner.invoke(app, ["serve", str(tmp_path / "half")])
+    assert r.exit_code == 1 and "is not a model artifact (missing model.safetensors" in r.output
+    r = runner.invoke(app, ["export", str(tmp_path)])
+    assert r.exit_code == 1 and "no trained model under" in r.output
