@@ -220,6 +220,39 @@ def evaluate(
     print_metrics(results, summarize(results), root)
 
 
+@app.command()
+def encode(
+    config: ConfigArg,
+    force: Annotated[bool, typer.Option("--force", help="Re-encode every text.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Embed the text fields of the prepared data (items, users) with the text encoder, on Ray Data.
+
+    Cached by (encoder fingerprint, text hash): unchanged texts are never encoded again."""
+    from mcl_ray.llm.encode import encode_stage
+    from mcl_ray.llm.encoder import EncoderError
+    from mcl_ray.ray_env import init_ray
+
+    cfg = _load(config, set_)
+    prepare_dir = Path(cfg.resolved_run_dir()) / "prepare"
+    if not (prepare_dir / "feature_spec.json").exists():
+        err.print(f"[red]error:[/] no prepared data in {prepare_dir}; run `mcl-ray prepare {config}` first")
+        raise typer.Exit(1)
+    try:
+        from mcl_ray.llm.encoder import check_encoder, resolve_encoder
+
+        check_encoder(resolve_encoder(cfg.encode.model))  # before starting Ray
+        init_ray(cfg.ray, Path(cfg.resolved_run_dir()).parent)
+        _meta(cfg, "encode", prepare_dir)
+        res = encode_stage(cfg, prepare_dir, console=err, force=force)
+    except EncoderError as e:
+        _fail(e, 2)
+    for field, st in res.fields.items():
+        rate = f", {st['texts_per_s']:.0f} texts/s" if st["texts_per_s"] else ""
+        out.print(f"{field}: {st['rows']:,} texts -> {st['file']} (dim {st['dim']}; encoded {st['encoded']:,}, "
+                  f"cached {st['reused']:,}{rate})")
+
+
 def _tune(cfg, prepare_dir: Path, force: bool = False):
     from mcl_ray.tune.sweep import SweepError, sweep
 

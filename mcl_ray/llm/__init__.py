@@ -1,0 +1,1 @@
+"""LLM stages: the text encoder (semantic features)."""
