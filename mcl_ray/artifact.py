@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -120,12 +119,7 @@ def export_artifact(train_dir: Path, prepare_dir: Path, out_dir: Path, source: d
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     write_model_card(tmp, cfg, spec, manifest, metrics)
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    ck.replace_folder(tmp, out_dir)
     return out_dir
 
 

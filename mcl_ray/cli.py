@@ -81,14 +81,28 @@ def data_fetch() -> None:
         _fail(e)
 
 
+def _prepared_dir(cfg, config: Path) -> Path:
+    """The experiment's prepare folder, or exit 1 saying which command makes it."""
+    prepare_dir = Path(cfg.resolved_run_dir()) / "prepare"
+    if not (prepare_dir / "feature_spec.json").exists():
+        err.print(f"[red]error:[/] no prepared data in {prepare_dir}; run `mcl-ray prepare {config}` first")
+        raise typer.Exit(1)
+    return prepare_dir
+
+
+def _init_ray(cfg) -> None:
+    from mcl_ray.ray_env import init_ray
+
+    init_ray(cfg.ray, Path(cfg.resolved_run_dir()).parent)
+
+
 def _prepare(cfg, out_dir: Path | None, force: bool):
     from mcl_ray.data.fuse import FusionError
     from mcl_ray.data.package_data import PackageDataError
     from mcl_ray.data.prepare import DataValidationError, prepare
     from mcl_ray.data.sources import SourceError
-    from mcl_ray.ray_env import init_ray
 
-    init_ray(cfg.ray, Path(cfg.resolved_run_dir()).parent)
+    _init_ray(cfg)
     try:
         res = prepare(cfg, out_dir=out_dir, force=force, console=err)
     except (DataValidationError, FusionError, SourceError, PackageDataError) as e:
@@ -188,13 +202,8 @@ def train(
 
     Re-running the same experiment resumes from its last checkpoint, or reuses a finished run."""
     cfg = _load(config, set_)
-    prepare_dir = Path(cfg.resolved_run_dir()) / "prepare"
-    if not (prepare_dir / "feature_spec.json").exists():
-        err.print(f"[red]error:[/] no prepared data in {prepare_dir}; run `mcl-ray prepare {config}` first")
-        raise typer.Exit(1)
-    from mcl_ray.ray_env import init_ray
-
-    init_ray(cfg.ray, Path(cfg.resolved_run_dir()).parent)
+    prepare_dir = _prepared_dir(cfg, config)
+    _init_ray(cfg)
     _train(cfg, prepare_dir, seeds, force)
 
 
@@ -231,18 +240,14 @@ def encode(
     Cached by (encoder fingerprint, text hash): unchanged texts are never encoded again."""
     from mcl_ray.llm.encode import encode_stage
     from mcl_ray.llm.encoder import EncoderError
-    from mcl_ray.ray_env import init_ray
 
     cfg = _load(config, set_)
-    prepare_dir = Path(cfg.resolved_run_dir()) / "prepare"
-    if not (prepare_dir / "feature_spec.json").exists():
-        err.print(f"[red]error:[/] no prepared data in {prepare_dir}; run `mcl-ray prepare {config}` first")
-        raise typer.Exit(1)
+    prepare_dir = _prepared_dir(cfg, config)
     try:
         from mcl_ray.llm.encoder import check_encoder, resolve_encoder
 
         check_encoder(resolve_encoder(cfg.encode.model))  # before starting Ray
-        init_ray(cfg.ray, Path(cfg.resolved_run_dir()).parent)
+        _init_ray(cfg)
         _meta(cfg, "encode", prepare_dir)
         res = encode_stage(cfg, prepare_dir, console=err, force=force)
     except EncoderError as e:
@@ -300,13 +305,8 @@ def tune(
     Each trial is a Ray Train run. The winner (best validation AUC) is evaluated on the test split
     and exported to <run_dir>/artifact. An interrupted sweep resumes when run again."""
     cfg = _load(config, set_)
-    prepare_dir = Path(cfg.resolved_run_dir()) / "prepare"
-    if not (prepare_dir / "feature_spec.json").exists():
-        err.print(f"[red]error:[/] no prepared data in {prepare_dir}; run `mcl-ray prepare {config}` first")
-        raise typer.Exit(1)
-    from mcl_ray.ray_env import init_ray
-
-    init_ray(cfg.ray, Path(cfg.resolved_run_dir()).parent)
+    prepare_dir = _prepared_dir(cfg, config)
+    _init_ray(cfg)
     _tune(cfg, prepare_dir, force)
 
 

@@ -70,11 +70,16 @@ def save_checkpoint(folder: str | Path, model, opt, sched, state: dict) -> None:
     save_file(tensors, str(tmp / OPTIM))
     meta["scheduler"] = sched.state_dict() if sched is not None else None
     (tmp / STATE).write_text(json.dumps({"state": state, "optimizer": meta}, default=float))
-    old = folder.with_name(folder.name + ".old")
+    replace_folder(tmp, folder)
+
+
+def replace_folder(new: Path, dest: Path) -> None:
+    """Put a fully written folder in place of dest with renames only (readers never see half of one)."""
+    old = dest.with_name(dest.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(new, dest)
     shutil.rmtree(old, ignore_errors=True)
 
 
