@@ -8,7 +8,7 @@ Bad input raises `RequestError` with an HTTP status (the Serve app maps it to a 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -39,7 +39,6 @@ class Query:
     profile: dict | None = None
     context: dict | None = None
     item_ids: list[str] | None = None  # score: the candidates
-    extra: dict = field(default_factory=dict)
 
 
 class Recommender:
@@ -57,8 +56,7 @@ class Recommender:
         if spec.numeric or any(f.kind == "text_embedding" for f in spec.features):
             # numeric/text features need per-item values the artifact does not carry yet
             raise ValueError("serving supports categorical features only in this version")
-        ctx = [n for n in self.cat_names if self.sources[n] == "context"]
-        self.context_names = ctx
+        self.context_names = [n for n in self.cat_names if self.sources[n] == "context"]
 
         items = pq.read_table(art.file(spec.items_table))
         keys = key_array(items["item_id"]).to_pylist()
@@ -78,13 +76,12 @@ class Recommender:
         self.profile_fields = [n for n in self.user_cols if n != "user_id"]
 
         seen = pq.read_table(art.file("seen.parquet"))
-        self.seen: dict[str, np.ndarray] = {}
         u, it = seen[spec.user_key].to_pylist(), seen[spec.item_key].to_pylist()
         acc: dict[str, list[int]] = {}
         for a, b in zip(u, it):
             if b in self.item_pos:
                 acc.setdefault(a, []).append(self.item_pos[b])
-        self.seen = {a: np.unique(np.array(v, np.int64)) for a, v in acc.items()}
+        self.seen: dict[str, np.ndarray] = {a: np.unique(np.array(v, np.int64)) for a, v in acc.items()}
         self.item_vecs = self._item_vectors()
         self.scenarios = spec.scenario_names
 

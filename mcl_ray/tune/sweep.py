@@ -108,10 +108,11 @@ def run_trial(params: dict, base: dict, prepare_dir: str, trials_dir: str, datas
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "params.json").write_text(json.dumps({k: _decode(v) for k, v in params.items()}, indent=1))
     (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    start_epoch = resume_epoch(out_dir)
     with open(out_dir / "starts.log", "a") as f:  # one line per (re)start: resumption is visible
-        f.write(f"{time.time():.0f} epoch {resume_epoch(out_dir)}\n")
+        f.write(f"{time.time():.0f} epoch {start_epoch}\n")
     spec = FeatureSpec.load(prepare_dir)
-    trainer = build_trainer(cfg, spec, Path(prepare_dir), out_dir, cfg.train.seed, resume_epoch(out_dir),
+    trainer = build_trainer(cfg, spec, Path(prepare_dir), out_dir, cfg.train.seed, start_epoch,
                             run_name=f"trial-{trial_id}", callbacks=[TuneReportCallback()], datasets=datasets)
     trainer.fit()
 
@@ -152,7 +153,8 @@ def make_tuner(cfg: ExperimentConfig, prepare_dir: Path, tune_dir: Path, console
         say(console, f"[yellow]tune: resuming the sweep in {exp_path} (finished trials are kept, not re-run)")
         return ray.tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True,
                                       restart_errored=False), True
-    points = [default_point(cfg)] if tc.include_default and default_point(cfg) else None
+    point = default_point(cfg)
+    points = [point] if tc.include_default and point else None
     storage = optuna.storages.RDBStorage(tc.storage) if tc.storage else None
     searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=tc.seed), seed=tc.seed,
                             points_to_evaluate=points, storage=storage,
@@ -214,7 +216,8 @@ def _patience_stop(hist: list[dict], folder: Path) -> bool:
 
 def _first_start(folder: Path) -> float:
     f = folder / "starts.log"
-    return float(f.read_text().split()[0]) if f.exists() and f.read_text().strip() else math.inf
+    words = f.read_text().split() if f.exists() else []
+    return float(words[0]) if words else math.inf
 
 
 def sweep_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec) -> str:
