@@ -3,6 +3,14 @@ and logloss (mean +- std), next to the published numbers (DESIGN.md). Numbers, n
 
   python bench/accuracy_bench.py                      # all backbones, 3 seeds, 2 jobs at a time
   python bench/accuracy_bench.py --backbones shared_bottom star --seeds 1 --epochs 2   # a smoke run
+  python bench/accuracy_bench.py --backbones m2m m2m+text llm_ranker --out bench/results/text_ablation.json
+
+A "+text" suffix adds the LLM text features (model.text.mode=frozen: MiniLM embeddings of item and
+user texts through a learned projection; the encode stage runs once before the jobs).
+llm_ranker (the MiniLM cross-encoder) is far too slow for the full protocol on CPU, so it follows a
+sample protocol: LLM_RANKER_SAMPLE rows of train/valid/test (seeded), LLM_RANKER_EPOCHS epochs,
+batch 32, AdamW lr 5e-5; its test AUC is over the sampled test rows (compare with
+"ref@sample": the other variants' AUC over the same test rows, also reported).
 
 Settings (SWR's own): embedding dim 16, Adam lr 1e-3, batch 4096, weight decay 1e-5, early stopping
 on validation AUC with patience 4; here capped at --epochs (default 15) to fit a 2-core machine.
@@ -31,13 +39,41 @@ PUBLISHED = {  # overall, (scenario 0, 1, 2); SWR paper, KDD'24
 }
 ORDER = ["m2m", "ple", "mmoe", "pepnet", "star", "single", "shared_bottom"]  # longest first
 EXPERT_HIDDEN = {"mmoe": "[128,64]", "ple": "[128,64]", "m2m": "[128,64]"}
+LLM_RANKER_SAMPLE = {"train": 8000, "valid": 1000, "test": 10000}
+LLM_RANKER_EPOCHS = 1
 
 
-def overrides(backbone: str, epochs: int) -> list[str]:
+def overrides(variant: str, epochs: int) -> list[str]:
+    backbone, _, extra = variant.partition("+")
     o = [f"model.backbone={backbone}", f"train.epochs={epochs}", "train.num_workers=1", "train.torch_threads=1"]
     if backbone in EXPERT_HIDDEN:
         o.append(f"model.hidden={EXPERT_HIDDEN[backbone]}")
+    if extra not in ("", "text"):
+        raise SystemExit(f"unknown variant suffix +{extra} (known: +text)")
+    o.append(f"model.text.mode={'frozen' if extra == 'text' else 'off'}")  # explicit: the default experiment has text on
+    if backbone == "llm_ranker":
+        o += [f"train.sample_rows={json.dumps(LLM_RANKER_SAMPLE)}", f"train.epochs={LLM_RANKER_EPOCHS}",
+              "train.batch_size=32", "train.optimizer=adamw", "train.lr=5e-5", "train.weight_decay=0.01",
+              "train.eval_batch_size=256", "evaluate.ranking_users=0"]
     return o
+
+
+def auc_on_sample(train_dir: Path, prepare_dir: Path, seed: int) -> float:
+    """Test AUC over llm_ranker's sampled test rows (same seed -> same rows), for a like-for-like comparison."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from mcl_ray.config import ExperimentConfig
+    from mcl_ray.evaluate.evaluate import load_model
+    from mcl_ray.feature_spec import FeatureSpec
+    from mcl_ray.train.loop import predict
+    from mcl_ray.train.tensors import read_split, table_to_tensors
+
+    cfg = ExperimentConfig.model_validate_json((train_dir / "config.json").read_text())
+    spec = FeatureSpec.load(prepare_dir)
+    data = table_to_tensors(read_split(prepare_dir, spec, "test", sample=LLM_RANKER_SAMPLE["test"], seed=seed), spec)
+    p = predict(load_model(train_dir, spec, cfg), data, 65536, torch.device("cpu"))
+    return float(roc_auc_score(data["label"].numpy(), p))
 
 
 def child(backbone: str, seed: int, epochs: int, run_dir: str) -> None:
@@ -50,7 +86,8 @@ def child(backbone: str, seed: int, epochs: int, run_dir: str) -> None:
     t0 = time.perf_counter()
     res = train_one(cfg, Path(run_dir) / "prepare", Path(run_dir) / "train" / f"{backbone}_seed{seed}", seed)
     m = res.metrics
-    print(json.dumps({"backbone": backbone, "seed": seed, "auc": m["overall"]["auc"],
+    ref = auc_on_sample(res.train_dir, Path(run_dir) / "prepare", seed)
+    print(json.dumps({"backbone": backbone, "seed": seed, "auc": m["overall"]["auc"], "auc_at_sample": ref,
                       "logloss": m["overall"]["logloss"], "gauc": m["overall"]["gauc"],
                       "by_scenario": {k: {"auc": v["auc"], "logloss": v["logloss"]} for k, v in m["by_scenario"].items()},
                       "epochs": len(res.history), "best_epoch": max(res.history, key=lambda h: h["val_auc"])["epoch"],
@@ -90,7 +127,11 @@ def main() -> None:
 
     cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={a.run_dir}"])
     init_ray(cfg.ray)
-    prepare(cfg)  # once; every job reuses it
+    res = prepare(cfg)  # once; every job reuses it
+    if any(b.endswith("+text") for b in a.backbones):
+        from mcl_ray.llm.encode import encode_stage
+
+        encode_stage(cfg, res.out_dir)
     import ray
 
     ray.shutdown()
@@ -111,6 +152,7 @@ def main() -> None:
         agg = lambda xs: {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}  # noqa: E731
         scen = list(rs[0]["by_scenario"])
         table[b] = {"auc": agg([r["auc"] for r in rs]), "logloss": agg([r["logloss"] for r in rs]),
+                    "auc_at_sample": agg([r["auc_at_sample"] for r in rs]),
                     "by_scenario": {s: {"auc": agg([r["by_scenario"][s]["auc"] for r in rs]),
                                         "logloss": agg([r["by_scenario"][s]["logloss"] for r in rs])} for s in scen},
                     "seeds": len(rs), "published": PUBLISHED.get(b)}
@@ -118,14 +160,16 @@ def main() -> None:
     Path(a.out).write_text(json.dumps({"table": table, "runs": runs, "epochs_cap": a.epochs,
                                        "wall_seconds": time.time() - t0}, indent=2))
     print(f"\nSWR protocol on ML-1M, test split, {a.seeds} seeds (mean ± std); published in brackets")
-    print(f"{'backbone':14s} {'overall AUC':>20s} {'logloss':>16s}   per-scenario AUC (s0 / s1 / s2)")
+    print(f"{'backbone':18s} {'overall AUC':>20s} {'logloss':>16s}   per-scenario AUC (s0 / s1 / s2)   "
+          f"AUC on llm_ranker's test sample")
     for b, t in sorted(table.items(), key=lambda kv: -kv[1]["auc"]["mean"]):
         pub = t["published"][0] if t["published"] else None
         ps = t["published"][1] if t["published"] else None
         sc = " / ".join(f"{v['auc']['mean']:.4f}" + (f" [{ps[i]:.4f}]" if ps else "")
                         for i, v in enumerate(t["by_scenario"].values()))
-        print(f"{b:14s} {t['auc']['mean']:.4f} ± {t['auc']['std']:.4f}" + (f" [{pub:.4f}]" if pub else " [  -   ]")
-              + f" {t['logloss']['mean']:.4f} ± {t['logloss']['std']:.4f}   {sc}")
+        print(f"{b:18s} {t['auc']['mean']:.4f} ± {t['auc']['std']:.4f}" + (f" [{pub:.4f}]" if pub else " [  -   ]")
+              + f" {t['logloss']['mean']:.4f} ± {t['logloss']['std']:.4f}   {sc}   "
+              + f"{t['auc_at_sample']['mean']:.4f} ± {t['auc_at_sample']['std']:.4f}")
     print(f"results -> {a.out}")
 
 

@@ -155,9 +155,14 @@ SeedsOpt = Annotated[int, typer.Option("--seeds", min=1, help="Repeat with seeds
 def _train(cfg, prepare_dir: Path, seeds: int, force: bool):
     from mcl_ray.train.trainer import train
 
+    from mcl_ray.llm.encoder import EncoderError
+
     run_dir = Path(cfg.resolved_run_dir())
     _meta(cfg, "train", prepare_dir)
-    results, summary = train(cfg, prepare_dir, run_dir, seeds=seeds, force=force, console=err)
+    try:
+        results, summary = train(cfg, prepare_dir, run_dir, seeds=seeds, force=force, console=err)
+    except EncoderError as e:
+        _fail(e, 2)
     print_metrics(results, summary, run_dir)
     return results, summary
 
@@ -238,11 +243,14 @@ def encode(
     """Embed the text fields of the prepared data (items, users) with the text encoder, on Ray Data.
 
     Cached by (encoder fingerprint, text hash): unchanged texts are never encoded again."""
+    cfg = _load(config, set_)
+    _encode(cfg, _prepared_dir(cfg, config), force)
+
+
+def _encode(cfg, prepare_dir: Path, force: bool = False) -> None:
     from mcl_ray.llm.encode import encode_stage
     from mcl_ray.llm.encoder import EncoderError
 
-    cfg = _load(config, set_)
-    prepare_dir = _prepared_dir(cfg, config)
     try:
         from mcl_ray.llm.encoder import check_encoder, resolve_encoder
 
@@ -450,10 +458,13 @@ def run(
                                              help="End by serving the artifact and sending a sample request.")] = True,
     serve_port: Annotated[int, typer.Option(help="Port of the sample serve app.")] = 8000,
 ) -> None:
-    """Run the pipeline: prepare -> train (or tune) -> evaluate -> export (unchanged stages are reused)."""
+    """Run the pipeline: prepare -> encode (text features) -> train (or tune) -> evaluate -> export
+    (unchanged stages are reused)."""
     cfg = _load(config, set_)
     err.print(f"[bold]mcl-ray run[/] {cfg.name} -> {cfg.resolved_run_dir()}")
     res = _prepare(cfg, None, force)
+    if cfg.model.text.mode == "frozen":  # finetune / llm_ranker tokenize the texts inside the model
+        _encode(cfg, res.out_dir, force)
     artifact = Path(cfg.resolved_run_dir()) / "artifact"
     if cfg.tune.enabled if tune_ is None else tune_:
         _tune(cfg, res.out_dir, force)

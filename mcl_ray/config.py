@@ -196,7 +196,27 @@ class PrepareConfig(Strict):
 
 # ----------------------------------------------------------------------------- model / train / evaluate
 
-BackboneName = Literal["single", "shared_bottom", "mmoe", "ple", "star", "pepnet", "m2m"]
+BackboneName = Literal["single", "shared_bottom", "mmoe", "ple", "star", "pepnet", "m2m", "llm_ranker"]
+
+
+class TextFeatureConfig(Strict):
+    mode: Literal["off", "frozen", "finetune"] = Field(
+        "off", description="off: no text features; frozen: the encode stage's embeddings through a learned "
+        "projection (needs `mcl-ray encode`, run by `mcl-ray run`); finetune: the encoder inside the model, "
+        "trained end to end (LoRA or its top layers).")
+    fields: list[Literal["item", "user"]] = Field(
+        ["item", "user"], min_length=1, description="Text fields used as features (item text, user profile text).")
+    encoder: str = Field("all-MiniLM-L6-v2", description="finetune / llm_ranker: encoder (packaged default or local folder).")
+    max_length: int = Field(32, ge=8, le=512, description="finetune / llm_ranker: tokens per text inside the model.")
+    finetune: Literal["lora", "top_layers"] = Field("lora", description="finetune: LoRA adapters (peft) or unfreeze the top layers.")
+    lora_r: int = Field(8, ge=1, le=256, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling alpha.")
+    top_layers: int = Field(1, ge=1, description="top_layers: transformer layers trained (the rest stay frozen).")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
 
 
 class ModelConfig(Strict):
@@ -211,12 +231,17 @@ class ModelConfig(Strict):
     specific_experts: int = Field(1, ge=1, le=16, description="ple: experts per scenario.")
     scenario_embedding_dim: int = Field(16, ge=1, description="star aux net / pepnet / m2m: scenario embedding width.")
     attention_heads: int = Field(2, ge=1, description="m2m: heads of the within-sample field attention.")
+    text: TextFeatureConfig = Field(default_factory=TextFeatureConfig,
+                                    description="LLM semantic features (text embeddings of items and users).")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
         if self.backbone == "m2m" and self.embedding_dim % self.attention_heads:
             raise ValueError(f"model.embedding_dim ({self.embedding_dim}) must be divisible by "
                              f"model.attention_heads ({self.attention_heads}) for m2m")
+        if self.backbone == "llm_ranker" and self.text.mode != "off":
+            raise ValueError("model.backbone=llm_ranker reads the texts itself (a cross-encoder); "
+                             "set model.text.mode to off")
         return self
 
 
@@ -236,6 +261,9 @@ class TrainConfig(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast dtype on GPU (CPU trains in fp32).")
     max_failures: int = Field(0, ge=-1, description="Ray Train FailureConfig.max_failures (-1: unlimited).")
     eval_batch_size: int = Field(65536, ge=1, description="Batch size for validation/test scoring.")
+    sample_rows: dict[Literal["train", "valid", "test"], Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict, description="Seeded random sample of rows per split (e.g. {train: 20000, valid: 2000, "
+        "test: 5000}) for slow backbones such as llm_ranker on CPU; missing split: all rows.")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -268,6 +296,9 @@ class EncodeConfig(Strict):
     max_length: int = Field(128, ge=8, le=512, description="Tokens per text (longer texts are truncated).")
     use_gpu: bool = Field(False, description="One GPU per actor.")
     bf16: bool = Field(True, description="With use_gpu: run the encoder in bfloat16.")
+    scope: Literal["vocab", "all"] = Field(
+        "vocab", description="vocab: only users/items the model has an id for (seen in train); all: every row of "
+        "the user/item tables.")
 
 
 # ----------------------------------------------------------------------------- tune
@@ -363,6 +394,21 @@ class ExperimentConfig(Strict):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
             raise ValueError("name may hold letters, digits, '_', '.', '-' (it names a directory)")
         return v
+
+    @model_validator(mode="after")
+    def _check_text(self) -> "ExperimentConfig":
+        uses = self.model.text.mode != "off" or self.model.backbone == "llm_ranker"
+        if not uses:
+            return self
+        what = "model.backbone=llm_ranker" if self.model.backbone == "llm_ranker" else f"model.text.mode={self.model.text.mode}"
+        if self.prepare.text is None:
+            raise ValueError(f"{what} needs text fields: prepare.text must not be null")
+        cat = {f.name for f in self.prepare.categorical}
+        fields = ["item", "user"] if self.model.backbone == "llm_ranker" else self.model.text.fields
+        for f in fields:
+            if f"{f}_id" not in cat:
+                raise ValueError(f"{what} with {f} text needs {f}_id in prepare.categorical (texts are looked up by its id)")
+        return self
 
     @model_validator(mode="after")
     def _check_space(self) -> "ExperimentConfig":

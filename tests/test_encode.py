@@ -50,7 +50,7 @@ def test_ray_embeddings_match_plain_loop_and_cache(tmp_path, ray_cluster):
 
     cfg = load_config(ROOT / "experiments/ml1m_swr_quick.yaml",
                       [f"run_dir={tmp_path}", "data.max_interactions=2000", "encode.batch_size=32",
-                       "encode.concurrency=2"])
+                       "encode.concurrency=2", "encode.scope=all"])
     pdir = prepare(cfg).out_dir
     first = encode_stage(cfg, pdir)
     spec = FeatureSpec.load(pdir)

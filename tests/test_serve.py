@@ -44,6 +44,7 @@ def artifacts(tmp_path_factory, ray_cluster):
     """Two artifacts of the same data (different seeds): the second one is the rollout target."""
     from mcl_ray.artifact import export_artifact
     from mcl_ray.data.prepare import prepare
+    from mcl_ray.llm.encode import encode_stage
     from mcl_ray.train.trainer import train_one
 
     run = tmp_path_factory.mktemp("serve")
@@ -51,6 +52,7 @@ def artifacts(tmp_path_factory, ray_cluster):
         f"run_dir={run}", "data.max_interactions=30000", "train.epochs=2", "train.num_workers=0",
         "model.hidden=[64,32]", "evaluate.ranking_users=0"])
     prep = prepare(cfg)
+    encode_stage(cfg, prep.out_dir)  # the quick experiment uses text features: serve them too
     out = []
     for seed in (1, 2):
         r = train_one(cfg, prep.out_dir, run / f"seed{seed}", seed=seed)

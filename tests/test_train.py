@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def cfg_for(run_dir, *overrides):
     return load_config(ROOT / "experiments/ml1m_swr_quick.yaml", [
         f"run_dir={run_dir}", "data.max_interactions=150000", "train.batch_size=1024", "train.lr=0.003",
-        "model.hidden=[64,32]", "model.tower_hidden=[16]", "evaluate.ranking_users=50", *overrides])
+        "model.hidden=[64,32]", "model.tower_hidden=[16]", "evaluate.ranking_users=50", "model.text.mode=off",
+        *overrides])
 
 
 @pytest.fixture(scope="module")

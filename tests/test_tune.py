@@ -69,7 +69,8 @@ def test_sweep_asha_interrupt_resume_and_export(tmp_path, ray_cluster):
     raw = yaml.safe_load(BASE.read_text())
     raw.update(run_dir=str(tmp_path / "run"), data={"source": "movielens-1m", "max_interactions": 20000})
     raw["train"] = {"epochs": 3, "lr": 0.003, "batch_size": 1024}
-    raw["model"] = {"hidden": [64, 32], "tower_hidden": [16]}
+    # text off: the sweep itself is under test here (text features: tests/test_text_features.py)
+    raw["model"] = {"hidden": [64, 32], "tower_hidden": [16], "text": {"mode": "off"}}
     raw["evaluate"] = {"ranking_users": 0}
     # The experiment's own config (a good lr, the top of the range) runs first; the seeded sampler
     # then draws far smaller rates, so ASHA (rungs at epochs 1 and 2) has weaker trials to stop.

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from mcl_ray.config import ExperimentConfig
 from mcl_ray.data.prepare import key_array
-from mcl_ray.feature_spec import FeatureSpec
+from mcl_ray.feature_spec import Feature, FeatureSpec
 from mcl_ray.llm.encoder import (EncoderError, TextEncoder, check_encoder, encoder_fingerprint, resolve_encoder,
                                  text_hash)
 
@@ -67,6 +67,7 @@ def encode_stage(cfg: ExperimentConfig, prepare_dir: Path, console=None, force: 
     model_path = resolve_encoder(ec.model)
     mcfg = check_encoder(model_path)
     fp = encoder_fingerprint(model_path)
+    vocabs = json.loads((prepare_dir / spec.vocabularies).read_text())
     out_dir = prepare_dir / "embeddings"
     out_dir.mkdir(exist_ok=True)
     stats = {}
@@ -75,6 +76,10 @@ def encode_stage(cfg: ExperimentConfig, prepare_dir: Path, console=None, force: 
         table = pq.read_table(prepare_dir / tf.table, columns=[tf.key, tf.column])
         keys = key_array(table[tf.key]).to_pylist()
         texts = [t or "" for t in table[tf.column].to_pylist()]
+        if ec.scope == "vocab" and tf.key in vocabs:  # only what a model can look up by id
+            known = set(vocabs[tf.key])
+            keep = [i for i, k in enumerate(keys) if k in known]
+            keys, texts = [keys[i] for i in keep], [texts[i] for i in keep]
         hashes = text_hash(texts)
         dest = out_dir / f"{field}.parquet"
         meta_file = out_dir / f"{field}.json"
@@ -110,6 +115,9 @@ def encode_stage(cfg: ExperimentConfig, prepare_dir: Path, console=None, force: 
         meta_file.write_text(json.dumps({"encoder": ec.model, "path": str(model_path), "fingerprint": fp,
                                          **stats[field]}, indent=1))
         spec.text[field].embedding = stats[field]["file"]
+        # the data contract: one text_embedding feature per encoded field (models/text.py reads it)
+        spec.features = [f for f in spec.features if f.name != f"{field}_text"] + [
+            Feature(name=f"{field}_text", kind="text_embedding", source=field, dim=dim)]
     spec.save(prepare_dir / "feature_spec.json")
     return EncodeResult(stats, time.perf_counter() - t0)
 

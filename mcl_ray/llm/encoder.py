@@ -73,8 +73,10 @@ class TextEncoder:
     def __init__(self, path: str, max_length: int = 128, device: str = "cpu", bf16: bool = False,
                  torch_threads: int = 1):
         import torch
+        import transformers
         from transformers import AutoModel, AutoTokenizer
 
+        transformers.logging.disable_progress_bar()  # one "Loading weights" bar per actor clutters the log
         torch.set_num_threads(torch_threads)
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -13,6 +13,7 @@ from mcl_ray.config import ModelConfig
 from mcl_ray.feature_spec import FeatureSpec
 from mcl_ray.models.blocks import (MLP, Experts, Gate, GateNU, InputLayer, MetaLinear, PartitionedNorm,
                                    ScenarioTowers, StarLinear)
+from mcl_ray.models.text import LLMRanker
 
 
 class SinglePerScenario(nn.Module):
@@ -20,7 +21,7 @@ class SinglePerScenario(nn.Module):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig):
         super().__init__()
-        self.inputs = nn.ModuleList([InputLayer(spec, cfg.embedding_dim) for _ in range(spec.num_scenarios)])
+        self.inputs = nn.ModuleList([InputLayer(spec, cfg.embedding_dim, cfg.text) for _ in range(spec.num_scenarios)])
         in_dim = self.inputs[0].num_fields * cfg.embedding_dim
         self.mlps = nn.ModuleList([nn.Sequential(MLP(in_dim, cfg.hidden + cfg.tower_hidden, cfg.dropout),
                                                  nn.Linear((cfg.hidden + cfg.tower_hidden)[-1], 1))
@@ -39,7 +40,7 @@ class SinglePerScenario(nn.Module):
 class SharedBottom(nn.Module):
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig):
         super().__init__()
-        self.inputs = InputLayer(spec, cfg.embedding_dim)
+        self.inputs = InputLayer(spec, cfg.embedding_dim, cfg.text)
         self.bottom = MLP(self.inputs.num_fields * cfg.embedding_dim, cfg.hidden, cfg.dropout)
         self.towers = ScenarioTowers(self.bottom.out_dim, cfg.tower_hidden, spec.num_scenarios, cfg.dropout)
 
@@ -51,7 +52,7 @@ class SharedBottom(nn.Module):
 class MMoE(nn.Module):
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig):
         super().__init__()
-        self.inputs = InputLayer(spec, cfg.embedding_dim)
+        self.inputs = InputLayer(spec, cfg.embedding_dim, cfg.text)
         in_dim = self.inputs.num_fields * cfg.embedding_dim
         self.experts = Experts(in_dim, cfg.hidden, cfg.num_experts, cfg.dropout)
         self.gate = Gate(in_dim, cfg.num_experts, spec.num_scenarios)
@@ -71,7 +72,7 @@ class PLE(nn.Module):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig):
         super().__init__()
-        self.inputs = InputLayer(spec, cfg.embedding_dim)
+        self.inputs = InputLayer(spec, cfg.embedding_dim, cfg.text)
         in_dim = self.inputs.num_fields * cfg.embedding_dim
         s, k = spec.num_scenarios, cfg.specific_experts
         self.shared = Experts(in_dim, cfg.hidden, cfg.num_experts, cfg.dropout)
@@ -100,7 +101,7 @@ class STAR(nn.Module):
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig):
         super().__init__()
         s = spec.num_scenarios
-        self.inputs = InputLayer(spec, cfg.embedding_dim)
+        self.inputs = InputLayer(spec, cfg.embedding_dim, cfg.text)
         in_dim = self.inputs.num_fields * cfg.embedding_dim
         self.pn = PartitionedNorm(in_dim, s)
         widths = cfg.hidden + cfg.tower_hidden
@@ -128,7 +129,7 @@ class PEPNet(nn.Module):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig):
         super().__init__()
-        self.inputs = InputLayer(spec, cfg.embedding_dim)
+        self.inputs = InputLayer(spec, cfg.embedding_dim, cfg.text)
         f, d, z = self.inputs.num_fields, cfg.embedding_dim, cfg.scenario_embedding_dim
         self.scen_emb = nn.Embedding(spec.num_scenarios, z)
         self.ep_gate = GateNU(z + f * d, f)
@@ -162,7 +163,7 @@ class M2M(nn.Module):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig):
         super().__init__()
-        self.inputs = InputLayer(spec, cfg.embedding_dim)
+        self.inputs = InputLayer(spec, cfg.embedding_dim, cfg.text)
         f, d, z = self.inputs.num_fields, cfg.embedding_dim, cfg.scenario_embedding_dim
         self.field_attn = nn.TransformerEncoderLayer(d, cfg.attention_heads, dim_feedforward=2 * d,
                                                      dropout=cfg.dropout, batch_first=True)
@@ -198,6 +199,7 @@ BACKBONES: dict[str, type[nn.Module]] = {
     "star": STAR,
     "pepnet": PEPNet,
     "m2m": M2M,
+    "llm_ranker": LLMRanker,
 }
 
 

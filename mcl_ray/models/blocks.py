@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mcl_ray.config import TextFeatureConfig
 from mcl_ray.feature_spec import FeatureSpec
 
 
@@ -32,14 +33,13 @@ class MLP(nn.Module):
 class InputLayer(nn.Module):
     """Every feature of the spec becomes one D-wide field.
 
-    categorical: embedding (id 0 = OOV); numeric: value * w + b; text_embedding: a learned
-    projection of a precomputed (frozen) text vector, the slot the LLM encoder fills."""
+    categorical: embedding (id 0 = OOV); numeric: value * w + b; text (model.text.mode frozen or
+    finetune): the item / user text's embedding through a learned projection (models/text.py)."""
 
-    def __init__(self, spec: FeatureSpec, dim: int):
+    def __init__(self, spec: FeatureSpec, dim: int, text: TextFeatureConfig | None = None):
         super().__init__()
         self.cat_names = [f.name for f in spec.categorical]
         self.num_names = [f.name for f in spec.numeric]
-        self.text_names = [f.name for f in spec.features if f.kind == "text_embedding"]
         self.embeddings = nn.ModuleList([nn.Embedding(f.vocab_size, dim) for f in spec.categorical])
         for e in self.embeddings:
             nn.init.normal_(e.weight, std=0.01)
@@ -47,8 +47,12 @@ class InputLayer(nn.Module):
         if self.num_names:
             self.num_w = nn.Parameter(torch.randn(len(self.num_names), dim) * 0.01)
             self.num_b = nn.Parameter(torch.zeros(len(self.num_names), dim))
-        self.text_proj = nn.ModuleDict({
-            f.name: nn.Linear(f.dim, dim) for f in spec.features if f.kind == "text_embedding"})
+        self.text = None
+        if text is not None and text.mode != "off":
+            from mcl_ray.models.text import TextFields
+
+            self.text = TextFields(spec, dim, text)
+        self.text_names = [f"{f}_text" for f in self.text.fields] if self.text is not None else []
         self.num_fields = len(self.cat_names) + len(self.num_names) + len(self.text_names)
         self.dim = dim
 
@@ -56,8 +60,8 @@ class InputLayer(nn.Module):
         fields = [emb(batch["cat"][:, i]) for i, emb in enumerate(self.embeddings)]  # F_cat x [B, D]
         if self.num_names:
             fields += list((batch["num"].unsqueeze(-1) * self.num_w + self.num_b).unbind(1))  # [B, N, D]
-        for name in self.text_names:
-            fields.append(self.text_proj[name](batch[f"text:{name}"]))  # [B, T] -> [B, D]
+        if self.text is not None:
+            fields += self.text(batch["cat"])  # T x [B, D]
         return torch.stack(fields, dim=1)
 
     def field_index(self, name: str) -> int:

@@ -93,7 +93,9 @@ class Recommender:
 
     def _item_vectors(self) -> torch.Tensor:
         """Item representations for MMR diversity: the model's embeddings of the item-side features."""
-        inp = next(m for m in self.model.modules() if isinstance(m, InputLayer))
+        inp = next((m for m in self.model.modules() if isinstance(m, InputLayer)), None)
+        if inp is None:  # llm_ranker has no id embeddings: MMR sees every item as unlike every other
+            return torch.eye(len(self.item_keys))
         with torch.no_grad():
             parts = [inp.embeddings[inp.cat_names.index(n)](torch.from_numpy(v)) for n, v in self.item_cols.items()]
         vec = torch.cat(parts, 1) if parts else torch.eye(len(self.item_keys))

@@ -19,6 +19,7 @@ from mcl_ray.config import ExperimentConfig
 from mcl_ray.evaluate.metrics import binary_metrics
 from mcl_ray.feature_spec import FeatureSpec
 from mcl_ray.models.backbones import build_model
+from mcl_ray.models.text import attach_texts
 from mcl_ray.train import checkpoint as ck
 from mcl_ray.train.tensors import Batch, num_rows, shard_to_tensors, take
 
@@ -36,7 +37,8 @@ def predict(model: torch.nn.Module, data: Batch, batch_size: int, device: torch.
 def make_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):
     tc = cfg.train
     cls = torch.optim.Adam if tc.optimizer == "adam" else torch.optim.AdamW
-    opt = cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen text tables/encoder layers stay out
+    opt = cls(params, lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs) if tc.lr_schedule == "cosine" else None
     return opt, sched
 
@@ -76,10 +78,12 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = build_model(spec, cfg.model)
+    attach_texts(model, Path(loop_cfg["prepare_dir"]), spec)  # text tables / token ids (no-op without texts)
     if world > 1:
         # DDP: gloo on CPU, NCCL on GPU. Scenario-specific blocks run even on zero rows, so every
-        # parameter gets a gradient each step and DDP can skip the unused-parameter search.
-        model = ray.train.torch.prepare_model(model)
+        # parameter gets a gradient each step and DDP can skip the unused-parameter search. Buffers
+        # (text token ids) never change: no need to broadcast them before every forward.
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     else:
         model = model.to(device)
     opt, sched = make_optimizer(cfg, model)

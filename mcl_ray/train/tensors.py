@@ -46,13 +46,23 @@ def concat(parts: Iterable[Batch]) -> Batch:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def read_split(prepare_dir: str | Path, spec: FeatureSpec, split: str, extra: list[str] | None = None) -> pa.Table:
+def read_split(prepare_dir: str | Path, spec: FeatureSpec, split: str, extra: list[str] | None = None,
+               sample: int | None = None, seed: int = 0) -> pa.Table:
     folder = Path(prepare_dir) / spec.splits[split]
     files = sorted(folder.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no parquet files in {folder}; run `mcl-ray prepare` first")
     cols = columns_for(spec) + (extra or [])
-    return pa.concat_tables([pq.read_table(f, columns=cols) for f in files])
+    table = pa.concat_tables([pq.read_table(f, columns=cols) for f in files])
+    return sample_rows(table, sample, seed)
+
+
+def sample_rows(table: pa.Table, n: int | None, seed: int) -> pa.Table:
+    """A seeded random sample of n rows (kept in file order); all rows when n is None or >= the rows."""
+    if n is None or n >= table.num_rows:
+        return table
+    idx = np.sort(np.random.default_rng(seed).choice(table.num_rows, n, replace=False))
+    return table.take(pa.array(idx))
 
 
 def load_split(prepare_dir: str | Path, spec: FeatureSpec, split: str) -> Batch:

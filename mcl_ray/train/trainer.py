@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mcl_ray.config import ExperimentConfig
 from mcl_ray.feature_spec import FeatureSpec
+from mcl_ray.models.text import check_text_inputs
 from mcl_ray.train import checkpoint as ck
 from mcl_ray.train.tensors import columns_for
 
@@ -25,9 +26,12 @@ class TrainResult:
     seconds: float
 
 
-def train_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec, seed: int) -> str:
+def train_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec, seed: int, prepare_dir: Path | None = None) -> str:
     blob = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
             "seed": seed, "data": spec.data_fingerprint}
+    if cfg.model.text.mode == "frozen" and prepare_dir is not None:  # other embeddings: another run
+        blob["embeddings"] = {f: (prepare_dir / spec.text[f].embedding).with_suffix(".json").read_text()
+                              for f in cfg.model.text.fields if f in spec.text and spec.text[f].embedding}
     # Scale-out settings do not change what is learned enough to invalidate a run, and a larger
     # `epochs` continues a run from its last checkpoint instead of starting over.
     for k in ("num_workers", "use_gpu", "cpus_per_worker", "max_failures", "eval_batch_size", "epochs"):
@@ -39,8 +43,9 @@ def train_one(cfg: ExperimentConfig, prepare_dir: Path, train_dir: Path, seed: i
               console=None, evaluate: bool = True) -> TrainResult:
     t0 = time.perf_counter()
     spec = FeatureSpec.load(prepare_dir)
+    check_text_inputs(cfg.model, spec)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
-    fp = train_fingerprint(cfg, spec, seed)
+    fp = train_fingerprint(cfg, spec, seed, prepare_dir)
     fp_file = train_dir / "fingerprint.json"
     same = fp_file.exists() and json.loads(fp_file.read_text())["fingerprint"] == fp
     finished = same and (train_dir / "metrics.json").exists() and json.loads(
@@ -102,20 +107,30 @@ def build_trainer(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path, o
             callbacks=callbacks,
             # Ray Train logs every report with its full metrics dict at INFO; we print our own epoch lines.
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-        datasets=datasets or materialized_splits(spec, prepare_dir),
+        datasets=datasets or materialized_splits(spec, prepare_dir, cfg.train.sample_rows, seed),
         # validation data goes whole to every worker, so all ranks take the same early-stopping decision
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 
 
-def materialized_splits(spec: FeatureSpec, prepare_dir: Path) -> dict:
+def materialized_splits(spec: FeatureSpec, prepare_dir: Path, sample: dict | None = None, seed: int = 0) -> dict:
     """train/valid as materialised Ray Datasets: workers that take every CPU would otherwise starve
-    the read tasks (a sweep reads them once and hands the same blocks to every trial)."""
+    the read tasks (a sweep reads them once and hands the same blocks to every trial). A split
+    named in `sample` (train.sample_rows) is a seeded row sample, read in the driver."""
     import ray.data
 
+    from mcl_ray.train.tensors import read_split
+
     cols = columns_for(spec)
-    return {s: ray.data.read_parquet(str((prepare_dir / spec.splits[s]).resolve())).select_columns(cols).materialize()
-            for s in ("train", "valid")}
+    out = {}
+    for s in ("train", "valid"):
+        if s in (sample or {}):
+            t = read_split(prepare_dir, spec, s, sample=sample[s], seed=seed)
+            step = max(1, -(-t.num_rows // 8))
+            out[s] = ray.data.from_arrow([t.slice(i, step) for i in range(0, t.num_rows, step)]).materialize()
+        else:
+            out[s] = ray.data.read_parquet(str((prepare_dir / spec.splits[s]).resolve())).select_columns(cols).materialize()
+    return out
 
 
 def resume_epoch(out_dir: Path) -> int:

@@ -142,7 +142,8 @@ def make_tuner(cfg: ExperimentConfig, prepare_dir: Path, tune_dir: Path, console
     base = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})}).model_dump(mode="json")
     trainable = ray.tune.with_parameters(run_trial, base=base, prepare_dir=str(prepare_dir.resolve()),
                                          trials_dir=str((tune_dir / "trials").resolve()),
-                                         datasets=materialized_splits(FeatureSpec.load(prepare_dir), prepare_dir))
+                                         datasets=materialized_splits(FeatureSpec.load(prepare_dir), prepare_dir,
+                                                                      cfg.train.sample_rows, cfg.train.seed))
     # The trial function only drives its TorchTrainer: the workers hold the CPUs. Any CPU share
     # here would leave N trials x (workers + share) > CPUs and deadlock the last worker, so the
     # request is a token amount of memory (Tune refuses an empty one).
@@ -235,7 +236,15 @@ def sweep(cfg: ExperimentConfig, prepare_dir: Path, run_dir: Path, console=None,
 
     t0 = time.perf_counter()
     tune_dir = run_dir / "tune"
-    fp = sweep_fingerprint(cfg, FeatureSpec.load(prepare_dir))
+    from mcl_ray.llm.encoder import EncoderError
+    from mcl_ray.models.text import check_text_inputs
+
+    spec = FeatureSpec.load(prepare_dir)
+    try:
+        check_text_inputs(cfg.model, spec)
+    except EncoderError as e:
+        raise SweepError(str(e)) from None
+    fp = sweep_fingerprint(cfg, spec)
     fp_file = tune_dir / "fingerprint.json"
     if tune_dir.exists() and (force or not fp_file.exists() or json.loads(fp_file.read_text())["fingerprint"] != fp):
         say(console, f"[yellow]tune: {'--force' if force else 'config or data changed'}; starting a new sweep in {tune_dir}")
