@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -37,10 +38,28 @@ ConfigArg = Annotated[Path, typer.Argument(help="Experiment YAML (see experiment
 
 def _load(config: Path, overrides: list[str] | None):
     try:
-        return load_config(config, overrides or [])
+        cfg = load_config(config, overrides or [])
     except ConfigError as e:
         err.print(f"[red]error:[/] {e}", markup=True, highlight=False)
         raise typer.Exit(2) from None
+    if cfg.run_dir and "://" in cfg.run_dir:  # shared storage: work on a local copy, synced per stage
+        from mcl_ray import storage
+
+        try:
+            n = storage.pull(cfg.run_dir, Path(cfg.resolved_run_dir()))
+        except (ValueError, OSError) as e:
+            _fail(e, 2)
+        err.print(f"run_dir {cfg.run_dir}: staged in {cfg.resolved_run_dir()} ({n} file(s) pulled)")
+    return cfg
+
+
+def _push(cfg) -> None:
+    """After a stage: copy new/changed files of the staged run directory to run_dir (a URI)."""
+    if cfg.run_dir and "://" in cfg.run_dir:
+        from mcl_ray import storage
+
+        n = storage.push(Path(cfg.resolved_run_dir()), cfg.run_dir)
+        err.print(f"run_dir {cfg.run_dir}: {n} file(s) pushed")
 
 
 def _fail(e: Exception, code: int = 1) -> None:
@@ -109,6 +128,7 @@ def _prepare(cfg, out_dir: Path | None, force: bool):
         _fail(e)
     _meta(cfg, "prepare", res.out_dir)
     print_prepare_summary(res)
+    _push(cfg)
     return res
 
 
@@ -153,17 +173,17 @@ SeedsOpt = Annotated[int, typer.Option("--seeds", min=1, help="Repeat with seeds
 
 
 def _train(cfg, prepare_dir: Path, seeds: int, force: bool):
-    from mcl_ray.train.trainer import train
-
     from mcl_ray.llm.encoder import EncoderError
+    from mcl_ray.train.trainer import TrackingError, train
 
     run_dir = Path(cfg.resolved_run_dir())
     _meta(cfg, "train", prepare_dir)
     try:
         results, summary = train(cfg, prepare_dir, run_dir, seeds=seeds, force=force, console=err)
-    except EncoderError as e:
+    except (EncoderError, TrackingError) as e:
         _fail(e, 2)
     print_metrics(results, summary, run_dir)
+    _push(cfg)
     return results, summary
 
 
@@ -264,6 +284,7 @@ def _encode(cfg, prepare_dir: Path, force: bool = False) -> None:
         rate = f", {st['texts_per_s']:.0f} texts/s" if st["texts_per_s"] else ""
         out.print(f"{field}: {st['rows']:,} texts -> {st['file']} (dim {st['dim']}; encoded {st['encoded']:,}, "
                   f"cached {st['reused']:,}{rate})")
+    _push(cfg)
 
 
 def _tune(cfg, prepare_dir: Path, force: bool = False):
@@ -279,6 +300,7 @@ def _tune(cfg, prepare_dir: Path, force: bool = False):
                   "(finished trials are kept)")
         raise typer.Exit(130) from None
     print_sweep(res)
+    _push(cfg)
     return res
 
 
@@ -461,21 +483,39 @@ def run(
     """Run the pipeline: prepare -> encode (text features) -> train (or tune) -> evaluate -> export
     (unchanged stages are reused)."""
     cfg = _load(config, set_)
-    err.print(f"[bold]mcl-ray run[/] {cfg.name} -> {cfg.resolved_run_dir()}")
+    err.print(f"[bold]mcl-ray run[/] {cfg.name} -> {cfg.run_dir or cfg.resolved_run_dir()}")
+    sweep_ = cfg.tune.enabled if tune_ is None else tune_
+    stages = ["prepare"] + (["encode"] if cfg.model.text.mode == "frozen" else []) + \
+        ["tune" if sweep_ else "train + evaluate", "export + report"] + (["serve demo"] if serve_demo else [])
+    t0 = time.perf_counter()
+
+    def stage(name: str) -> None:  # progress: which stage of how many, time so far
+        err.rule(f"[bold]stage {stages.index(name) + 1}/{len(stages)}: {name}[/]  "
+                 f"({time.perf_counter() - t0:.0f} s elapsed)")
+
+    stage("prepare")
     res = _prepare(cfg, None, force)
-    if cfg.model.text.mode == "frozen":  # finetune / llm_ranker tokenize the texts inside the model
+    if "encode" in stages:  # finetune / llm_ranker tokenize the texts inside the model
+        stage("encode")
         _encode(cfg, res.out_dir, force)
     artifact = Path(cfg.resolved_run_dir()) / "artifact"
-    if cfg.tune.enabled if tune_ is None else tune_:
+    if sweep_:
+        stage("tune")
         _tune(cfg, res.out_dir, force)
+        stage("export + report")
     else:
+        stage("train + evaluate")
         results, _ = _train(cfg, res.out_dir, seeds, force)
+        stage("export + report")
         _export(results[0].train_dir, res.out_dir, artifact)
     from mcl_ray.report import write_run_report
 
     err.print(f"report: {write_run_report(cfg.resolved_run_dir())}")
+    _push(cfg)
     if serve_demo:
+        stage("serve demo")
         _serve_demo(artifact, serve_port)
+    err.print(f"[green]done[/] in {time.perf_counter() - t0:.0f} s")
 
 
 def main() -> None:

@@ -285,6 +285,14 @@ class RayConfig(Strict):
     num_cpus: int | None = Field(None, gt=0, description="Logical CPUs of a local cluster (null: all cores).")
 
 
+class TrackingConfig(Strict):
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI (http://host:5000, sqlite:////abs/mlflow.db, databricks): every "
+        "training run and trial logs params and per-epoch metrics there (rank 0, Ray's setup_mlflow). null: off. "
+        "TensorBoard event files are always written.")
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment (null: the experiment name).")
+
+
 # ----------------------------------------------------------------------------- encode
 
 
@@ -387,6 +395,7 @@ class ExperimentConfig(Strict):
     encode: EncodeConfig = Field(default_factory=EncodeConfig, description="Text encoder for semantic features.")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyperparameter sweep (Ray Tune + Optuna).")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster to run on.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking (MLflow).")
 
     @field_validator("name")
     @classmethod
@@ -429,6 +438,11 @@ class ExperimentConfig(Strict):
         return self
 
     def resolved_run_dir(self) -> str:
+        """The local run directory: run_dir, runs/<name>, or the staging copy of a run_dir URI (storage.py)."""
+        if self.run_dir and "://" in self.run_dir:
+            from mcl_ray.storage import staging_dir
+
+            return str(staging_dir(self.run_dir, self.name))
         return self.run_dir or str(Path("runs") / self.name)
 
 

@@ -36,6 +36,17 @@ def write_run_report(run_dir: str | Path) -> Path:
         q = {k: v["rows_quarantined"] for k, v in stats["rows"].items()}
         lines += ["", f"Quarantined rows: {q} (kept in `prepare/quarantine/`).", ""]
 
+    enc = sorted((root / "prepare" / "embeddings").glob("*.json"))
+    if enc:
+        lines += ["## Text features (encode)", "", "| field | encoder | texts | encoded this run | cached | texts/s |",
+                  "|---|---|---|---|---|---|"]
+        for f in enc:
+            e = _load(f)
+            rate = f"{e['texts_per_s']:.0f}" if e.get("texts_per_s") else "-"
+            lines.append(f"| {f.stem} | {e['encoder']} (`{e['fingerprint'][:12]}`) | {e['rows']:,} | {e['encoded']:,} "
+                         f"| {e['reused']:,} | {rate} |")
+        lines.append("")
+
     summary = _load(root / "train" / "summary.json")
     if summary:
         lines += ["## Training", "", f"Backbone `{summary['backbone']}`, seeds {summary['seeds']}.", "",

@@ -29,7 +29,8 @@ def test_run_quick_experiment_and_reuse(tmp_path, ray_cluster):
     for section in ("## Data (prepare)", "## Training", "## Model artifact", "learning_curves.png"):
         assert section in report, section
     meta = json.loads((tmp_path / "run/metadata.json").read_text())["runs"]
-    assert [m["stage"] for m in meta] == ["prepare", "train"] and meta[0]["config"]["name"] == "ml1m_swr_quick"
+    assert [m["stage"] for m in meta] == ["prepare", "encode", "train"] and meta[0]["config"]["name"] == "ml1m_swr_quick"
+    assert "## Text features (encode)" in report and "stage 5/5: serve demo" in r.output
     args += ["--no-serve-demo"]
     out = tmp_path / "run" / "prepare"
     for f in ("feature_spec.json", "stats.json", "vocabs.json", "users.parquet", "items.parquet"):

@@ -29,7 +29,7 @@ def test_ray_job_submit_end_to_end(tmp_path):
     temp = Path(tempfile.mkdtemp(prefix="mclj-"))  # short: Ray's socket paths must stay short
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PATH=f"{BIN}:{env.get('PATH', '')}", RAY_TMPDIR=str(temp), RAY_USAGE_STATS_ENABLED="0",
-               RAY_AUTH_MODE="disabled")
+               RAY_AUTH_MODE="disabled", MCL_RAY_STAGING=str(tmp_path / "staging"))
     gcs, dash = free_port(), free_port()
     # Every fixed default port picked free: another Ray cluster on this machine (the test session's
     # own) holds the defaults, and a job agent that cannot bind never accepts a job.
@@ -49,9 +49,10 @@ def test_ray_job_submit_end_to_end(tmp_path):
             except OSError:
                 assert time.time() < deadline and head.poll() is None, "Ray head did not come up"
                 time.sleep(1)
-        run_dir = tmp_path / "shared" / "run"  # an absolute path: the run directory on shared storage
+        run_dir = tmp_path / "shared" / "run"  # the run directory on "shared storage", as a pyarrow URI
         submit = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
-                  str(ROOT), "--", "mcl-ray", "run", "experiments/ml1m_swr_quick.yaml", "--set", f"run_dir={run_dir}",
+                  str(ROOT), "--", "mcl-ray", "run", "experiments/ml1m_swr_quick.yaml", "--set",
+                  f"run_dir=file://{run_dir}",
                   "--set", "data.max_interactions=5000", "--set", "train.epochs=1", "--no-serve-demo"]
         for _ in range(60):  # the head's job agent starts a few seconds after its dashboard
             r = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
@@ -60,11 +61,12 @@ def test_ray_job_submit_end_to_end(tmp_path):
             time.sleep(2)
         assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
         assert "test metrics: shared_bottom" in r.stdout  # the job's output streamed back
-        for f in ("prepare/feature_spec.json", "train/seed_2024/metrics.json", "artifact/model.safetensors",
-                  "artifact/MODEL_CARD.md", "metadata.json"):
+        assert "pushed" in r.stdout and (tmp_path / "staging").is_dir()  # worked on a staged copy, synced back
+        for f in ("prepare/feature_spec.json", "prepare/embeddings/item.parquet", "train/seed_2024/metrics.json",
+                  "artifact/model.safetensors", "artifact/MODEL_CARD.md", "metadata.json", "report.md"):
             assert (run_dir / f).exists(), f
         meta = json.loads((run_dir / "metadata.json").read_text())["runs"]
-        assert [m["stage"] for m in meta] == ["prepare", "train"]
+        assert [m["stage"] for m in meta] == ["prepare", "encode", "train"]
         assert all(m["ray_job_id"] for m in meta) and meta[0]["data_fingerprint"]
         submission = meta[0]["ray_submission_id"]
         assert submission and submission.startswith("raysubmit_") and submission in r.stdout
@@ -96,6 +98,7 @@ def test_killed_driver_resumes_and_skips_finished_stages(tmp_path, ray_cluster):
     assert r.returncode == 0, r.stderr[-3000:]
     log = r.stdout + r.stderr
     assert "inputs and config unchanged" in log and "reusing" in log  # prepare skipped
+    assert "texts cached for this encoder; nothing to do" in log  # encode skipped
     assert "resuming from" in log  # train continues from its checkpoint
     hist = json.loads(history.read_text())
     assert [h["epoch"] for h in hist] == list(range(6))  # no epoch lost or repeated

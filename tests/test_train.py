@@ -100,12 +100,22 @@ def test_cli_train_with_seeds_and_evaluate(prepared):
 
     run_dir, pdir = prepared
     cfgs = ["--set", f"run_dir={run_dir}", "--set", "data.max_interactions=150000", "--set", "train.epochs=1",
-            "--set", "model.hidden=[32]", "--set", "evaluate.ranking_users=20", "--set", "train.batch_size=2048"]
+            "--set", "model.hidden=[32]", "--set", "evaluate.ranking_users=20", "--set", "train.batch_size=2048",
+            "--set", "model.text.mode=off", "--set", f"tracking.mlflow_uri=sqlite:///{run_dir / 'mlflow.db'}",
+            "--set", "tracking.mlflow_experiment=cli-seeds"]
     r = CliRunner().invoke(app, ["train", str(ROOT / "experiments/ml1m_swr_quick.yaml"), "--seeds", "2", *cfgs])
     assert r.exit_code == 0, r.output
     assert "2 seed(s)" in r.output and "±" in r.output
     summary = json.loads((run_dir / "train" / "summary.json").read_text())
     assert summary["overall"]["auc"]["n"] == 2 and summary["seeds"] == [2024, 2025]
+    # MLflow (configured): one run per seed with its params and per-epoch metrics
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cli-seeds").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["ml1m_swr_quick-seed2024", "ml1m_swr_quick-seed2025"]
+    assert all(r.data.params["train.epochs"] == "1" and "val_auc" in r.data.metrics for r in runs)
+    assert len(client.get_metric_history(runs[0].info.run_id, "val_auc")) == 1
     r = CliRunner().invoke(app, ["evaluate", str(run_dir)])
     assert r.exit_code == 0, r.output
     assert "overall" in r.output

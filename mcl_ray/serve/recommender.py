@@ -53,9 +53,9 @@ class Recommender:
         self.cat_names = [f.name for f in spec.categorical]
         self.sources = {f.name: f.source for f in spec.categorical}
         self.lookup = {n: {v: i + 1 for i, v in enumerate(vocabs[n])} for n in self.cat_names}
-        if spec.numeric or any(f.kind == "text_embedding" for f in spec.features):
-            # numeric/text features need per-item values the artifact does not carry yet
-            raise ValueError("serving supports categorical features only in this version")
+        if spec.numeric:  # numeric features need per-item values the artifact does not carry yet
+            raise ValueError("serving supports categorical and text features only in this version")
+        # text features need nothing here: the model looks them up by user/item id (tables in its weights)
         self.context_names = [n for n in self.cat_names if self.sources[n] == "context"]
 
         items = pq.read_table(art.file(spec.items_table))

@@ -110,6 +110,15 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         from tensorboardX import SummaryWriter
 
         tb = SummaryWriter(str(out_dir / "tensorboard"), flush_secs=10)
+    mlf = None
+    if cfg.tracking.mlflow_uri:  # rank 0 only (Ray's helper returns a no-op module elsewhere)
+        from ray.air.integrations.mlflow import setup_mlflow
+
+        params = {f"{sec}.{k}": v for sec in ("model", "train") for k, v in getattr(cfg, sec).model_dump().items()}
+        mlf = setup_mlflow(config={**params, "seed": seed, "data_fingerprint": spec.data_fingerprint},
+                           tracking_uri=cfg.tracking.mlflow_uri,
+                           experiment_name=cfg.tracking.mlflow_experiment or cfg.name,
+                           run_name=loop_cfg.get("run_name"), create_experiment_if_not_exists=True)
     # Every rank must run the same number of steps or DDP's all-reduce hangs.
     n = torch.tensor([num_rows(train)])
     if world > 1:
@@ -167,6 +176,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 if k not in ("epoch", "world_size"):
                     tb.add_scalar(k, v, epoch + 1)
             tb.flush()
+        if mlf is not None:
+            mlf.log_metrics(metrics, step=epoch + 1)
         if rank == 0:  # live progress in the driver's log (Ray forwards worker stdout)
             print(f"[{cfg.name}] epoch {epoch + 1}/{tc.epochs}: loss {metrics['train_loss']:.4f} "
                   f"val AUC {auc:.4f} ({metrics['samples_per_s']:,.0f} samples/s)", flush=True)
@@ -186,3 +197,5 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             break
     if tb is not None:
         tb.close()
+    if mlf is not None:
+        mlf.end_run()

@@ -39,11 +39,25 @@ def train_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec, seed: int, prepa
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
+class TrackingError(RuntimeError):
+    """Tracking is configured but cannot work; the message says how to fix it."""
+
+
+def check_tracking(cfg: ExperimentConfig) -> None:
+    if cfg.tracking.mlflow_uri:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            raise TrackingError("tracking.mlflow_uri is set but MLflow is not installed: "
+                                "pip install 'mcl-ray[tracking]' (mlflow-skinny), or set tracking.mlflow_uri=null") from None
+
+
 def train_one(cfg: ExperimentConfig, prepare_dir: Path, train_dir: Path, seed: int, force: bool = False,
               console=None, evaluate: bool = True) -> TrainResult:
     t0 = time.perf_counter()
     spec = FeatureSpec.load(prepare_dir)
     check_text_inputs(cfg.model, spec)
+    check_tracking(cfg)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
     fp = train_fingerprint(cfg, spec, seed, prepare_dir)
     fp_file = train_dir / "fingerprint.json"
@@ -95,7 +109,8 @@ def build_trainer(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path, o
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "prepare_dir": str(prepare_dir.resolve()),
                            "out_dir": str(out_dir.resolve()), "seed": seed,
-                           "resume_dir": str((out_dir / "checkpoint").resolve()), "start_epoch": start_epoch},
+                           "resume_dir": str((out_dir / "checkpoint").resolve()), "start_epoch": start_epoch,
+                           "run_name": run_name},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker={"CPU": tc.cpus_per_worker}
                                                if tc.num_workers else None),

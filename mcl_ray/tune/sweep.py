@@ -240,9 +240,12 @@ def sweep(cfg: ExperimentConfig, prepare_dir: Path, run_dir: Path, console=None,
     from mcl_ray.models.text import check_text_inputs
 
     spec = FeatureSpec.load(prepare_dir)
+    from mcl_ray.train.trainer import TrackingError, check_tracking
+
     try:
         check_text_inputs(cfg.model, spec)
-    except EncoderError as e:
+        check_tracking(cfg)
+    except (EncoderError, TrackingError) as e:
         raise SweepError(str(e)) from None
     fp = sweep_fingerprint(cfg, spec)
     fp_file = tune_dir / "fingerprint.json"
