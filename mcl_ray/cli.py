@@ -174,13 +174,13 @@ SeedsOpt = Annotated[int, typer.Option("--seeds", min=1, help="Repeat with seeds
 
 def _train(cfg, prepare_dir: Path, seeds: int, force: bool):
     from mcl_ray.llm.encoder import EncoderError
-    from mcl_ray.train.trainer import TrackingError, train
+    from mcl_ray.train.trainer import SetupError, train
 
     run_dir = Path(cfg.resolved_run_dir())
     _meta(cfg, "train", prepare_dir)
     try:
         results, summary = train(cfg, prepare_dir, run_dir, seeds=seeds, force=force, console=err)
-    except (EncoderError, TrackingError) as e:
+    except (EncoderError, SetupError) as e:
         _fail(e, 2)
     print_metrics(results, summary, run_dir)
     _push(cfg)
@@ -284,6 +284,43 @@ def _encode(cfg, prepare_dir: Path, force: bool = False) -> None:
         rate = f", {st['texts_per_s']:.0f} texts/s" if st["texts_per_s"] else ""
         out.print(f"{field}: {st['rows']:,} texts -> {st['file']} (dim {st['dim']}; encoded {st['encoded']:,}, "
                   f"cached {st['reused']:,}{rate})")
+    _push(cfg)
+
+
+@app.command()
+def augment(
+    config: ConfigArg,
+    force: Annotated[bool, typer.Option("--force", help="Generate again even when inputs are unchanged.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Generate synthetic interactions for thin users with an LLM (vLLM or transformers on Ray Data).
+
+    Uses the `augment:` section; training uses the rows when augment.enabled (weight augment.weight)."""
+    cfg = _load(config, set_)
+    _augment(cfg, _prepared_dir(cfg, config), force)
+
+
+def _augment(cfg, prepare_dir: Path, force: bool = False) -> None:
+    from mcl_ray.llm.augment import AugmentError, augment_stage
+    from mcl_ray.llm.generator import GeneratorError, resolve_generator
+
+    try:
+        resolve_generator(cfg.augment.model)  # before starting Ray
+        _init_ray(cfg)
+        _meta(cfg, "augment", prepare_dir)
+        res = augment_stage(cfg, prepare_dir, console=err, force=force)
+    except (AugmentError, GeneratorError) as e:
+        _fail(e, 2)
+    st = res.stats
+    t = Table(title=f"augment ({st['generator']['backend']}, {st['generator']['model']}, prompt "
+                    f"{st['generator']['prompt_version']})" + (" (cached)" if res.cached else ""))
+    for c in ("requested", "answered", "valid", "invalid", "duplicates dropped", "rows written (+/-)"):
+        t.add_column(c, justify="right")
+    t.add_row(str(st["requested"]), str(st["answered"]), str(st["valid"]),
+              ", ".join(f"{k} {v}" for k, v in st["invalid"].items()) or "0", str(st["duplicates_of_real"]),
+              f"{st['rows_written']} ({st['positives']}/{st['negatives']})")
+    out.print(t)
+    out.print(f"outputs: {res.out_dir}/synthetic.parquet, generations.parquet (every prompt and answer), stats.json")
     _push(cfg)
 
 
@@ -480,12 +517,13 @@ def run(
                                              help="End by serving the artifact and sending a sample request.")] = True,
     serve_port: Annotated[int, typer.Option(help="Port of the sample serve app.")] = 8000,
 ) -> None:
-    """Run the pipeline: prepare -> encode (text features) -> train (or tune) -> evaluate -> export
-    (unchanged stages are reused)."""
+    """Run the pipeline: prepare -> encode (text features) -> augment (LLM rows) -> train (or tune) ->
+    evaluate -> export (unchanged stages are reused)."""
     cfg = _load(config, set_)
     err.print(f"[bold]mcl-ray run[/] {cfg.name} -> {cfg.run_dir or cfg.resolved_run_dir()}")
     sweep_ = cfg.tune.enabled if tune_ is None else tune_
     stages = ["prepare"] + (["encode"] if cfg.model.text.mode == "frozen" else []) + \
+        (["augment"] if cfg.augment.enabled else []) + \
         ["tune" if sweep_ else "train + evaluate", "export + report"] + (["serve demo"] if serve_demo else [])
     t0 = time.perf_counter()
 
@@ -498,6 +536,9 @@ def run(
     if "encode" in stages:  # finetune / llm_ranker tokenize the texts inside the model
         stage("encode")
         _encode(cfg, res.out_dir, force)
+    if "augment" in stages:
+        stage("augment")
+        _augment(cfg, res.out_dir, force)
     artifact = Path(cfg.resolved_run_dir()) / "artifact"
     if sweep_:
         stage("tune")

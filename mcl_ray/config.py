@@ -309,6 +309,41 @@ class EncodeConfig(Strict):
         "the user/item tables.")
 
 
+# ----------------------------------------------------------------------------- augment
+
+
+class AugmentConfig(Strict):
+    enabled: bool = Field(False, description="`mcl-ray run` runs augment, and training uses the synthetic rows.")
+    backend: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="vllm (ray.data.llm engine workers), transformers (HF generate in an actor pool), "
+        "auto: vllm when installed, else transformers.")
+    model: str = Field("SmolLM2-135M-Instruct", description="Generator: the packaged SmolLM2 (GGUF, converted once) "
+                       "or a local instruction-tuned causal LM folder.")
+    scenarios: list[str] | None = Field(None, description="Target scenarios by name (null: all).")
+    max_interactions: int = Field(30, ge=1, description="Target users with at most this many train interactions.")
+    num_users: int = Field(200, ge=1, description="Target users sampled (seeded) among those eligible.")
+    history_len: int = Field(10, ge=1, le=50, description="Liked train items shown in the prompt (most recent first).")
+    num_candidates: int = Field(8, ge=2, le=20, description="Candidates per prompt (letters A..).")
+    random_candidates: int = Field(3, ge=0, description="Of which random unseen items; the rest are popular in the "
+                                   "user's scenario and unseen.")
+    weight: float = Field(0.5, ge=0.0, description="Sample weight of synthetic rows in training (0: not used). "
+                          "Applied at train time: changing it needs no new generation; tunable as augment.weight.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature (0: greedy).")
+    max_model_len: int = Field(2048, ge=256, description="vllm: context length of the engine.")
+    batch_size: int = Field(16, ge=1, description="Prompts per backend call.")
+    concurrency: int = Field(1, ge=1, description="Generator actors / engine replicas.")
+    torch_threads: int = Field(1, ge=1, description="CPU threads (and CPUs reserved) per actor on CPU.")
+    use_gpu: bool = Field(False, description="One GPU per actor / engine.")
+    seed: int = Field(0, description="Seed of user/candidate sampling and generation.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AugmentConfig":
+        if self.random_candidates >= self.num_candidates:
+            raise ValueError(f"augment.random_candidates ({self.random_candidates}) must be below "
+                             f"augment.num_candidates ({self.num_candidates})")
+        return self
+
+
 # ----------------------------------------------------------------------------- tune
 
 
@@ -339,9 +374,10 @@ class Choice(Strict):
 SearchParam = Annotated[Union[LogUniform, Uniform, IntRange, Choice], Field(discriminator="type")]
 
 # Only what a trial may change: the data (prepare) stays fixed across a sweep.
-TUNABLE_SECTIONS = ("model", "train")
+TUNABLE_SECTIONS = ("model", "train", "augment")
 UNTUNABLE = {"train.num_workers", "train.use_gpu", "train.cpus_per_worker", "train.max_failures",
              "train.eval_batch_size", "train.epochs", "train.seed"}
+TUNABLE_AUGMENT = {"augment.weight"}  # the rest of augment changes the generated data, fixed per sweep
 
 
 class TuneConfig(Strict):
@@ -373,8 +409,8 @@ class TuneConfig(Strict):
         for key, p in self.space.items():
             where = f"tune.space.{key}"
             parts = key.split(".")
-            if len(parts) != 2 or parts[0] not in TUNABLE_SECTIONS:
-                raise ValueError(f"{where}: searchable keys are model.<key> or train.<key>")
+            if len(parts) != 2 or parts[0] not in TUNABLE_SECTIONS or (parts[0] == "augment" and key not in TUNABLE_AUGMENT):
+                raise ValueError(f"{where}: searchable keys are model.<key>, train.<key> or augment.weight")
             if key in UNTUNABLE:
                 raise ValueError(f"{where}: this key is fixed per sweep (set it in the experiment instead)")
             if isinstance(p, (LogUniform, Uniform, IntRange)) and not p.low < p.high:
@@ -393,6 +429,7 @@ class ExperimentConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training on Ray Train.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation metrics.")
     encode: EncodeConfig = Field(default_factory=EncodeConfig, description="Text encoder for semantic features.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="LLM data augmentation (synthetic rows).")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyperparameter sweep (Ray Tune + Optuna).")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster to run on.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking (MLflow).")
@@ -423,7 +460,7 @@ class ExperimentConfig(Strict):
     def _check_space(self) -> "ExperimentConfig":
         for key, p in self.tune.space.items():
             section, field = key.split(".")
-            model = {"model": ModelConfig, "train": TrainConfig}[section]
+            model = {"model": ModelConfig, "train": TrainConfig, "augment": AugmentConfig}[section]
             if field not in model.model_fields:
                 raise ValueError(f"tune.space.{key}: unknown key (allowed in {section}: "
                                  f"{', '.join(k for k in model.model_fields if f'{section}.{k}' not in UNTUNABLE)})")

@@ -38,6 +38,14 @@ class TextField(_Spec):
     embedding: str | None = Field(None, description="embeddings file, filled in by the encode stage")
 
 
+class SyntheticData(_Spec):
+    """LLM-generated training rows (augment stage): used for the training split only."""
+    table: str = Field(description="parquet file (relative to the prepare dir), the training split's columns")
+    rows: int
+    generator: dict = Field(description="model, backend, prompt_version, temperature, seed")
+    fingerprint: str
+
+
 class FeatureSpec(_Spec):
     version: int = SPEC_VERSION
     features: list[Feature]
@@ -50,6 +58,7 @@ class FeatureSpec(_Spec):
     item_key: str = "item_key"
     timestamp_column: str = "timestamp"
     text: dict[str, TextField] = Field(default_factory=dict)
+    synthetic: SyntheticData | None = Field(None, description="filled in by the augment stage")
     splits: dict[str, str] = Field(description="split name -> parquet folder relative to the prepare dir")
     num_rows: dict[str, int]
     users_table: str | None = "users.parquet"

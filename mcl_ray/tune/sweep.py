@@ -143,7 +143,8 @@ def make_tuner(cfg: ExperimentConfig, prepare_dir: Path, tune_dir: Path, console
     trainable = ray.tune.with_parameters(run_trial, base=base, prepare_dir=str(prepare_dir.resolve()),
                                          trials_dir=str((tune_dir / "trials").resolve()),
                                          datasets=materialized_splits(FeatureSpec.load(prepare_dir), prepare_dir,
-                                                                      cfg.train.sample_rows, cfg.train.seed))
+                                                                      cfg.train.sample_rows, cfg.train.seed,
+                                                                      synthetic=cfg.augment.enabled))
     # The trial function only drives its TorchTrainer: the workers hold the CPUs. Any CPU share
     # here would leave N trials x (workers + share) > CPUs and deadlock the last worker, so the
     # request is a token amount of memory (Tune refuses an empty one).
@@ -240,12 +241,14 @@ def sweep(cfg: ExperimentConfig, prepare_dir: Path, run_dir: Path, console=None,
     from mcl_ray.models.text import check_text_inputs
 
     spec = FeatureSpec.load(prepare_dir)
-    from mcl_ray.train.trainer import TrackingError, check_tracking
+    from mcl_ray.train.trainer import SetupError, check_tracking
 
     try:
         check_text_inputs(cfg.model, spec)
         check_tracking(cfg)
-    except (EncoderError, TrackingError) as e:
+        if cfg.augment.enabled and spec.synthetic is None:
+            raise SetupError("augment.enabled but no synthetic rows: run `mcl-ray augment CONFIG` first")
+    except (EncoderError, SetupError) as e:
         raise SweepError(str(e)) from None
     fp = sweep_fingerprint(cfg, spec)
     fp_file = tune_dir / "fingerprint.json"

