@@ -43,19 +43,56 @@ LLM_RANKER_SAMPLE = {"train": 8000, "valid": 1000, "test": 10000}
 LLM_RANKER_EPOCHS = 1
 
 
+AUG_USERS = 400  # thin users (<= 30 train interactions) prompted once, shared by every +aug variant
+THIN = 30
+
+
 def overrides(variant: str, epochs: int) -> list[str]:
-    backbone, _, extra = variant.partition("+")
+    backbone, *extras = variant.split("+")
     o = [f"model.backbone={backbone}", f"train.epochs={epochs}", "train.num_workers=1", "train.torch_threads=1"]
     if backbone in EXPERT_HIDDEN:
         o.append(f"model.hidden={EXPERT_HIDDEN[backbone]}")
-    if extra not in ("", "text"):
-        raise SystemExit(f"unknown variant suffix +{extra} (known: +text)")
-    o.append(f"model.text.mode={'frozen' if extra == 'text' else 'off'}")  # explicit: the default experiment has text on
+    for x in extras:
+        if x not in ("text",) and not x.startswith("aug"):
+            raise SystemExit(f"unknown variant suffix +{x} (known: +text, +aug<weight>)")
+    o.append(f"model.text.mode={'frozen' if 'text' in extras else 'off'}")  # explicit: the default experiment has text on
+    o += augment_overrides([x for x in extras if x.startswith("aug")])
     if backbone == "llm_ranker":
         o += [f"train.sample_rows={json.dumps(LLM_RANKER_SAMPLE)}", f"train.epochs={LLM_RANKER_EPOCHS}",
               "train.batch_size=32", "train.optimizer=adamw", "train.lr=5e-5", "train.weight_decay=0.01",
               "train.eval_batch_size=256", "evaluate.ranking_users=0"]
     return o
+
+
+def augment_overrides(aug: list[str]) -> list[str]:
+    common = [f"augment.num_users={AUG_USERS}", f"augment.max_interactions={THIN}", "augment.batch_size=16",
+              "ray.num_cpus=4"]
+    if not aug:
+        return common
+    return common + ["augment.enabled=true", f"augment.weight={float(aug[0][3:])}"]
+
+
+def auc_thin(train_dir: Path, prepare_dir: Path) -> float:
+    """Test AUC over users with <= THIN train interactions (the users augmentation targets)."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from mcl_ray.config import ExperimentConfig
+    from mcl_ray.evaluate.evaluate import load_model
+    from mcl_ray.feature_spec import FeatureSpec
+    from mcl_ray.train.loop import predict
+    from mcl_ray.train.tensors import read_split, table_to_tensors
+
+    cfg = ExperimentConfig.model_validate_json((train_dir / "config.json").read_text())
+    spec = FeatureSpec.load(prepare_dir)
+    counts = read_split(prepare_dir, spec, "train", extra=["user_key"])["user_key"].value_counts()
+    thin = {c["values"] for c in counts.to_pylist() if c["counts"] <= THIN}
+    test = read_split(prepare_dir, spec, "test", extra=["user_key"])
+    mask = np.array([u in thin for u in test["user_key"].to_pylist()])
+    data = table_to_tensors(test.filter(mask), spec)
+    p = predict(load_model(train_dir, spec, cfg), data, 65536, torch.device("cpu"))
+    return float(roc_auc_score(data["label"].numpy(), p))
 
 
 def auc_on_sample(train_dir: Path, prepare_dir: Path, seed: int) -> float:
@@ -87,7 +124,9 @@ def child(backbone: str, seed: int, epochs: int, run_dir: str) -> None:
     res = train_one(cfg, Path(run_dir) / "prepare", Path(run_dir) / "train" / f"{backbone}_seed{seed}", seed)
     m = res.metrics
     ref = auc_on_sample(res.train_dir, Path(run_dir) / "prepare", seed)
+    thin = auc_thin(res.train_dir, Path(run_dir) / "prepare")
     print(json.dumps({"backbone": backbone, "seed": seed, "auc": m["overall"]["auc"], "auc_at_sample": ref,
+                      "auc_thin_users": thin,
                       "logloss": m["overall"]["logloss"], "gauc": m["overall"]["gauc"],
                       "by_scenario": {k: {"auc": v["auc"], "logloss": v["logloss"]} for k, v in m["by_scenario"].items()},
                       "epochs": len(res.history), "best_epoch": max(res.history, key=lambda h: h["val_auc"])["epoch"],
@@ -128,10 +167,15 @@ def main() -> None:
     cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={a.run_dir}"])
     init_ray(cfg.ray)
     res = prepare(cfg)  # once; every job reuses it
-    if any(b.endswith("+text") for b in a.backbones):
+    if any("+text" in b for b in a.backbones):
         from mcl_ray.llm.encode import encode_stage
 
         encode_stage(cfg, res.out_dir)
+    if any("+aug" in b for b in a.backbones):  # one generation, every weight trains on it
+        from mcl_ray.llm.augment import augment_stage
+
+        acfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={a.run_dir}", *augment_overrides(["aug1"])])
+        print("augment:", {k: v for k, v in augment_stage(acfg, res.out_dir).stats.items() if k != "fingerprint"})
     import ray
 
     ray.shutdown()
@@ -153,6 +197,7 @@ def main() -> None:
         scen = list(rs[0]["by_scenario"])
         table[b] = {"auc": agg([r["auc"] for r in rs]), "logloss": agg([r["logloss"] for r in rs]),
                     "auc_at_sample": agg([r["auc_at_sample"] for r in rs]),
+                    "auc_thin_users": agg([r["auc_thin_users"] for r in rs]),
                     "by_scenario": {s: {"auc": agg([r["by_scenario"][s]["auc"] for r in rs]),
                                         "logloss": agg([r["by_scenario"][s]["logloss"] for r in rs])} for s in scen},
                     "seeds": len(rs), "published": PUBLISHED.get(b)}
@@ -161,7 +206,7 @@ def main() -> None:
                                        "wall_seconds": time.time() - t0}, indent=2))
     print(f"\nSWR protocol on ML-1M, test split, {a.seeds} seeds (mean ± std); published in brackets")
     print(f"{'backbone':18s} {'overall AUC':>20s} {'logloss':>16s}   per-scenario AUC (s0 / s1 / s2)   "
-          f"AUC on llm_ranker's test sample")
+          f"AUC on llm_ranker's test sample   AUC users <= {THIN} train rows")
     for b, t in sorted(table.items(), key=lambda kv: -kv[1]["auc"]["mean"]):
         pub = t["published"][0] if t["published"] else None
         ps = t["published"][1] if t["published"] else None
@@ -169,7 +214,8 @@ def main() -> None:
                         for i, v in enumerate(t["by_scenario"].values()))
         print(f"{b:18s} {t['auc']['mean']:.4f} ± {t['auc']['std']:.4f}" + (f" [{pub:.4f}]" if pub else " [  -   ]")
               + f" {t['logloss']['mean']:.4f} ± {t['logloss']['std']:.4f}   {sc}   "
-              + f"{t['auc_at_sample']['mean']:.4f} ± {t['auc_at_sample']['std']:.4f}")
+              + f"{t['auc_at_sample']['mean']:.4f} ± {t['auc_at_sample']['std']:.4f}   "
+              + f"{t['auc_thin_users']['mean']:.4f} ± {t['auc_thin_users']['std']:.4f}")
     print(f"results -> {a.out}")
 
 

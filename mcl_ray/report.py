@@ -47,6 +47,16 @@ def write_run_report(run_dir: str | Path) -> Path:
                          f"| {e['reused']:,} | {rate} |")
         lines.append("")
 
+    aug = _load(root / "prepare" / "augment" / "stats.json")
+    if aug:
+        g = aug["generator"]
+        lines += ["## Augmentation (LLM-generated rows, training split only)", "",
+                  f"Generator `{g['model']}` via {g['backend']}, prompt {g['prompt_version']}, temperature "
+                  f"{g['temperature']}. Requested {aug['requested']}, answered {aug['answered']}, valid {aug['valid']}, "
+                  f"invalid {aug['invalid'] or 0}; {aug['duplicates_of_real']} duplicates of real interactions "
+                  f"dropped; {aug['rows_written']} rows written ({aug['positives']} positive, {aug['negatives']} "
+                  f"negative). Every prompt and answer: `prepare/augment/generations.parquet`.", ""]
+
     summary = _load(root / "train" / "summary.json")
     if summary:
         lines += ["## Training", "", f"Backbone `{summary['backbone']}`, seeds {summary['seeds']}.", "",

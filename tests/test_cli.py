@@ -19,7 +19,8 @@ def test_run_quick_experiment_and_reuse(tmp_path, ray_cluster):
     runner = CliRunner()
     args = ["run", str(ROOT / "experiments/ml1m_swr_quick.yaml"), "--set", f"run_dir={tmp_path / 'run'}",
             "--set", "data.max_interactions=20000"]
-    r = runner.invoke(app, args)
+    aug = ["--set", "augment.enabled=true", "--set", "augment.backend=transformers", "--set", "augment.num_users=4"]
+    r = runner.invoke(app, args + aug)
     assert r.exit_code == 0, r.output
     assert "interactions: in 20,000 = kept 20,000 + quarantined 0" in r.output
     # the run ends by serving its artifact and showing a real answer
@@ -29,8 +30,11 @@ def test_run_quick_experiment_and_reuse(tmp_path, ray_cluster):
     for section in ("## Data (prepare)", "## Training", "## Model artifact", "learning_curves.png"):
         assert section in report, section
     meta = json.loads((tmp_path / "run/metadata.json").read_text())["runs"]
-    assert [m["stage"] for m in meta] == ["prepare", "encode", "train"] and meta[0]["config"]["name"] == "ml1m_swr_quick"
-    assert "## Text features (encode)" in report and "stage 5/5: serve demo" in r.output
+    assert [m["stage"] for m in meta] == ["prepare", "encode", "augment", "train"]
+    assert meta[0]["config"]["name"] == "ml1m_swr_quick"
+    assert "## Text features (encode)" in report and "## Augmentation" in report
+    assert "stage 3/6: augment" in r.output and "stage 6/6: serve demo" in r.output
+    assert json.loads((tmp_path / "run/prepare/augment/stats.json").read_text())["requested"] == 4
     args += ["--no-serve-demo"]
     out = tmp_path / "run" / "prepare"
     for f in ("feature_spec.json", "stats.json", "vocabs.json", "users.parquet", "items.parquet"):

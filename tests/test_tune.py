@@ -130,3 +130,13 @@ def test_sweep_asha_interrupt_resume_and_export(tmp_path, ray_cluster):
 
     study = optuna.load_study(study_name=cfg.name, storage=cfg.tune.storage)
     assert len(study.trials) >= 3
+
+
+def test_augment_weight_is_searchable():
+    from mcl_ray.tune.sweep import search_space, trial_config
+
+    cfg = load_config(BASE, space('{"augment.weight": {"type": "choice", "values": [0, 0.5, 2]}}'))
+    assert search_space(cfg.tune)["augment.weight"].categories == [0, 0.5, 2]
+    assert trial_config(cfg.model_dump(mode="json"), {"augment.weight": 2}).augment.weight == 2
+    with pytest.raises(ConfigError, match="augment.weight: value -1"):
+        load_config(BASE, space('{"augment.weight": {"type": "choice", "values": [-1, 1]}}'))

@@ -56,7 +56,7 @@ def check_tracking(cfg: ExperimentConfig) -> None:
             import mlflow  # noqa: F401
         except ImportError:
             raise SetupError("tracking.mlflow_uri is set but MLflow is not installed: "
-                                "pip install 'mcl-ray[tracking]' (mlflow-skinny), or set tracking.mlflow_uri=null") from None
+                             "pip install 'mcl-ray[tracking]' (mlflow-skinny), or set tracking.mlflow_uri=null") from None
 
 
 def train_one(cfg: ExperimentConfig, prepare_dir: Path, train_dir: Path, seed: int, force: bool = False,
