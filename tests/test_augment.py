@@ -65,7 +65,7 @@ def test_augment_config_errors():
         load_config(QUICK, ["augment.weight=-1"])
 
 
-def _answers_with_injection(backend_cls_kwargs, gen):
+def _answers_with_injection(gen):
     cands = [(INJECTION, "Drama"), ("Heat", "Action"), ("Fargo", "Crime"), ("Babe", "Children's")]
     batch = {"id": [0, 1], "n_candidates": [4, 3],
              "messages_json": [json.dumps(messages([("Toy Story", "Animation")], cands)),
@@ -79,12 +79,12 @@ def test_transformers_backend_is_held_to_the_candidates():
     from mcl_ray.llm.generator import resolve_generator
 
     gen = TransformersGenerator(str(resolve_generator("SmolLM2-135M-Instruct")))
-    out = _answers_with_injection({}, gen)
+    out = _answers_with_injection(gen)
     for answer, n in zip(out["answer"], (4, 3)):
         p = parse_answer(answer, n)
         assert p.ok, answer
         assert json.loads(answer).keys() == {"like", "dislike"}
-    assert all(c == 13 or c > 0 for c in out["generated_tokens"])
+    assert all(c > 0 for c in out["generated_tokens"])
 
 
 def test_generator_errors(tmp_path):

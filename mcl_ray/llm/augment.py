@@ -185,7 +185,7 @@ def synthetic_rows(pairs: list[tuple], spec: FeatureSpec, prepare_dir: Path) -> 
     one of the user's train rows, item features from one of the item's train rows, context unknown (0)."""
     extra = [spec.user_key, spec.item_key, spec.timestamp_column, spec.provenance_column]
     train = read_split(prepare_dir, spec, "train", extra=extra).to_pandas()
-    cols = [c for c in train.columns]
+    cols = list(train.columns)
     if not pairs:
         return train.iloc[:0][cols]
     src = {f.name: f.source for f in spec.categorical}
