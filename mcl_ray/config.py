@@ -325,7 +325,10 @@ class AugmentConfig(Strict):
     history_len: int = Field(10, ge=1, le=50, description="Liked train items shown in the prompt (most recent first).")
     num_candidates: int = Field(8, ge=2, le=20, description="Candidates per prompt (letters A..).")
     random_candidates: int = Field(3, ge=0, description="Of which random unseen items; the rest are popular in the "
-                                   "user's scenario and unseen.")
+                                   "user's scenario and unseen (or a model's top-N: candidates_from).")
+    candidates_from: str | None = Field(
+        None, description="A model artifact (e.g. runs/<name>/artifact): the non-random candidates are its top-N "
+        "unseen items for the user in their scenario. null: popular in the user's scenario.")
     weight: float = Field(0.5, ge=0.0, description="Sample weight of synthetic rows in training (0: not used). "
                           "Applied at train time: changing it needs no new generation; tunable as augment.weight.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature (0: greedy).")

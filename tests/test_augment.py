@@ -158,6 +158,18 @@ def test_transformers_stage_rows_join_train_only(prepared):
                           "model.hidden=[32]"), pdir, run / "train_aug", seed=1)
     assert r.history and r.metrics["overall"]["auc"] > 0.5
 
+    # candidates from a trained model: exactly its top-N unseen items for the user in their scenario
+    from mcl_ray.artifact import export_artifact
+    from mcl_ray.llm.augment import build_requests
+    from mcl_ray.serve.recommender import Query, Recommender
+
+    art = export_artifact(r.train_dir, pdir, run / "artifact")
+    reqs, _ = build_requests(aug_cfg(run, f"augment.candidates_from={art}", "augment.random_candidates=0"), spec, pdir)
+    rec = Recommender(art)
+    for q in reqs.head(3).itertuples():
+        want = rec.recommend_many([Query(user_id=q.user_key, scenario=spec.scenario_names[q.scenario], k=8)])[0]
+        assert sorted(q.candidates) == sorted(it["item_id"] for it in want["items"])
+
 
 @pytest.mark.ray
 @pytest.mark.vllm

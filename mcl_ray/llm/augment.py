@@ -101,11 +101,14 @@ def build_requests(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path) 
     seen = train.groupby(u)[i].apply(set)
     rows = []
     n_rand = ac.random_candidates
+    top = model_top_n(ac.candidates_from, chosen, [names[int(user_scen[k])] for k in chosen],
+                      ac.num_candidates - n_rand) if ac.candidates_from else {}
     for n, user in enumerate(chosen):
         s = int(user_scen[user])
         known = seen.get(user, set())
         hist = pos[pos[u] == user].sort_values(spec.timestamp_column, ascending=False)[i].head(ac.history_len)
-        popular = [k for k in pop[s] if k not in known][:ac.num_candidates - n_rand]
+        ranked = top.get(user) or pop[s]  # a user the model cannot score falls back to popularity
+        popular = [k for k in ranked if k not in known and k in trainable][:ac.num_candidates - n_rand]
         rand: list = []
         while len(rand) < ac.num_candidates - len(popular) and len(rand) < len(all_items):
             k = all_items[rng.integers(len(all_items))]
@@ -119,6 +122,24 @@ def build_requests(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path) 
                      "n_candidates": len(cands), "messages_json": json.dumps(msgs, ensure_ascii=False)})
     info = {"eligible_users": len(eligible), "train_rows": len(train)}
     return pd.DataFrame(rows), info
+
+
+def model_top_n(artifact: str, users: list, scenarios: list[str], n: int) -> dict:
+    """Each user's top-n unseen items from a trained model artifact (the serving core, no Serve)."""
+    from mcl_ray.artifact import ArtifactError
+    from mcl_ray.serve.recommender import Query, Recommender
+
+    try:
+        rec = Recommender(artifact)
+    except (ArtifactError, FileNotFoundError) as e:
+        raise AugmentError(f"augment.candidates_from: {e}") from None
+    out = {}
+    for start in range(0, len(users), 64):
+        qs = [Query(user_id=u, scenario=s, k=n) for u, s in zip(users[start:start + 64], scenarios[start:start + 64])]
+        for q, r in zip(qs, rec.recommend_many(qs)):
+            if isinstance(r, dict):
+                out[q.user_id] = [it["item_id"] for it in r["items"]]
+    return out
 
 
 # ----------------------------------------------------------------------------- generation
