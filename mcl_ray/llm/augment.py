@@ -66,12 +66,17 @@ def augment_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec, model_fp: str,
 # ----------------------------------------------------------------------------- requests
 
 
-def build_requests(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path) -> tuple[pd.DataFrame, dict]:
+def read_train(spec: FeatureSpec, prepare_dir: Path) -> pd.DataFrame:
+    """The training split with keys and timestamps: read once per stage, used for requests and rows."""
+    return read_split(prepare_dir, spec, "train", extra=[spec.user_key, spec.item_key, spec.timestamp_column]).to_pandas()
+
+
+def build_requests(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path,
+                   train: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict]:
     """One row per target user: id, user_key, scenario, candidate item keys, messages_json."""
     ac = cfg.augment
     rng = np.random.default_rng(ac.seed)
-    extra = [spec.user_key, spec.item_key, spec.timestamp_column]
-    train = read_split(prepare_dir, spec, "train", extra=extra).to_pandas()
+    train = read_train(spec, prepare_dir) if train is None else train
     names = spec.scenario_names
     if ac.scenarios:
         unknown = sorted(set(ac.scenarios) - set(names))
@@ -147,15 +152,11 @@ def model_top_n(artifact: str, users: list, scenarios: list[str], n: int) -> dic
 
 def generate(requests: pd.DataFrame, backend: str, model_path: Path, ac) -> pd.DataFrame:
     """Run the backend over Ray Data; returns id, answer, generated_tokens (one row per request)."""
-    import ray.data
-
     from mcl_ray.llm.backends import generate_transformers, generate_vllm
+    from mcl_ray.ray_env import dataset_in_blocks
 
     table = pa.Table.from_pandas(requests[["id", "messages_json", "n_candidates"]], preserve_index=False)
-    # several blocks made here, in the driver: every actor gets work and no repartition task waits for a CPU
-    n = max(1, min(len(requests) // ac.batch_size, 4 * ac.concurrency))
-    step = -(-len(requests) // n)
-    ds = ray.data.from_arrow([table.slice(k, step) for k in range(0, len(requests), step)])
+    ds = dataset_in_blocks(table, min(len(requests) // ac.batch_size, 4 * ac.concurrency))
     out = (generate_vllm if backend == "vllm" else generate_transformers)(ds, str(model_path), ac)
     return out.select_columns(["id", "answer", "generated_tokens"]).to_pandas()
 
@@ -164,7 +165,7 @@ def generate(requests: pd.DataFrame, backend: str, model_path: Path, ac) -> pd.D
 
 
 def postprocess(requests: pd.DataFrame, answers: pd.DataFrame, real_pairs: set, spec: FeatureSpec,
-                prepare_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                train: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Parse and validate answers; synthetic positive/negative rows that are not real interactions.
 
     Returns (synthetic rows, generations log, stats). Stats add up: requested = answered + no_answer;
@@ -190,7 +191,7 @@ def postprocess(requests: pd.DataFrame, answers: pd.DataFrame, real_pairs: set, 
         log.append({"id": r.id, "user_key": r.user_key, "candidates": json.dumps(list(r.candidates), ensure_ascii=False),
                     "messages_json": r.messages_json, "answer": "" if text is None else str(text),
                     "generated_tokens": int(toks.get(r.id, 0)), "status": status})
-    rows = synthetic_rows(pairs, spec, prepare_dir)
+    rows = synthetic_rows(pairs, spec, train)
     answered = len(requests) - invalid["no_answer"]
     stats = {"requested": len(requests), "answered": answered, "valid": answered - sum(v for k, v in invalid.items()
                                                                                        if k != "no_answer"),
@@ -201,11 +202,9 @@ def postprocess(requests: pd.DataFrame, answers: pd.DataFrame, real_pairs: set, 
     return rows, pd.DataFrame(log), stats
 
 
-def synthetic_rows(pairs: list[tuple], spec: FeatureSpec, prepare_dir: Path) -> pd.DataFrame:
+def synthetic_rows(pairs: list[tuple], spec: FeatureSpec, train: pd.DataFrame) -> pd.DataFrame:
     """(user, item, scenario, label) -> rows with the training split's columns: user features from
     one of the user's train rows, item features from one of the item's train rows, context unknown (0)."""
-    extra = [spec.user_key, spec.item_key, spec.timestamp_column, spec.provenance_column]
-    train = read_split(prepare_dir, spec, "train", extra=extra).to_pandas()
     cols = list(train.columns)
     if not pairs:
         return train.iloc[:0][cols]
@@ -261,14 +260,15 @@ def augment_stage(cfg: ExperimentConfig, prepare_dir: Path, console=None, force:
         say(console, f"augment: inputs and config unchanged (fingerprint {fp}); reusing {out}")
         return AugmentResult(json.loads(stats_file.read_text()), out, True)
 
-    requests, info = build_requests(cfg, spec, prepare_dir)
+    train = read_train(spec, prepare_dir)
+    requests, info = build_requests(cfg, spec, prepare_dir, train)
     say(console, f"augment: {len(requests):,} prompts ({info['eligible_users']:,} eligible users) -> {backend} "
                  f"with {ac.model} ({ac.concurrency} actor(s), batch {ac.batch_size})")
     tg = time.perf_counter()
     answers = generate(requests, backend, model_path, ac)
     gen_s = time.perf_counter() - tg
     real = real_interactions(spec, prepare_dir, set(requests["user_key"]))
-    rows, log, stats = postprocess(requests, answers, real, spec, prepare_dir)
+    rows, log, stats = postprocess(requests, answers, real, spec, train)
     generator = {"model": ac.model, "backend": backend, "prompt_version": PROMPT_VERSION,
                  "temperature": ac.temperature, "seed": ac.seed}
     stats.update(fingerprint=fp, generator=generator, generation_seconds=gen_s,

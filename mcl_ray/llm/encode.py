@@ -34,12 +34,10 @@ def encode_texts_ray(keys: list[str], texts: list[str], hashes: list[str], model
     """Ray Data map_batches over an actor pool of TextEncoder; returns embeddings in input order."""
     import ray.data
 
+    from mcl_ray.ray_env import dataset_in_blocks
+
     table = pa.table({"key": keys, "text": texts, "text_hash": hashes})
-    # Several blocks made here, in the driver: every actor gets work, and no repartition task has to
-    # find a CPU while the actors hold them all (that deadlocked 2 actors on a 2-CPU cluster).
-    n = max(1, min(len(keys) // ec.batch_size, 4 * ec.concurrency))
-    step = -(-len(keys) // n)
-    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(keys), step)])
+    ds = dataset_in_blocks(table, min(len(keys) // ec.batch_size, 4 * ec.concurrency))
     out = ds.map_batches(
         TextEncoder,
         fn_constructor_kwargs={"path": str(model_path), "max_length": ec.max_length,

@@ -146,15 +146,14 @@ def materialized_splits(spec: FeatureSpec, prepare_dir: Path, sample: dict | Non
     `synthetic`, the augment stage's rows join the training split (weighted in the loop)."""
     import ray.data
 
+    from mcl_ray.ray_env import dataset_in_blocks
     from mcl_ray.train.tensors import read_split
 
     cols = columns_for(spec)
     out = {}
     for s in ("train", "valid"):
         if s in (sample or {}):
-            t = read_split(prepare_dir, spec, s, sample=sample[s], seed=seed)
-            step = max(1, -(-t.num_rows // 8))
-            ds = ray.data.from_arrow([t.slice(i, step) for i in range(0, t.num_rows, step)])
+            ds = dataset_in_blocks(read_split(prepare_dir, spec, s, sample=sample[s], seed=seed), 8)
         else:
             ds = ray.data.read_parquet(str((prepare_dir / spec.splits[s]).resolve())).select_columns(cols)
         if s == "train" and synthetic and spec.synthetic is not None:  # the training split only, ever
