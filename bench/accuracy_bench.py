@@ -78,11 +78,11 @@ def auc_thin(train_dir: Path, prepare_dir: Path) -> float:
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from mcl_ray.config import ExperimentConfig
+    from mcl_ray.core.config import ExperimentConfig
     from mcl_ray.evaluate.evaluate import load_model
-    from mcl_ray.feature_spec import FeatureSpec
+    from mcl_ray.core.feature_spec import FeatureSpec
     from mcl_ray.train.loop import predict
-    from mcl_ray.train.tensors import read_split, table_to_tensors
+    from mcl_ray.models.batch import read_split, table_to_tensors
 
     cfg = ExperimentConfig.model_validate_json((train_dir / "config.json").read_text())
     spec = FeatureSpec.load(prepare_dir)
@@ -100,11 +100,11 @@ def auc_on_sample(train_dir: Path, prepare_dir: Path, seed: int) -> float:
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from mcl_ray.config import ExperimentConfig
+    from mcl_ray.core.config import ExperimentConfig
     from mcl_ray.evaluate.evaluate import load_model
-    from mcl_ray.feature_spec import FeatureSpec
+    from mcl_ray.core.feature_spec import FeatureSpec
     from mcl_ray.train.loop import predict
-    from mcl_ray.train.tensors import read_split, table_to_tensors
+    from mcl_ray.models.batch import read_split, table_to_tensors
 
     cfg = ExperimentConfig.model_validate_json((train_dir / "config.json").read_text())
     spec = FeatureSpec.load(prepare_dir)
@@ -114,8 +114,8 @@ def auc_on_sample(train_dir: Path, prepare_dir: Path, seed: int) -> float:
 
 
 def child(backbone: str, seed: int, epochs: int, run_dir: str) -> None:
-    from mcl_ray.config import load_config
-    from mcl_ray.ray_env import init_ray
+    from mcl_ray.core.config import load_config
+    from mcl_ray.core.ray_env import init_ray
     from mcl_ray.train.trainer import train_one
 
     cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={run_dir}", *overrides(backbone, epochs)])
@@ -160,9 +160,9 @@ def main() -> None:
     if a.child:
         child(a.child[0], int(a.child[1]), int(a.child[2]), a.child[3])
         return
-    from mcl_ray.config import load_config
+    from mcl_ray.core.config import load_config
     from mcl_ray.data.prepare import prepare
-    from mcl_ray.ray_env import init_ray
+    from mcl_ray.core.ray_env import init_ray
 
     cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={a.run_dir}"])
     init_ray(cfg.ray)

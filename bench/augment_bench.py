@@ -27,13 +27,13 @@ def main() -> None:
     ap.add_argument("--run-dir", default=str(ROOT / "runs" / "ml1m_swr"))
     ap.add_argument("--out", default=str(ROOT / "bench/results/augment.json"))
     a = ap.parse_args()
-    from mcl_ray.config import load_config
+    from mcl_ray.core.config import load_config
     from mcl_ray.data.prepare import prepare
-    from mcl_ray.feature_spec import FeatureSpec
+    from mcl_ray.core.feature_spec import FeatureSpec
     from mcl_ray.llm.augment import build_requests, generate
     from mcl_ray.llm.generator import resolve_generator
     from mcl_ray.llm.prompts import parse_answer
-    from mcl_ray.ray_env import init_ray
+    from mcl_ray.core.ray_env import init_ray
 
     cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [
         f"run_dir={a.run_dir}", f"augment.num_users={a.prompts}", f"augment.batch_size={a.batch_size}",

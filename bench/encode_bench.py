@@ -24,10 +24,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     args = ap.parse_args()
 
-    from mcl_ray.config import EncodeConfig
+    from mcl_ray.core.config import EncodeConfig
     from mcl_ray.llm.encode import encode_texts_ray
-    from mcl_ray.llm.encoder import TextEncoder, resolve_encoder, text_hash
-    from mcl_ray.ray_env import init_ray
+    from mcl_ray.models.encoder import TextEncoder, resolve_encoder, text_hash
+    from mcl_ray.core.ray_env import init_ray
 
     texts = (pq.read_table(args.prepare_dir / "items.parquet")["text"].to_pylist()
              + pq.read_table(args.prepare_dir / "users.parquet")["text"].to_pylist())

@@ -31,7 +31,7 @@ def peak_rss_mib() -> float:
 
 
 def synthetic_cfg(rows: int, run_dir: str):
-    from mcl_ray.config import load_config
+    from mcl_ray.core.config import load_config
 
     return load_config(ROOT / "experiments/synthetic_quick.yaml", [
         f"run_dir={run_dir}", f"data.num_interactions={rows}", "data.num_users=50000", "data.num_items=5000",
@@ -39,10 +39,10 @@ def synthetic_cfg(rows: int, run_dir: str):
 
 
 def one_ray(source: str, rows: int, cpus: int) -> dict:
-    from mcl_ray.config import load_config
+    from mcl_ray.core.config import load_config
     from mcl_ray.data.prepare import prepare
-    from mcl_ray.ray_env import init_ray, quiet_ray_data
-    from mcl_ray.config import RayConfig
+    from mcl_ray.core.ray_env import init_ray, quiet_ray_data
+    from mcl_ray.core.config import RayConfig
 
     t0 = time.perf_counter()
     init_ray(RayConfig(num_cpus=cpus), ROOT / "runs")

@@ -116,7 +116,7 @@ def main() -> None:
     from ray import serve
 
     from mcl_ray.cli import start_serve
-    from mcl_ray.ray_env import init_ray
+    from mcl_ray.core.ray_env import init_ray
 
     init_ray(None, ROOT / "runs")
     port = free_port()

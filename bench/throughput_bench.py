@@ -29,7 +29,7 @@ def hand_loop(cfg, spec, pdir, epochs: int) -> dict:
     import torch.nn.functional as F
 
     from mcl_ray.models.backbones import build_model
-    from mcl_ray.train.tensors import load_split, num_rows, take
+    from mcl_ray.models.batch import load_split, num_rows, take
 
     torch.set_num_threads(1)
     data = load_split(pdir, spec, "train")
@@ -55,7 +55,7 @@ def conversion_cost(cfg, spec, pdir, batches: int = 30) -> dict:
     """ms per 4096-row batch: Ray Data iter_torch_batches vs slicing preloaded tensors."""
     import ray
 
-    from mcl_ray.train.tensors import columns_for, load_split, take
+    from mcl_ray.models.batch import columns_for, load_split, take
 
     ds = ray.data.read_parquet(str(pdir / spec.splits["train"])).select_columns(columns_for(spec)).materialize()
     it = ds.iter_torch_batches(batch_size=4096)
@@ -93,9 +93,9 @@ def main() -> None:
     ap.add_argument("--run-dir", default=str(ROOT / "runs" / "bench_throughput"))
     ap.add_argument("--out", default=str(ROOT / "bench/results/throughput.json"))
     a = ap.parse_args()
-    from mcl_ray.config import load_config
+    from mcl_ray.core.config import load_config
     from mcl_ray.data.prepare import prepare
-    from mcl_ray.ray_env import init_ray
+    from mcl_ray.core.ray_env import init_ray
 
     cfg = load_config(ROOT / "experiments/ml1m_swr.yaml",
                       [f"run_dir={a.run_dir}", f"model.backbone={a.backbone}", "train.torch_threads=1",

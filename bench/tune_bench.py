@@ -25,9 +25,9 @@ def main() -> None:
     ap.add_argument("--schedulers", nargs="+", default=["asha", "fifo"])
     args = ap.parse_args()
 
-    from mcl_ray.config import load_config
+    from mcl_ray.core.config import load_config
     from mcl_ray.data.prepare import prepare
-    from mcl_ray.ray_env import init_ray
+    from mcl_ray.core.ray_env import init_ray
     from mcl_ray.train.trainer import train_one
     from mcl_ray.tune.sweep import sweep
 

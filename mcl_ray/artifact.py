@@ -12,88 +12,89 @@
       model_card.json, MODEL_CARD.md
 
 Written by `export_artifact` from any trained folder (a `train` seed or the winning Tune trial);
-read by `load_artifact` (serving, tests). The folder is written next to its final place and
+read by `open_artifact` + `load_model` (serving, tests). The folder is written next to its final place and
 renamed into it, so a reader never sees half an artifact.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
-import platform
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mcl_ray.config import ExperimentConfig
-from mcl_ray.feature_spec import FeatureSpec
-from mcl_ray.train import checkpoint as ck
-from mcl_ray.train.tensors import read_split
+from mcl_ray.core.config import ExperimentConfig
+from mcl_ray.core.errors import McrError
+from mcl_ray.core.feature_spec import FeatureSpec
+from mcl_ray.core.files import file_digest, replace_folder
+from mcl_ray.core.provenance import git_commit, library_versions
+from mcl_ray.core.stage import Marker, Stage, fingerprint
+from mcl_ray.data.splits import read_pairs
+from mcl_ray.models.weights import MODEL, load_trained
 
 ARTIFACT_FORMAT = 1
 MANIFEST = "manifest.json"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(McrError):
     """A folder that is not a usable model artifact; the message says what is missing."""
 
 
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+class ExportStage(Stage[Path]):
+    """Package a trained folder (model.safetensors + config.json + metrics) as a serving artifact;
+    reused while the weights, their metrics and the prepared data are unchanged."""
 
-    out = {"python": platform.python_version()}
-    for pkg in ("mcl-ray", "torch", "ray", "optuna", "pyarrow", "transformers", "safetensors"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
+    name = "export"
+    uses_ray = False
+
+    def __init__(self, train_dir: Path, prepare_dir: Path, out_dir: Path, source: dict | None = None,
+                 force: bool = False, quiet: bool = False):
+        self.train_dir, self.prepare_dir, self.out_dir = Path(train_dir), Path(prepare_dir), Path(out_dir)
+        for need in (self.train_dir / MODEL, self.train_dir / "config.json", self.prepare_dir / "feature_spec.json"):
+            if not need.exists():
+                raise ArtifactError(f"cannot export: {need} is missing")
+        super().__init__(ExperimentConfig.model_validate_json((self.train_dir / "config.json").read_text()), force, quiet)
+        self.spec = FeatureSpec.load(self.prepare_dir)
+        self.source = source or {}
+
+    @property
+    def marker(self) -> Marker:
+        return Marker(self.out_dir / "export.json")
+
+    def data_fingerprint(self) -> str:
+        return self.spec.data_fingerprint
+
+    def fingerprint(self) -> str:
+        files = [self.train_dir / n for n in (MODEL, "metrics.json", "history.json")]
+        return fingerprint(ARTIFACT_FORMAT, self.spec.data_fingerprint, self.source,
+                           [file_digest(f) if f.exists() else None for f in files])
+
+    def load_cached(self) -> Path:
+        return self.out_dir
+
+    def compute(self, fp: str) -> Path:
+        return _export(self.train_dir, self.prepare_dir, self.out_dir, self.cfg, self.spec, self.source)
 
 
-def git_commit(cwd: str | Path = ".") -> str | None:
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if r.returncode != 0:
-        return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                           capture_output=True, text=True, timeout=5).stdout.strip()
-    return r.stdout.strip() + ("-dirty" if dirty else "")
+def export_artifact(train_dir: Path, prepare_dir: Path, out_dir: Path, source: dict | None = None,
+                    force: bool = False, quiet: bool = False) -> Path:
+    return ExportStage(train_dir, prepare_dir, out_dir, source, force, quiet).run()
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def export_artifact(train_dir: Path, prepare_dir: Path, out_dir: Path, source: dict | None = None) -> Path:
-    """Package a trained folder (model.safetensors + config.json + metrics) as a serving artifact."""
-    train_dir, prepare_dir, out_dir = Path(train_dir), Path(prepare_dir), Path(out_dir)
-    for need in (train_dir / ck.MODEL, train_dir / "config.json", prepare_dir / "feature_spec.json"):
-        if not need.exists():
-            raise ArtifactError(f"cannot export: {need} is missing")
-    cfg = ExperimentConfig.model_validate_json((train_dir / "config.json").read_text())
-    spec = FeatureSpec.load(prepare_dir)
+def _export(train_dir: Path, prepare_dir: Path, out_dir: Path, cfg: ExperimentConfig, spec: FeatureSpec,
+            source: dict) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shutil.copy2(train_dir / ck.MODEL, tmp / ck.MODEL)
+    shutil.copy2(train_dir / MODEL, tmp / MODEL)
     (tmp / "config.json").write_text(cfg.model_dump_json(indent=2))
     for name in ("feature_spec.json", spec.vocabularies, spec.users_table, spec.items_table):
         if name and (prepare_dir / name).exists():
             shutil.copy2(prepare_dir / name, tmp / name)
-    seen = pa.concat_tables([read_split(prepare_dir, spec, s, extra=[spec.user_key, spec.item_key])
-                             .select([spec.user_key, spec.item_key]) for s in spec.splits])
-    pq.write_table(seen, tmp / "seen.parquet")
+    pq.write_table(read_pairs(prepare_dir, spec, spec.splits), tmp / "seen.parquet")
 
     history = json.loads((train_dir / "history.json").read_text()) if (train_dir / "history.json").exists() else []
     best = max(history, key=lambda h: h["val_auc"]) if history else {}
@@ -105,7 +106,7 @@ def export_artifact(train_dir: Path, prepare_dir: Path, out_dir: Path, source: d
         metrics["test"] = json.loads((train_dir / "metrics.json").read_text())
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
-    digest = file_digest(tmp / ck.MODEL)
+    digest = file_digest(tmp / MODEL)
     manifest = {
         "format": ARTIFACT_FORMAT,
         "version": f"{cfg.name}-{digest[:12]}",
@@ -119,7 +120,7 @@ def export_artifact(train_dir: Path, prepare_dir: Path, out_dir: Path, source: d
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     write_model_card(tmp, cfg, spec, manifest, metrics)
-    ck.replace_folder(tmp, out_dir)
+    replace_folder(tmp, out_dir)
     return out_dir
 
 
@@ -178,7 +179,7 @@ def open_artifact(path: str | Path) -> Artifact:
     p = Path(path)
     if not p.is_dir():
         raise ArtifactError(f"artifact folder not found: {p}")
-    missing = [n for n in (ck.MODEL, "config.json", "feature_spec.json", MANIFEST, "metrics.json") if not (p / n).exists()]
+    missing = [n for n in (MODEL, "config.json", "feature_spec.json", MANIFEST, "metrics.json") if not (p / n).exists()]
     if missing:
         raise ArtifactError(f"{p} is not a model artifact (missing {', '.join(missing)}); "
                             "create one with `mcl-ray export RUN_DIR` or `mcl-ray tune`")
@@ -190,8 +191,4 @@ def open_artifact(path: str | Path) -> Artifact:
 
 
 def load_model(art: Artifact):
-    from mcl_ray.models.backbones import build_model
-
-    model = build_model(art.spec, art.cfg.model)
-    ck.load_weights(model, art.file(ck.MODEL))
-    return model.train(False)
+    return load_trained(art.spec, art.cfg.model, art.file(MODEL))

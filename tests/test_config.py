@@ -5,7 +5,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mcl_ray.cli import app
-from mcl_ray.config import ConfigError, load_config, validate_config
+from mcl_ray.core.config import ConfigError, load_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from mcl_ray.config import load_config
-from mcl_ray.llm.encoder import EncoderError, check_encoder, resolve_encoder
+from mcl_ray.core.config import load_config
+from mcl_ray.models.encoder import EncoderError, check_encoder, resolve_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,9 +44,10 @@ def test_cli_encode_with_a_bad_encoder_exits_2(tmp_path):
 @pytest.mark.ray
 def test_ray_embeddings_match_plain_loop_and_cache(tmp_path, ray_cluster):
     from mcl_ray.data.prepare import prepare
-    from mcl_ray.feature_spec import FeatureSpec
-    from mcl_ray.llm.encode import encode_stage, load_embeddings
-    from mcl_ray.llm.encoder import TextEncoder
+    from mcl_ray.core.feature_spec import FeatureSpec
+    from mcl_ray.data.texts import load_embeddings
+    from mcl_ray.llm.encode import encode_stage
+    from mcl_ray.models.encoder import TextEncoder
 
     cfg = load_config(ROOT / "experiments/ml1m_swr_quick.yaml",
                       [f"run_dir={tmp_path}", "data.max_interactions=2000", "encode.batch_size=32",

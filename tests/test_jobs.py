@@ -20,7 +20,7 @@ BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
-    from mcl_ray.ray_env import free_port as fp
+    from mcl_ray.core.ray_env import free_port as fp
 
     return fp()
 

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from mcl_ray.config import ModelConfig, TextFeatureConfig
-from mcl_ray.feature_spec import Feature, FeatureSpec
+from mcl_ray.models.batch import Batch
+
+from mcl_ray.core.config import ModelConfig, TextFeatureConfig
+from mcl_ray.core.feature_spec import Feature, FeatureSpec
 from mcl_ray.models import blocks
 from mcl_ray.models.backbones import BACKBONES, build_model
 from mcl_ray.models.text import TextFields
@@ -26,12 +28,12 @@ def make_spec(text_dim: int | None = None, numeric: bool = True) -> FeatureSpec:
                        data_fingerprint="t")
 
 
-def make_batch(n: int = 32, scenario: int | None = None, seed: int = 0) -> dict:
+def make_batch(n: int = 32, scenario: int | None = None, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
-    return {"cat": torch.stack([torch.randint(0, v, (n,), generator=g) for v in (50, 40, 3)], 1),
-            "num": torch.randn(n, 1, generator=g),
-            "scenario": torch.full((n,), scenario) if scenario is not None else torch.randint(0, S, (n,), generator=g),
-            "label": torch.randint(0, 2, (n,), generator=g).float(), "weight": torch.ones(n)}
+    return Batch(cat=torch.stack([torch.randint(0, v, (n,), generator=g) for v in (50, 40, 3)], 1),
+                 num=torch.randn(n, 1, generator=g),
+                 scenario=torch.full((n,), scenario) if scenario is not None else torch.randint(0, S, (n,), generator=g),
+                 label=torch.randint(0, 2, (n,), generator=g).float(), weight=torch.ones(n))
 
 
 CFG = ModelConfig(embedding_dim=8, hidden=[32, 16], tower_hidden=[8], dropout=0.1, num_experts=3,
@@ -44,7 +46,7 @@ def test_backbone_shape_and_finite(name):
     model = build_model(make_spec(), CFG.model_copy(update={"backbone": name}))
     out = model(make_batch())
     assert out.shape == (32,) and torch.isfinite(out).all()
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(out, make_batch()["label"])
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(out, make_batch().label)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
@@ -55,7 +57,7 @@ def test_prediction_does_not_depend_on_batch_neighbours(name):
     model = build_model(make_spec(), CFG.model_copy(update={"backbone": name})).eval()
     batch = make_batch(64)
     full = model(batch)
-    alone = torch.cat([model({k: v[i:i + 1] for k, v in batch.items()}) for i in range(8)])
+    alone = torch.cat([model(batch.slice(i, i + 1)) for i in range(8)])
     torch.testing.assert_close(full[:8], alone, rtol=1e-5, atol=1e-6)
 
 
@@ -158,7 +160,7 @@ def test_every_parameter_is_in_the_graph_even_when_a_scenario_is_absent(name, nu
     model = build_model(make_spec(numeric=numeric), CFG.model_copy(update={"backbone": name}))
     batch = make_batch(8, scenario=0)
     if not numeric:
-        batch["num"] = batch["num"][:, :0]
+        batch.num = batch.num[:, :0]
     model(batch).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert missing == []

@@ -62,7 +62,7 @@ def test_grouplens_unknown_movie_is_an_error(tmp_path, ml1m_package):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ml1m_swr_protocol(tmp_path, ray_cluster):
-    from mcl_ray.config import validate_config
+    from mcl_ray.core.config import validate_config
     from mcl_ray.data.prepare import prepare
 
     cfg = validate_config({"name": "ml1m", "run_dir": str(tmp_path / "run"), "data": {"source": "movielens-1m"}})
@@ -122,7 +122,7 @@ def test_ml100k_package_and_grouplens(tmp_path):
 
 @pytest.mark.ray
 def test_ml100k_experiment_temporal_and_context(tmp_path, ray_cluster):
-    from mcl_ray.config import load_config
+    from mcl_ray.core.config import load_config
     from mcl_ray.data.prepare import prepare
 
     res = prepare(load_config("experiments/ml100k_gender.yaml", [f"run_dir={tmp_path}"]))

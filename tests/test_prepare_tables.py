@@ -7,9 +7,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from mcl_ray.config import validate_config
+from mcl_ray.core.config import validate_config
 from mcl_ray.data.prepare import DataValidationError, prepare
-from mcl_ray.feature_spec import FeatureSpec
+from mcl_ray.core.feature_spec import FeatureSpec
 
 import tiny_data
 

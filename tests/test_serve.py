@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mcl_ray.config import load_config
+from mcl_ray.core.config import load_config
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]

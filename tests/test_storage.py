@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from mcl_ray import storage
-from mcl_ray.config import load_config
+from mcl_ray.core import storage
+from mcl_ray.core.config import load_config
 
 
 def test_push_then_pull_copies_only_what_changed(tmp_path):

@@ -4,7 +4,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from mcl_ray.config import SyntheticSource
+from mcl_ray.core.config import SyntheticSource
 from mcl_ray.data import synthetic
 
 pytestmark = pytest.mark.ray
@@ -52,7 +52,7 @@ def test_planted_scenario_preferences(ray_cluster):
 
 
 def test_prepare_on_synthetic(tmp_path, ray_cluster):
-    from mcl_ray.config import load_config
+    from mcl_ray.core.config import load_config
     from mcl_ray.data.prepare import prepare
 
     cfg = load_config("experiments/synthetic_quick.yaml", [f"run_dir={tmp_path}", "data.num_interactions=20000"])

@@ -9,13 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mcl_ray.config import ConfigError, load_config
-from mcl_ray.feature_spec import FeatureSpec
-from mcl_ray.llm.encoder import EncoderError
+from mcl_ray.core.config import ConfigError, load_config
+from mcl_ray.core.feature_spec import FeatureSpec
+from mcl_ray.models.encoder import EncoderError
 from mcl_ray.models.backbones import build_model
-from mcl_ray.models.text import attach_texts, check_text_inputs, vocab_keys
-from mcl_ray.train import checkpoint as ck
-from mcl_ray.train.tensors import load_split, take
+from mcl_ray.data.texts import PreparedTexts, load_embeddings
+from mcl_ray.data.vocab import Vocabularies
+from mcl_ray.models.text import attach_texts, check_text_inputs
+from mcl_ray.models import weights as ck
+from mcl_ray.models.batch import Batch, load_split
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,30 +44,28 @@ def prepared(tmp_path_factory, ray_cluster):
 def sgd_steps(model, batch, steps=3, lr=1e-2):
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     for _ in range(steps):
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch["label"])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.label)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
 
 def test_frozen_text_table_holds_the_embeddings_and_only_the_projection_trains(prepared):
-    from mcl_ray.llm.encode import load_embeddings
-
     run_dir, pdir, spec = prepared
     assert {f.name: f.dim for f in spec.features if f.kind == "text_embedding"} == {"item_text": 384, "user_text": 384}
     torch.manual_seed(0)
     model = build_model(spec, cfg_for(run_dir).model)  # the quick experiment: text frozen, item + user
-    attach_texts(model, pdir, spec)
+    attach_texts(model, PreparedTexts(pdir, spec))
     text = model.inputs.text
     keys, emb = load_embeddings(pdir, spec, "item")
-    vk = vocab_keys(pdir, spec, "item")
+    vk = Vocabularies.load(pdir, spec).keys("item_id")
     assert sorted(keys) == sorted(vk[1:])  # encode.scope=vocab: exactly the items a model has an id for
     for vid in (1, 2, len(vk) - 1):  # the table row of an item id is that item's embedding
         assert np.allclose(text.tables["item"].weight[vid].numpy(), emb[keys.index(vk[vid])])
     assert text.tables["item"].weight[0].abs().sum() == 0  # OOV id: no text
     assert model.inputs.num_fields == len(spec.categorical) + 2
 
-    batch = take(load_split(pdir, spec, "train"), torch.arange(256))
+    batch = load_split(pdir, spec, "train").take(torch.arange(256))
     table0 = text.tables["item"].weight.clone()
     proj0 = text.proj["item"].weight.clone()
     sgd_steps(model, batch)
@@ -84,11 +84,11 @@ def test_finetune_changes_encoder_weights(prepared, method):
                   "model.text.max_length=16")
     torch.manual_seed(0)
     model = build_model(spec, cfg.model)
-    attach_texts(model, pdir, spec)
+    attach_texts(model, PreparedTexts(pdir, spec))
     enc = model.inputs.text.encoder
     before = {k: v.clone() for k, v in enc.state_dict().items()}
     trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
-    batch = take(load_split(pdir, spec, "train"), torch.arange(48))
+    batch = load_split(pdir, spec, "train").take(torch.arange(48))
     sgd_steps(model, batch, steps=2, lr=1e-3)
     after = enc.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -132,8 +132,8 @@ def test_llm_ranker_packs_user_then_item(prepared):
     run_dir, pdir, spec = prepared
     cfg = cfg_for(run_dir, "model.backbone=llm_ranker", "model.text.mode=off", "model.text.max_length=16")
     model = build_model(spec, cfg.model)
-    attach_texts(model, pdir, spec)
-    cat = take(load_split(pdir, spec, "valid"), torch.arange(4))["cat"]
+    attach_texts(model, PreparedTexts(pdir, spec))
+    cat = load_split(pdir, spec, "valid").take(torch.arange(4)).cat
     p = model.pairs(cat)
     tok = model.tokenizer
     for r in range(4):
@@ -148,8 +148,9 @@ def test_llm_ranker_packs_user_then_item(prepared):
     # one row alone scores the same as in the batch (padding does not leak)
     model.eval()
     with torch.no_grad():
-        full = model({"cat": cat})
-        alone = torch.cat([model({"cat": cat[i:i + 1]}) for i in range(4)])
+        zeros = torch.zeros(4, dtype=torch.long)
+        full = model(Batch(cat=cat, num=torch.zeros(4, 0), scenario=zeros))
+        alone = torch.cat([model(Batch(cat=cat[i:i + 1], num=torch.zeros(1, 0), scenario=zeros[:1])) for i in range(4)])
     torch.testing.assert_close(full, alone, rtol=1e-4, atol=1e-4)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from mcl_ray.config import load_config
+from mcl_ray.core.config import load_config
 from mcl_ray.data.prepare import prepare
 from mcl_ray.train.trainer import train_one
 
@@ -56,8 +56,8 @@ def test_rerun_resumes_at_next_epoch_with_identical_weights(prepared):
     assert [h["epoch"] for h in first.history] == [0, 1]
     saved = load_file(str(out / "checkpoint" / "model.safetensors"))
     from mcl_ray.models.backbones import build_model
-    from mcl_ray.feature_spec import FeatureSpec
-    from mcl_ray.train import checkpoint as ck
+    from mcl_ray.core.feature_spec import FeatureSpec
+    from mcl_ray.models import weights as ck
 
     cfg3 = cfg_for(run_dir, "train.epochs=3", "train.num_workers=1")
     model = build_model(FeatureSpec.load(pdir), cfg3.model)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from mcl_ray.config import ConfigError, load_config
+from mcl_ray.core.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "experiments/ml1m_swr_quick.yaml"
@@ -43,7 +43,7 @@ def test_bad_search_space_is_a_config_error(override, expect):
 def test_search_space_maps_to_tune_domains():
     from ray.tune.search.sample import Categorical, Float, Integer
 
-    from mcl_ray.tune.sweep import default_point, search_space, trial_config
+    from mcl_ray.tune.space import default_point, search_space, trial_config
 
     cfg = load_config(BASE, space('{"train.lr": {"type": "loguniform", "low": 0.001, "high": 0.01}, '
                                   '"model.num_experts": {"type": "int", "low": 2, "high": 8}, '
@@ -63,8 +63,8 @@ def test_sweep_asha_interrupt_resume_and_export(tmp_path, ray_cluster):
     from mcl_ray.artifact import load_model, open_artifact
     from mcl_ray.data.prepare import prepare
     from mcl_ray.evaluate.metrics import binary_metrics
-    from mcl_ray.train.loop import predict
-    from mcl_ray.train.tensors import load_split
+    from mcl_ray.evaluate.evaluate import predict
+    from mcl_ray.models.batch import load_split
     from mcl_ray.tune.sweep import sweep
 
     raw = yaml.safe_load(BASE.read_text())
@@ -118,7 +118,7 @@ def test_sweep_asha_interrupt_resume_and_export(tmp_path, ray_cluster):
     assert art.metrics["test"]["overall"]["auc"] == pytest.approx(res.test_metrics["overall"]["auc"])
     valid = load_split(prep.out_dir, art.spec, "valid")
     p = predict(load_model(art), valid, 65536, torch.device("cpu"))
-    auc = binary_metrics(valid["label"].numpy(), p, valid["scenario"].numpy(), art.spec.scenario_names)["overall"]["auc"]
+    auc = binary_metrics(valid.label.numpy(), p, valid.scenario.numpy(), art.spec.scenario_names)["overall"]["auc"]
     assert auc == pytest.approx(res.winner["best_val_auc"], abs=1e-6)
     assert [d.name for d in trials.iterdir() if (d / "metrics.json").exists()] == [res.winner["trial_id"]]
     for f in ("report.md", "history.png", "curves.png", "importance.png", "trials.json", "summary.json"):
@@ -133,7 +133,7 @@ def test_sweep_asha_interrupt_resume_and_export(tmp_path, ray_cluster):
 
 
 def test_augment_weight_is_searchable():
-    from mcl_ray.tune.sweep import search_space, trial_config
+    from mcl_ray.tune.space import search_space, trial_config
 
     cfg = load_config(BASE, space('{"augment.weight": {"type": "choice", "values": [0, 0.5, 2]}}'))
     assert search_space(cfg.tune)["augment.weight"].categories == [0, 0.5, 2]

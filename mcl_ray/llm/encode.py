@@ -2,8 +2,9 @@
 
 Output per field: <prepare_dir>/embeddings/<field>.parquet (key, text_hash, embedding[float32 x H])
 plus <field>.json (encoder, fingerprint, dim, counts), and the path recorded in the feature spec
-(`text.<field>.embedding`). Cached by (encoder fingerprint, text hash): an unchanged text is never
-encoded twice; a changed one is re-encoded alone; a changed encoder re-encodes everything.
+(`text.<field>.embedding`). Two levels of reuse: the stage marker (embeddings/fingerprint.json)
+skips everything when encoder, data and settings are unchanged; below it, a per-text cache by
+(encoder fingerprint, text hash) means a changed text is re-encoded alone.
 """
 
 from __future__ import annotations
@@ -17,24 +18,28 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mcl_ray.config import ExperimentConfig
-from mcl_ray.data.prepare import key_array
-from mcl_ray.feature_spec import Feature, FeatureSpec
-from mcl_ray.llm.encoder import (EncoderError, TextEncoder, check_encoder, encoder_fingerprint, resolve_encoder,
-                                 text_hash)
+from mcl_ray.core.config import ExperimentConfig
+from mcl_ray.core.feature_spec import Feature, FeatureSpec
+from mcl_ray.core.keys import key_array
+from mcl_ray.core.stage import Marker, Stage, fingerprint
+from mcl_ray.data.vocab import Vocabularies
+from mcl_ray.models.encoder import EncoderError, TextEncoder, check_encoder, encoder_fingerprint, resolve_encoder, \
+    text_hash
 
 
 @dataclass
 class EncodeResult:
     fields: dict[str, dict]  # field -> stats (rows, encoded, reused, seconds, texts_per_s, file)
     seconds: float
+    cached: bool = False
 
 
-def encode_texts_ray(keys: list[str], texts: list[str], hashes: list[str], model_path: Path, ec) -> np.ndarray:
-    """Ray Data map_batches over an actor pool of TextEncoder; returns embeddings in input order."""
+def encode_texts_ray(keys: list[str], texts: list[str], hashes: list[str], model_path: Path, ec, bar=None) -> np.ndarray:
+    """Ray Data map_batches over an actor pool of TextEncoder; returns embeddings in input order.
+    The driver streams the results (bounded memory) and advances `bar` per batch."""
     import ray.data
 
-    from mcl_ray.ray_env import dataset_in_blocks
+    from mcl_ray.core.ray_env import dataset_in_blocks
 
     table = pa.table({"key": keys, "text": texts, "text_hash": hashes})
     ds = dataset_in_blocks(table, min(len(keys) // ec.batch_size, 4 * ec.concurrency))
@@ -45,89 +50,114 @@ def encode_texts_ray(keys: list[str], texts: list[str], hashes: list[str], model
                                "torch_threads": ec.torch_threads},
         batch_size=ec.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=ec.concurrency),
         num_cpus=0 if ec.use_gpu else ec.torch_threads, num_gpus=1 if ec.use_gpu else 0,
-    ).to_arrow_refs()
-    table = pa.concat_tables(ray.get(out)) if out else None
+    )
     order = {k: i for i, k in enumerate(keys)}
-    emb = np.zeros((len(keys), 0), np.float32)
-    if table is not None and table.num_rows:
-        vecs = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
-        emb = np.zeros((len(keys), vecs.shape[1]), np.float32)
-        emb[[order[k] for k in table["key"].to_pylist()]] = vecs
-    return emb
+    emb: np.ndarray | None = None
+    for b in out.iter_batches(batch_format="numpy", batch_size=None):
+        vecs = np.stack(b["embedding"]) if len(b["key"]) else None
+        if vecs is None:
+            continue
+        if emb is None:
+            emb = np.zeros((len(keys), vecs.shape[1]), np.float32)
+        emb[[order[k] for k in b["key"]]] = vecs
+        if bar is not None:
+            bar.update(advance=len(b["key"]))
+    return emb if emb is not None else np.zeros((len(keys), 0), np.float32)
 
 
-def encode_stage(cfg: ExperimentConfig, prepare_dir: Path, console=None, force: bool = False) -> EncodeResult:
-    t0 = time.perf_counter()
-    ec = cfg.encode
-    spec = FeatureSpec.load(prepare_dir)
-    if not spec.text:
-        raise EncoderError("the feature spec names no text fields (prepare.text is null); nothing to encode")
-    model_path = resolve_encoder(ec.model)
-    mcfg = check_encoder(model_path)
-    fp = encoder_fingerprint(model_path)
-    vocabs = json.loads((prepare_dir / spec.vocabularies).read_text())
-    out_dir = prepare_dir / "embeddings"
-    out_dir.mkdir(exist_ok=True)
-    stats = {}
-    for field, tf in spec.text.items():
+class EncodeStage(Stage[EncodeResult]):
+    name = "encode"
+
+    def __init__(self, cfg: ExperimentConfig, prepare_dir: Path, force: bool = False, quiet: bool = False):
+        super().__init__(cfg, force, quiet)
+        self.prepare_dir = Path(prepare_dir)
+        self.spec = FeatureSpec.load(prepare_dir)
+        if not self.spec.text:
+            raise EncoderError("the feature spec names no text fields (prepare.text is null); nothing to encode")
+        self.model_path = resolve_encoder(cfg.encode.model)
+        self.model_cfg = check_encoder(self.model_path)
+        self.encoder_fp = encoder_fingerprint(self.model_path)
+
+    @property
+    def marker(self) -> Marker:
+        return Marker(self.prepare_dir / "embeddings" / "fingerprint.json")
+
+    def data_fingerprint(self) -> str:
+        return self.spec.data_fingerprint
+
+    def fingerprint(self) -> str:
+        ec = self.cfg.encode
+        return fingerprint(self.encoder_fp, self.spec.data_fingerprint, ec.scope, ec.max_length,
+                           sorted(self.spec.text), files=[self.prepare_dir / tf.table for tf in self.spec.text.values()])
+
+    def load_cached(self) -> EncodeResult:
+        if any(tf.embedding is None for tf in self.spec.text.values()):  # spec rewritten by a new prepare
+            return self.compute(self.fingerprint())
+        out = self.prepare_dir / "embeddings"
+        stats = {f: {**json.loads((out / f"{f}.json").read_text()), "encoded": 0} for f in self.spec.text}
+        for s in stats.values():
+            s["reused"], s["texts_per_s"] = s["rows"], None
+        return EncodeResult(stats, 0.0, cached=True)
+
+    def compute(self, fp: str) -> EncodeResult:
+        ec, spec = self.cfg.encode, self.spec
+        vocabs = Vocabularies.load(self.prepare_dir, spec)
+        out_dir = self.prepare_dir / "embeddings"
+        out_dir.mkdir(exist_ok=True)
+        stats = {}
+        for field, tf in spec.text.items():
+            stats[field] = self._encode_field(field, tf, vocabs, out_dir)
+            spec.text[field].embedding = stats[field]["file"]
+            # the data contract: one text_embedding feature per encoded field (models/text.py reads it)
+            spec.features = [f for f in spec.features if f.name != f"{field}_text"] + [
+                Feature(name=f"{field}_text", kind="text_embedding", source=field, dim=stats[field]["dim"])]
+        spec.save(self.prepare_dir / "feature_spec.json")
+        return EncodeResult(stats, time.perf_counter() - self.t0)
+
+    def _encode_field(self, field: str, tf, vocabs: Vocabularies, out_dir: Path) -> dict:
+        ec = self.cfg.encode
         ts = time.perf_counter()
-        table = pq.read_table(prepare_dir / tf.table, columns=[tf.key, tf.column])
+        table = pq.read_table(self.prepare_dir / tf.table, columns=[tf.key, tf.column])
         keys = key_array(table[tf.key]).to_pylist()
         texts = [t or "" for t in table[tf.column].to_pylist()]
-        if ec.scope == "vocab" and tf.key in vocabs:  # only what a model can look up by id
-            known = set(vocabs[tf.key])
+        if ec.scope == "vocab" and tf.key in vocabs.values:  # only what a model can look up by id
+            known = set(vocabs.values[tf.key])
             keep = [i for i, k in enumerate(keys) if k in known]
             keys, texts = [keys[i] for i in keep], [texts[i] for i in keep]
         hashes = text_hash(texts)
-        dest = out_dir / f"{field}.parquet"
-        meta_file = out_dir / f"{field}.json"
+        dest, meta_file = out_dir / f"{field}.parquet", out_dir / f"{field}.json"
         cached: dict[str, tuple[str, np.ndarray]] = {}
-        if dest.exists() and meta_file.exists() and not force and json.loads(meta_file.read_text())["fingerprint"] == fp:
+        if dest.exists() and meta_file.exists() and not self.force \
+                and json.loads(meta_file.read_text())["fingerprint"] == self.encoder_fp:
             old = pq.read_table(dest)
             for k, h, e in zip(old["key"].to_pylist(), old["text_hash"].to_pylist(),
                                old["embedding"].to_numpy(zero_copy_only=False)):
                 cached[k] = (h, e)
-        todo = [i for i, (k, h) in enumerate(zip(keys, hashes)) if cached.get(k, ("",))[0] != h]
-        dim = mcfg["hidden_size"]
+        dim = self.model_cfg["hidden_size"]
         emb = np.zeros((len(keys), dim), np.float32)
-        for i, k in enumerate(keys):
+        todo = []
+        for i, (k, h) in enumerate(zip(keys, hashes)):
             hit = cached.get(k)
-            if hit is not None and hit[0] == hashes[i]:
+            if hit is not None and hit[0] == h:
                 emb[i] = hit[1]
-        if todo:
-            say(console, f"encode {field}: {len(todo):,} of {len(keys):,} texts to encode with {ec.model} "
-                         f"({ec.concurrency} actor(s), batch {ec.batch_size})")
-            emb[todo] = encode_texts_ray([keys[i] for i in todo], [texts[i] for i in todo],
-                                         [hashes[i] for i in todo], model_path, ec)
-        else:
-            say(console, f"encode {field}: all {len(keys):,} texts cached for this encoder; nothing to do")
+            else:
+                todo.append(i)
+        with self.progress(f"{field} texts ({len(keys) - len(todo):,} cached)", len(todo), "texts") as bar:
+            if todo:
+                emb[todo] = encode_texts_ray([keys[i] for i in todo], [texts[i] for i in todo],
+                                             [hashes[i] for i in todo], self.model_path, ec, bar)
         tmp = dest.with_suffix(".tmp")
         pq.write_table(pa.table({"key": keys, "text_hash": hashes,
-                                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)}),
-                       tmp)
+                                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)}), tmp)
         tmp.replace(dest)
         secs = time.perf_counter() - ts
-        stats[field] = {"rows": len(keys), "encoded": len(todo), "reused": len(keys) - len(todo), "dim": dim,
-                        "seconds": secs, "texts_per_s": len(todo) / secs if todo else None,
-                        "file": str(dest.relative_to(prepare_dir))}
-        meta_file.write_text(json.dumps({"encoder": ec.model, "path": str(model_path), "fingerprint": fp,
-                                         **stats[field]}, indent=1))
-        spec.text[field].embedding = stats[field]["file"]
-        # the data contract: one text_embedding feature per encoded field (models/text.py reads it)
-        spec.features = [f for f in spec.features if f.name != f"{field}_text"] + [
-            Feature(name=f"{field}_text", kind="text_embedding", source=field, dim=dim)]
-    spec.save(prepare_dir / "feature_spec.json")
-    return EncodeResult(stats, time.perf_counter() - t0)
+        st = {"rows": len(keys), "encoded": len(todo), "reused": len(keys) - len(todo), "dim": dim,
+              "seconds": secs, "texts_per_s": len(todo) / secs if todo else None,
+              "file": str(dest.relative_to(self.prepare_dir))}
+        meta_file.write_text(json.dumps({"encoder": ec.model, "path": str(self.model_path),
+                                         "fingerprint": self.encoder_fp, **st}, indent=1))
+        return st
 
 
-def load_embeddings(prepare_dir: Path, spec: FeatureSpec, field: str) -> tuple[list[str], np.ndarray]:
-    tf = spec.text[field]
-    if tf.embedding is None:
-        raise EncoderError(f"no embeddings for text field {field!r}; run `mcl-ray encode` first")
-    t = pq.read_table(Path(prepare_dir) / tf.embedding)
-    return t["key"].to_pylist(), np.stack(t["embedding"].to_numpy(zero_copy_only=False))
-
-
-def say(console, msg: str) -> None:
-    if console is not None:
-        console.print(msg)
+def encode_stage(cfg: ExperimentConfig, prepare_dir: Path, force: bool = False, quiet: bool = False) -> EncodeResult:
+    return EncodeStage(cfg, prepare_dir, force, quiet).run()

@@ -7,6 +7,8 @@ transformers de-quantises GGUF on load; it is converted once into a cached safet
 
 from __future__ import annotations
 
+from mcl_ray.core.errors import SetupError
+
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +17,7 @@ DEFAULT_GENERATOR = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class GeneratorError(ValueError):
+class GeneratorError(SetupError):
     """A generator model that cannot be used; the message says what to do."""
 
 

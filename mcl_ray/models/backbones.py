@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mcl_ray.config import ModelConfig
-from mcl_ray.feature_spec import FeatureSpec
+from mcl_ray.core.config import ModelConfig
+from mcl_ray.core.feature_spec import FeatureSpec
+from mcl_ray.models.batch import Batch
 from mcl_ray.models.blocks import (MLP, Experts, Gate, GateNU, InputLayer, MetaLinear, PartitionedNorm,
                                    ScenarioTowers, StarLinear)
 from mcl_ray.models.text import LLMRanker
@@ -27,12 +28,12 @@ class SinglePerScenario(nn.Module):
                                                  nn.Linear((cfg.hidden + cfg.tower_hidden)[-1], 1))
                                    for _ in range(spec.num_scenarios)])
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        scen = batch["scenario"]
+    def forward(self, batch: Batch) -> torch.Tensor:
+        scen = batch.scenario
         out = scen.new_zeros(scen.shape[0], dtype=torch.float32)
         for s, (inp, mlp) in enumerate(zip(self.inputs, self.mlps)):
             rows = (scen == s).nonzero(as_tuple=True)[0]
-            sub = {k: v[rows] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+            sub = batch.take(rows)
             out = out.index_put((rows,), mlp(inp(sub).flatten(1)).squeeze(-1))
         return out
 
@@ -44,9 +45,9 @@ class SharedBottom(nn.Module):
         self.bottom = MLP(self.inputs.num_fields * cfg.embedding_dim, cfg.hidden, cfg.dropout)
         self.towers = ScenarioTowers(self.bottom.out_dim, cfg.tower_hidden, spec.num_scenarios, cfg.dropout)
 
-    def forward(self, batch):
+    def forward(self, batch: Batch) -> torch.Tensor:
         x = self.inputs(batch).flatten(1)  # [B, F*D]
-        return self.towers(self.bottom(x), batch["scenario"])  # [B, H] -> [B]
+        return self.towers(self.bottom(x), batch.scenario)  # [B, H] -> [B]
 
 
 class MMoE(nn.Module):
@@ -58,12 +59,12 @@ class MMoE(nn.Module):
         self.gate = Gate(in_dim, cfg.num_experts, spec.num_scenarios)
         self.towers = ScenarioTowers(self.experts.out_dim, cfg.tower_hidden, spec.num_scenarios, cfg.dropout)
 
-    def forward(self, batch):
+    def forward(self, batch: Batch) -> torch.Tensor:
         x = self.inputs(batch).flatten(1)  # [B, F*D]
         e = self.experts(x)  # [B, E, H]
         g = self.gate(x)  # [B, S, E]
         mixed = torch.einsum("bse,beh->bsh", g, e)  # [B, S, H]
-        return self.towers(mixed, batch["scenario"])
+        return self.towers(mixed, batch.scenario)
 
 
 class PLE(nn.Module):
@@ -80,8 +81,8 @@ class PLE(nn.Module):
         self.gates = nn.ModuleList([nn.Linear(in_dim, k + cfg.num_experts) for _ in range(s)])
         self.towers = ScenarioTowers(self.shared.out_dim, cfg.tower_hidden, s, cfg.dropout)
 
-    def forward(self, batch):
-        scen = batch["scenario"]
+    def forward(self, batch: Batch) -> torch.Tensor:
+        scen = batch.scenario
         x = self.inputs(batch).flatten(1)
         shared = self.shared(x)  # [B, Es, H]
         mixed = shared.new_zeros(shared.shape[0], shared.shape[2])  # [B, H]
@@ -112,8 +113,8 @@ class STAR(nn.Module):
         self.scen_emb = nn.Embedding(s, cfg.scenario_embedding_dim)
         self.aux = nn.Sequential(MLP(cfg.scenario_embedding_dim + in_dim, [64], cfg.dropout), nn.Linear(64, 1))
 
-    def forward(self, batch):
-        scen = batch["scenario"]
+    def forward(self, batch: Batch) -> torch.Tensor:
+        scen = batch.scenario
         x = self.inputs(batch).flatten(1)  # [B, F*D]
         h = self.pn(x, scen)
         for layer in self.layers:
@@ -143,9 +144,9 @@ class PEPNet(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(dims[-1], 1)
 
-    def forward(self, batch):
+    def forward(self, batch: Batch) -> torch.Tensor:
         fields = self.inputs(batch)  # [B, F, D]
-        z = self.scen_emb(batch["scenario"])  # [B, Z]
+        z = self.scen_emb(batch.scenario)  # [B, Z]
         flat_sg = fields.detach().flatten(1)
         gated = fields * self.ep_gate(torch.cat([z, flat_sg], 1)).unsqueeze(-1)  # [B, F, D]
         persona = torch.cat([z] + [fields[:, i].detach() for i in self.persona] + [gated.detach().flatten(1)], 1)
@@ -179,8 +180,8 @@ class M2M(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(widths[0], 1)
 
-    def forward(self, batch):
-        scen = batch["scenario"]
+    def forward(self, batch: Batch) -> torch.Tensor:
+        scen = batch.scenario
         fields = self.field_attn(self.inputs(batch))  # [B, F, D], attention over F within each row
         z_all = self.scen_repr(self.scen_emb.weight)  # [S, Z]: one representation per scenario
         e = self.experts(fields.flatten(1))  # [B, E, H]

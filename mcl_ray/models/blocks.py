@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mcl_ray.config import TextFeatureConfig
-from mcl_ray.feature_spec import FeatureSpec
+from mcl_ray.core.config import TextFeatureConfig
+from mcl_ray.core.feature_spec import FeatureSpec
+from mcl_ray.models.batch import Batch
+from mcl_ray.models.text import TextFields
 
 
 class MLP(nn.Module):
@@ -49,23 +51,18 @@ class InputLayer(nn.Module):
             self.num_b = nn.Parameter(torch.zeros(len(self.num_names), dim))
         self.text = None
         if text is not None and text.mode != "off":
-            from mcl_ray.models.text import TextFields
-
             self.text = TextFields(spec, dim, text)
         self.text_names = [f"{f}_text" for f in self.text.fields] if self.text is not None else []
         self.num_fields = len(self.cat_names) + len(self.num_names) + len(self.text_names)
         self.dim = dim
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # -> [B, F, D]
-        fields = [emb(batch["cat"][:, i]) for i, emb in enumerate(self.embeddings)]  # F_cat x [B, D]
+    def forward(self, batch: Batch) -> torch.Tensor:  # -> [B, F, D]
+        fields = [emb(batch.cat[:, i]) for i, emb in enumerate(self.embeddings)]  # F_cat x [B, D]
         if self.num_names:
-            fields += list((batch["num"].unsqueeze(-1) * self.num_w + self.num_b).unbind(1))  # [B, N, D]
+            fields += list((batch.num.unsqueeze(-1) * self.num_w + self.num_b).unbind(1))  # [B, N, D]
         if self.text is not None:
-            fields += self.text(batch["cat"])  # T x [B, D]
+            fields += self.text(batch.cat)  # T x [B, D]
         return torch.stack(fields, dim=1)
-
-    def field_index(self, name: str) -> int:
-        return self.cat_names.index(name)
 
 
 class ScenarioTowers(nn.Module):

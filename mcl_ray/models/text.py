@@ -12,23 +12,32 @@ vector (frozen) or an empty text (finetune).
   trained with the same BCE-with-logits loss as every backbone (the seed's version applied BCELoss
   to raw logits and passed token lists as labels).
 
-Models with texts have `load_text(prepare_dir, spec)`: the trainer calls it after construction
-(`attach_texts`); an artifact's weights already hold the tables/tokens.
+Models with texts have `load_text(source)`: the trainer calls it after construction with the
+prepared data's texts (`attach_texts`); an artifact's weights already hold the tables/tokens. The
+model itself reads no files: it is plain torch plus the Hugging Face encoder it wraps.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from typing import Protocol
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from mcl_ray.config import ModelConfig, TextFeatureConfig
-from mcl_ray.feature_spec import FeatureSpec
-from mcl_ray.llm.encoder import EncoderError, check_encoder, resolve_encoder
+from mcl_ray.core.config import ModelConfig, TextFeatureConfig
+from mcl_ray.core.feature_spec import FeatureSpec
+from mcl_ray.models.batch import Batch
+from mcl_ray.models.encoder import EncoderError, check_encoder, resolve_encoder
+
+
+class TextSource(Protocol):
+    """Where a model's texts come from (the prepared data: mcl_ray.data.texts.PreparedTexts).
+    Both return one entry per categorical id of `<field>_id`, id 0 (OOV) first."""
+
+    def texts(self, field: str) -> list[str]: ...
+
+    def embeddings(self, field: str) -> np.ndarray: ...  # [V, T] float32
 
 
 def key_index(spec: FeatureSpec, field: str) -> int:
@@ -36,43 +45,6 @@ def key_index(spec: FeatureSpec, field: str) -> int:
     if f"{field}_id" not in names:
         raise EncoderError(f"{field} text features need the categorical feature {field}_id (texts are looked up by it)")
     return names.index(f"{field}_id")
-
-
-def _text_of(prepare_dir: Path, spec: FeatureSpec, field: str) -> dict[str, str]:
-    from mcl_ray.data.prepare import key_array
-
-    if field not in spec.text:
-        raise EncoderError(f"the feature spec has no {field!r} text (prepare.text was null when it was prepared)")
-    tf = spec.text[field]
-    t = pq.read_table(Path(prepare_dir) / tf.table, columns=[tf.key, tf.column])
-    return dict(zip(key_array(t[tf.key]).to_pylist(), (x or "" for x in t[tf.column].to_pylist())))
-
-
-def vocab_keys(prepare_dir: Path, spec: FeatureSpec, field: str) -> list[str | None]:
-    """Key of every categorical id of `<field>_id` (id 0, OOV: None)."""
-    vocabs = json.loads((Path(prepare_dir) / spec.vocabularies).read_text())
-    return [None] + list(vocabs[f"{field}_id"])
-
-
-def vocab_texts(prepare_dir: Path, spec: FeatureSpec, field: str) -> list[str]:
-    texts = _text_of(prepare_dir, spec, field)
-    return ["" if k is None else texts.get(k, "") for k in vocab_keys(prepare_dir, spec, field)]
-
-
-def vocab_embeddings(prepare_dir: Path, spec: FeatureSpec, field: str) -> np.ndarray:
-    """The encode stage's embeddings in categorical-id order: [V, T], row 0 (OOV) zeros."""
-    from mcl_ray.llm.encode import load_embeddings
-
-    keys, emb = load_embeddings(prepare_dir, spec, field)
-    pos = {k: i for i, k in enumerate(keys)}
-    vk = vocab_keys(prepare_dir, spec, field)
-    table = np.zeros((len(vk), emb.shape[1]), np.float32)
-    hits = [(j, pos[k]) for j, k in enumerate(vk) if k is not None and k in pos]
-    if not hits:
-        raise EncoderError(f"no {field} id of the vocabulary has an embedding; re-run `mcl-ray encode`")
-    rows, src = zip(*hits)
-    table[list(rows)] = emb[list(src)]
-    return table
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -148,12 +120,12 @@ class TextFields(nn.Module):
             self.proj = nn.ModuleDict({f: nn.Linear(hidden, dim) for f in self.fields})
 
     @torch.no_grad()
-    def load_text(self, prepare_dir: Path, spec: FeatureSpec) -> None:
+    def load_text(self, source: TextSource) -> None:
         for f in self.fields:
             if self.mode == "frozen":
-                self.tables[f].weight.copy_(torch.from_numpy(vocab_embeddings(prepare_dir, spec, f)))
+                self.tables[f].weight.copy_(torch.from_numpy(source.embeddings(f)))
             else:
-                enc = self.tokenizer(vocab_texts(prepare_dir, spec, f), padding="max_length", truncation=True,
+                enc = self.tokenizer(source.texts(f), padding="max_length", truncation=True,
                                      max_length=self.max_length, return_tensors="pt")
                 getattr(self, f"ids_{f}").copy_(enc["input_ids"])
                 getattr(self, f"mask_{f}").copy_(enc["attention_mask"])
@@ -199,9 +171,9 @@ class LLMRanker(nn.Module):
             self.register_buffer(f"{f}_len", torch.zeros(v, dtype=torch.long))
 
     @torch.no_grad()
-    def load_text(self, prepare_dir: Path, spec: FeatureSpec) -> None:
+    def load_text(self, source: TextSource) -> None:
         for f in ("user", "item"):
-            enc = self.tokenizer(vocab_texts(prepare_dir, spec, f), add_special_tokens=False, truncation=True,
+            enc = self.tokenizer(source.texts(f), add_special_tokens=False, truncation=True,
                                  max_length=self.side, padding="max_length", return_tensors="pt")
             getattr(self, f"{f}_ids").copy_(enc["input_ids"])
             getattr(self, f"{f}_len").copy_(enc["attention_mask"].sum(1))
@@ -228,8 +200,8 @@ class LLMRanker(nn.Module):
         return {"input_ids": out, "attention_mask": (pos < total[:, None]).long(),
                 "token_type_ids": ((pos >= (u_len + 2)[:, None]) & (pos < total[:, None])).long()}
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(**self.pairs(batch["cat"])).logits.squeeze(-1)  # [B]
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.model(**self.pairs(batch.cat)).logits.squeeze(-1)  # [B]
 
 
 def check_text_inputs(cfg: ModelConfig, spec: FeatureSpec) -> None:
@@ -249,8 +221,8 @@ def check_text_inputs(cfg: ModelConfig, spec: FeatureSpec) -> None:
                                "first (`mcl-ray run` does it)")
 
 
-def attach_texts(model: nn.Module, prepare_dir: Path, spec: FeatureSpec) -> None:
+def attach_texts(model: nn.Module, source: TextSource) -> None:
     """Fill the text tables / token buffers of every part of `model` that has them."""
     for m in model.modules():
         if isinstance(m, (TextFields, LLMRanker)):
-            m.load_text(Path(prepare_dir), spec)
+            m.load_text(source)

@@ -7,17 +7,15 @@ Bad input raises `RequestError` with an HTTP status (the Serve app maps it to a 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
 from mcl_ray.artifact import Artifact, load_model, open_artifact
-from mcl_ray.data.prepare import key_array
+from mcl_ray.data.vocab import Vocabularies, encode_entities
+from mcl_ray.models.batch import Batch
 from mcl_ray.models.blocks import InputLayer
 
 
@@ -49,30 +47,26 @@ class Recommender:
         self.spec = spec
         self.model = load_model(art)
         self.version = art.manifest["version"]
-        vocabs = json.loads(art.file(spec.vocabularies).read_text())
+        self.vocabs = Vocabularies.load(art.path, spec)
         self.cat_names = [f.name for f in spec.categorical]
         self.sources = {f.name: f.source for f in spec.categorical}
-        self.lookup = {n: {v: i + 1 for i, v in enumerate(vocabs[n])} for n in self.cat_names}
         if spec.numeric:  # numeric features need per-item values the artifact does not carry yet
             raise ValueError("serving supports categorical and text features only in this version")
         # text features need nothing here: the model looks them up by user/item id (tables in its weights)
         self.context_names = [n for n in self.cat_names if self.sources[n] == "context"]
 
         items = pq.read_table(art.file(spec.items_table))
-        keys = key_array(items["item_id"]).to_pylist()
-        item_ids = self._encode_column(items, "item_id", "item_id")
-        keep = item_ids > 0  # candidates: items the model has an id for
+        keys, item_cols = encode_entities(items, "item_id", spec, self.vocabs, "item")
+        keep = item_cols["item_id"] > 0  # candidates: items the model has an id for
         self.item_keys = [k for k, m in zip(keys, keep) if m]
         self.item_pos = {k: i for i, k in enumerate(self.item_keys)}
         self.titles = (items["title"].to_pylist() if "title" in items.column_names else self.item_keys)
         self.titles = [t for t, m in zip(self.titles, keep) if m]
-        self.item_cols = {n: self._encode_column(items, n, "item_id")[keep] for n in self.cat_names
-                          if self.sources[n] == "item"}
+        self.item_cols = {n: v[keep] for n, v in item_cols.items()}
 
         users = pq.read_table(art.file(spec.users_table))
-        self.user_row = {k: i for i, k in enumerate(key_array(users["user_id"]).to_pylist())}
-        self.user_cols = {n: self._encode_column(users, n, "user_id") for n in self.cat_names
-                          if self.sources[n] == "user"}
+        user_keys, self.user_cols = encode_entities(users, "user_id", spec, self.vocabs, "user")
+        self.user_row = {k: i for i, k in enumerate(user_keys)}
         self.profile_fields = [n for n in self.user_cols if n != "user_id"]
 
         seen = pq.read_table(art.file("seen.parquet"))
@@ -84,12 +78,6 @@ class Recommender:
         self.seen: dict[str, np.ndarray] = {a: np.unique(np.array(v, np.int64)) for a, v in acc.items()}
         self.item_vecs = self._item_vectors()
         self.scenarios = spec.scenario_names
-
-    def _encode_column(self, table: pa.Table, name: str, key: str) -> np.ndarray:
-        col = key if name == key else name
-        values = pa.array(list(self.lookup[name]), pa.string())
-        idx = pc.index_in(key_array(table[col]), value_set=values)
-        return pc.add(pc.fill_null(idx, -1), 1).to_numpy().astype(np.int64)
 
     def _item_vectors(self) -> torch.Tensor:
         """Item representations for MMR diversity: the model's embeddings of the item-side features."""
@@ -128,13 +116,13 @@ class Recommender:
             if bad:
                 raise RequestError(422, f"unknown profile field(s) {bad}; allowed: {self.profile_fields}")
             for n, v in q.profile.items():
-                feats[n] = self.lookup[n].get(str(v), 0)  # an unseen value is the OOV id, like in training
+                feats[n] = self.vocabs.id(n, v)  # an unseen value is the OOV id, like in training
         if q.context:
             bad = sorted(set(q.context) - set(self.context_names))
             if bad:
                 raise RequestError(422, f"unknown context field(s) {bad}; this model uses {self.context_names or 'none'}")
             for n, v in q.context.items():
-                feats[n] = self.lookup[n].get(str(v), 0)
+                feats[n] = self.vocabs.id(n, v)
         return feats
 
     # ------------------------------------------------------------------ scoring
@@ -142,22 +130,10 @@ class Recommender:
     @torch.no_grad()
     def _scores(self, qs: list[Query], feats: list[dict[str, int]], idx: list[np.ndarray]) -> list[torch.Tensor]:
         """One forward pass over all (request, candidate) pairs of the batch."""
-        n = [len(i) for i in idx]
-        total = sum(n)
-        cat = np.zeros((total, len(self.cat_names)), np.int64)
-        scen = np.zeros(total, np.int64)
-        off = 0
-        for q, f, ii in zip(qs, feats, idx):
-            for j, name in enumerate(self.cat_names):
-                if name in self.item_cols:
-                    cat[off:off + len(ii), j] = self.item_cols[name][ii]
-                else:
-                    cat[off:off + len(ii), j] = f.get(name, 0)
-            scen[off:off + len(ii)] = self.scenarios.index(q.scenario)
-            off += len(ii)
-        batch = {"cat": torch.from_numpy(cat), "num": torch.zeros(total, 0), "scenario": torch.from_numpy(scen)}
+        batch = Batch.candidates(self.cat_names, len(self.spec.numeric), self.item_cols,
+                                 [(f, ii, self.scenarios.index(q.scenario)) for q, f, ii in zip(qs, feats, idx)])
         p = torch.sigmoid(self.model(batch).float())
-        return list(torch.split(p, n))
+        return list(torch.split(p, [len(i) for i in idx]))
 
     def recommend_many(self, qs: list[Query]) -> list[dict | RequestError]:
         """Top-k per request; a bad request yields its RequestError without failing the others."""

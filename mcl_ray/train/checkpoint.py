@@ -1,42 +1,19 @@
-"""Checkpoints as safetensors (weights, optimizer tensors) + JSON (everything else). No pickles."""
+"""Training checkpoints: weights and optimizer tensors as safetensors, the rest JSON. No pickles."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-MODEL = "model.safetensors"
+from mcl_ray.core.files import replace_folder
+from mcl_ray.models.weights import MODEL, load_weights, save_weights
+
 OPTIM = "optimizer.safetensors"
 STATE = "state.json"
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def save_weights(model: torch.nn.Module, path: str | Path) -> None:
-    sd = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    save_file(sd, str(path))
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 over the weights in state_dict order: equal digests mean identical weights."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for k, v in unwrap(model).state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    unwrap(model).load_state_dict(load_file(str(path)))
 
 
 def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -71,16 +48,6 @@ def save_checkpoint(folder: str | Path, model, opt, sched, state: dict) -> None:
     meta["scheduler"] = sched.state_dict() if sched is not None else None
     (tmp / STATE).write_text(json.dumps({"state": state, "optimizer": meta}, default=float))
     replace_folder(tmp, folder)
-
-
-def replace_folder(new: Path, dest: Path) -> None:
-    """Put a fully written folder in place of dest with renames only (readers never see half of one)."""
-    old = dest.with_name(dest.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(new, dest)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(folder: str | Path, model, opt, sched) -> dict:

@@ -14,24 +14,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
 
-from mcl_ray.config import ExperimentConfig
+from mcl_ray.core.config import ExperimentConfig
+from mcl_ray.core.feature_spec import FeatureSpec
+from mcl_ray.data.texts import PreparedTexts
+from mcl_ray.evaluate.evaluate import predict
 from mcl_ray.evaluate.metrics import binary_metrics
-from mcl_ray.feature_spec import FeatureSpec
 from mcl_ray.models.backbones import build_model
+from mcl_ray.models.batch import shard_to_batch
 from mcl_ray.models.text import attach_texts
+from mcl_ray.models.weights import MODEL, save_weights, weights_digest
 from mcl_ray.train import checkpoint as ck
-from mcl_ray.train.tensors import Batch, num_rows, shard_to_tensors, take
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, data: Batch, batch_size: int, device: torch.device) -> np.ndarray:
-    model.train(False)  # dropout off
-    out = []
-    for i in range(0, num_rows(data), batch_size):
-        b = {k: v[i:i + batch_size].to(device) for k, v in data.items()}
-        out.append(torch.sigmoid(model(b).float()).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
 def make_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):
@@ -56,29 +50,42 @@ def _quiet_report_logs() -> None:
         pass
 
 
+class LoopArgs(BaseModel):
+    """What the driver hands every worker (Ray Train passes it as a plain dict)."""
+
+    model_config = ConfigDict(extra="forbid")
+    config: ExperimentConfig
+    prepare_dir: str
+    out_dir: str  # the run's folder: weights, history, checkpoint, TensorBoard
+    seed: int
+    start_epoch: int = 0  # epochs done when this run was started (tells a worker failure from a rerun)
+    run_name: str | None = None  # the MLflow run name
+
+
 def train_loop_per_worker(loop_cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
     _quiet_report_logs()
-    cfg = ExperimentConfig.model_validate(loop_cfg["config"])
+    args = LoopArgs.model_validate(loop_cfg)
+    cfg = args.config
     tc = cfg.train
-    spec = FeatureSpec.load(loop_cfg["prepare_dir"])
-    out_dir = Path(loop_cfg["out_dir"])
-    seed = loop_cfg["seed"]
+    spec = FeatureSpec.load(args.prepare_dir)
+    out_dir = Path(args.out_dir)
+    seed = args.seed
     torch.set_num_threads(tc.torch_threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
 
     t_load = time.perf_counter()
-    train = shard_to_tensors(ray.train.get_dataset_shard("train"), spec)
-    valid = shard_to_tensors(ray.train.get_dataset_shard("valid"), spec)
+    train = shard_to_batch(ray.train.get_dataset_shard("train"), spec)
+    valid = shard_to_batch(ray.train.get_dataset_shard("valid"), spec)
     load_s = time.perf_counter() - t_load
 
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = build_model(spec, cfg.model)
-    attach_texts(model, Path(loop_cfg["prepare_dir"]), spec)  # text tables / token ids (no-op without texts)
+    attach_texts(model, PreparedTexts(args.prepare_dir, spec))  # text tables / token ids (no-op without texts)
     if world > 1:
         # DDP: gloo on CPU, NCCL on GPU. Scenario-specific blocks run even on zero rows, so every
         # parameter gets a gradient each step and DDP can skip the unused-parameter search. Buffers
@@ -92,16 +99,16 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     # Ray Train hands back the latest reported checkpoint both after a worker failure and when the
     # same run (name + storage path) is started again; start_epoch tells the two apart.
     resume = ray.train.get_checkpoint()
-    start_epoch = loop_cfg.get("start_epoch", 0)
+    start_epoch = args.start_epoch
     if resume is not None:
         with resume.as_directory() as d:
             state = ck.load_checkpoint(d, model, opt, sched)
-    elif loop_cfg.get("resume_dir") and ck.has_checkpoint(loop_cfg["resume_dir"]):  # ray_results was removed
-        state = ck.load_checkpoint(loop_cfg["resume_dir"], model, opt, sched)
+    elif ck.has_checkpoint(out_dir / "checkpoint"):  # Ray's own run state (ray_results) was removed
+        state = ck.load_checkpoint(out_dir / "checkpoint", model, opt, sched)
     if state["epoch"] > 0:
         kind = "failure" if state["epoch"] > start_epoch else "rerun"
         state.setdefault("resumes", []).append({"from": kind, "epoch": state["epoch"],
-                                                "weights": ck.weights_digest(model)})
+                                                "weights": weights_digest(model)})
     if rank == 0:  # lets operators (and the failure test) find the worker process
         (out_dir / f"worker_rank{rank}.pid").write_text(str(os.getpid()))
 
@@ -118,9 +125,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         mlf = setup_mlflow(config={**params, "seed": seed, "data_fingerprint": spec.data_fingerprint},
                            tracking_uri=cfg.tracking.mlflow_uri,
                            experiment_name=cfg.tracking.mlflow_experiment or cfg.name,
-                           run_name=loop_cfg.get("run_name"), create_experiment_if_not_exists=True)
+                           run_name=args.run_name, create_experiment_if_not_exists=True)
     # Every rank must run the same number of steps or DDP's all-reduce hangs.
-    n = torch.tensor([num_rows(train)])
+    n = torch.tensor([len(train)])
     if world > 1:
         torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
     n = int(n)
@@ -131,21 +138,22 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     scaler = torch.amp.GradScaler("cuda") if tc.use_gpu and tc.precision == "fp16" else None
 
     aug_w = cfg.augment.weight if cfg.augment.enabled else 0.0
+    report_every = max(1, steps // 20)
     for epoch in range(state["epoch"], tc.epochs):
         model.train()
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(seed * 100_003 + epoch * 101 + rank)
-        perm = torch.randperm(num_rows(train), generator=g)[:n]
+        perm = torch.randperm(len(train), generator=g)[:n]
         loss_sum = 0.0
         for i in range(steps):
-            b = take(train, perm[i * per_rank:(i + 1) * per_rank])
+            b = train.take(perm[i * per_rank:(i + 1) * per_rank])
             if tc.use_gpu:
-                b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+                b = b.to(device, non_blocking=True)
             # synthetic (augment) rows count augment.weight times a real row (0: not at all)
-            w = torch.where(b["synthetic"], aug_w, 1.0) * b["weight"]
+            w = torch.where(b.synthetic, aug_w, 1.0) * b.weight
             with autocast:
                 logits = model(b)  # [B]
-                loss = (F.binary_cross_entropy_with_logits(logits.float(), b["label"], reduction="none")
+                loss = (F.binary_cross_entropy_with_logits(logits.float(), b.label, reduction="none")
                         * w).sum() / w.sum().clamp(min=1e-12)
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -156,11 +164,13 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 loss.backward()
                 opt.step()
             loss_sum += float(loss.detach())
+            if rank == 0 and (i + 1) % report_every == 0:  # the driver's progress bar reads it
+                _write_json(out_dir / "progress.json", {"epoch": epoch, "step": i + 1, "steps": steps})
         if sched is not None:
             sched.step()
         train_s = time.perf_counter() - t0
         p = predict(model, valid, tc.eval_batch_size, device)
-        val = binary_metrics(valid["label"].numpy(), p, valid["scenario"].numpy(), spec.scenario_names)
+        val = binary_metrics(valid.label.numpy(), p, valid.scenario.numpy(), spec.scenario_names)
         auc = val["overall"]["auc"]
         improved = auc > state["best_auc"]
         if improved:
@@ -181,19 +191,16 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             tb.flush()
         if mlf is not None:
             mlf.log_metrics(metrics, step=epoch + 1)
-        if rank == 0:  # live progress in the driver's log (Ray forwards worker stdout)
-            print(f"[{cfg.name}] epoch {epoch + 1}/{tc.epochs}: loss {metrics['train_loss']:.4f} "
-                  f"val AUC {auc:.4f} ({metrics['samples_per_s']:,.0f} samples/s)", flush=True)
         state["epoch"] = epoch + 1
         ckpt = None
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 if improved:
-                    ck.save_weights(model, out_dir / "best_model.tmp")
-                    os.replace(out_dir / "best_model.tmp", out_dir / ck.MODEL)
+                    save_weights(model, out_dir / "best_model.tmp")
+                    os.replace(out_dir / "best_model.tmp", out_dir / MODEL)
                 ck.save_checkpoint(out_dir / "checkpoint", model, opt, sched, state)
                 ck.save_checkpoint(Path(tmp) / "c", model, opt, sched, state)
-                (out_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
+                _write_json(out_dir / "history.json", state["history"])  # the driver prints each new epoch
                 ckpt = ray.train.Checkpoint.from_directory(str(Path(tmp) / "c"))
             ray.train.report(metrics, checkpoint=ckpt)
         if stop:
@@ -202,3 +209,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         tb.close()
     if mlf is not None:
         mlf.end_run()
+
+
+def _write_json(path: Path, obj) -> None:
+    """Atomic: the driver polls these files while training runs."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)

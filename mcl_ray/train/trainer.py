@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mcl_ray.config import ExperimentConfig
-from mcl_ray.feature_spec import FeatureSpec
+from mcl_ray.core.config import ExperimentConfig
+from mcl_ray.core.errors import SetupError
+from mcl_ray.core.feature_spec import FeatureSpec
+from mcl_ray.core.ray_env import dataset_in_blocks
+from mcl_ray.core.stage import Marker, Stage, fingerprint
+from mcl_ray.data.splits import model_columns, read_split
+from mcl_ray.evaluate.evaluate import evaluate_train_dir
+from mcl_ray.evaluate.metrics import summarize
 from mcl_ray.models.text import check_text_inputs
 from mcl_ray.train import checkpoint as ck
-from mcl_ray.train.tensors import columns_for
+from mcl_ray.train.loop import LoopArgs, train_loop_per_worker
 
 
 @dataclass
@@ -39,15 +44,11 @@ def train_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec, seed: int, prepa
     # `epochs` continues a run from its last checkpoint instead of starting over.
     for k in ("num_workers", "use_gpu", "cpus_per_worker", "max_failures", "eval_batch_size", "epochs"):
         blob["train"].pop(k)
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+    return fingerprint(blob)
 
 
 def uses_synthetic(cfg: ExperimentConfig) -> bool:
     return cfg.augment.enabled and cfg.augment.weight > 0
-
-
-class SetupError(RuntimeError):
-    """Something the config asks for is missing (MLflow, synthetic rows); the message says how to fix it."""
 
 
 def check_tracking(cfg: ExperimentConfig) -> None:
@@ -59,49 +60,123 @@ def check_tracking(cfg: ExperimentConfig) -> None:
                              "pip install 'mcl-ray[tracking]' (mlflow-skinny), or set tracking.mlflow_uri=null") from None
 
 
+class TrainSeed(Stage[TrainResult]):
+    """One seed's training run in `train_dir`: Ray Train DDP, then (optionally) test evaluation.
+
+    The marker holds the fingerprint and the epoch cap: same fingerprint and cap with `complete`
+    reuses the run; same fingerprint otherwise resumes from its checkpoint (a larger cap continues
+    it); another fingerprint starts over."""
+
+    name = "train"
+
+    def __init__(self, cfg: ExperimentConfig, prepare_dir: Path, train_dir: Path, seed: int, force: bool = False,
+                 evaluate: bool = True, quiet: bool = False):
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
+        super().__init__(cfg, force, quiet)
+        self.prepare_dir, self.train_dir, self.seed, self.evaluate = Path(prepare_dir), Path(train_dir), seed, evaluate
+        self.spec = FeatureSpec.load(prepare_dir)
+        check_ready(cfg, self.spec)
+
+    @property
+    def marker(self) -> Marker:
+        return Marker(self.train_dir / "fingerprint.json")
+
+    def marker_extra(self) -> dict:
+        return {"epochs": self.cfg.train.epochs, "complete": True, "evaluated": self.evaluate}
+
+    def is_cached(self, fp: str) -> bool:  # a run evaluated on test also serves a request without evaluation
+        m = self.marker.read() or {}
+        return (not self.force and m.get("fingerprint") == fp and m.get("epochs") == self.cfg.train.epochs
+                and m.get("complete", False) and (m.get("evaluated", False) or not self.evaluate))
+
+    def data_fingerprint(self) -> str:
+        return self.spec.data_fingerprint
+
+    def fingerprint(self) -> str:
+        return train_fingerprint(self.cfg, self.spec, self.seed, self.prepare_dir)
+
+    def load_cached(self) -> TrainResult:
+        d = self.train_dir
+        metrics = json.loads((d / "metrics.json").read_text()) if self.evaluate else {}
+        return TrainResult(d, metrics, json.loads((d / "history.json").read_text()), True, 0.0)
+
+    def compute(self, fp: str) -> TrainResult:
+        d, tc = self.train_dir, self.cfg.train
+        if self.force or (self.marker.read() or {}).get("fingerprint") != fp:
+            shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True, exist_ok=True)
+        self.marker.write(fp, epochs=tc.epochs, complete=False)  # same fingerprint next time: resume
+        (d / "config.json").write_text(self.cfg.model_dump_json(indent=2))
+        start_epoch = resume_epoch(d)
+        if start_epoch:
+            self.say(f"[yellow]train seed {self.seed}: resuming from {d / 'checkpoint'} at epoch {start_epoch + 1}")
+        trainer = build_trainer(self.cfg, self.spec, self.prepare_dir, d, self.seed, start_epoch,
+                                run_name=f"{self.cfg.name}-seed{self.seed}")
+        self.say(f"[bold cyan]train[/] {self.cfg.model.backbone} seed {self.seed}: {tc.num_workers} worker(s), "
+                 f"{self.spec.num_rows['train']:,} train rows, up to {tc.epochs} epochs")
+        with self.progress(f"seed {self.seed}", tc.epochs, "epochs") as bar:
+            with EpochWatcher(d, bar, start_epoch):
+                trainer.fit()
+        history = json.loads((d / "history.json").read_text())
+        metrics = evaluate_train_dir(d, self.prepare_dir) if self.evaluate else {}
+        return TrainResult(d, metrics, history, False, time.perf_counter() - self.t0)
+
+
 def train_one(cfg: ExperimentConfig, prepare_dir: Path, train_dir: Path, seed: int, force: bool = False,
-              console=None, evaluate: bool = True) -> TrainResult:
-    t0 = time.perf_counter()
-    spec = FeatureSpec.load(prepare_dir)
+              evaluate: bool = True, quiet: bool = False) -> TrainResult:
+    return TrainSeed(cfg, prepare_dir, train_dir, seed, force, evaluate, quiet).run()
+
+
+def check_ready(cfg: ExperimentConfig, spec: FeatureSpec) -> None:
+    """Before any worker starts: texts/embeddings, MLflow and synthetic rows the config asks for."""
     check_text_inputs(cfg.model, spec)
     check_tracking(cfg)
     if uses_synthetic(cfg) and spec.synthetic is None:
         raise SetupError("augment.enabled with augment.weight > 0 but no synthetic rows: run `mcl-ray augment "
-                            "CONFIG` first (`mcl-ray run` does it), or set augment.weight=0")
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
-    fp = train_fingerprint(cfg, spec, seed, prepare_dir)
-    fp_file = train_dir / "fingerprint.json"
-    same = fp_file.exists() and json.loads(fp_file.read_text())["fingerprint"] == fp
-    finished = same and (train_dir / "metrics.json").exists() and json.loads(
-        (train_dir / "config.json").read_text())["train"]["epochs"] == cfg.train.epochs
-    if finished and not force:
-        say(console, f"[green]train seed {seed}: finished run with the same config and data; reusing {train_dir}")
-        return TrainResult(train_dir, json.loads((train_dir / "metrics.json").read_text()),
-                           json.loads((train_dir / "history.json").read_text()), True, 0.0)
-    if force or not same:
-        shutil.rmtree(train_dir, ignore_errors=True)
-    train_dir.mkdir(parents=True, exist_ok=True)
-    fp_file.write_text(json.dumps({"fingerprint": fp}))
-    (train_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    start_epoch = resume_epoch(train_dir)
-    if start_epoch:
-        say(console, f"[yellow]train seed {seed}: resuming from {train_dir / 'checkpoint'} at epoch {start_epoch + 1}")
+                         "CONFIG` first (`mcl-ray run` does it), or set augment.weight=0")
 
-    trainer = build_trainer(cfg, spec, prepare_dir, train_dir, seed, start_epoch, run_name=f"{cfg.name}-seed{seed}")
-    tc = cfg.train
-    say(console, f"[bold cyan]train[/] {cfg.model.backbone} seed {seed}: {tc.num_workers} worker(s), "
-                 f"{spec.num_rows['train']:,} train rows, up to {tc.epochs} epochs")
-    trainer.fit()
-    history = json.loads((train_dir / "history.json").read_text())
-    for h in history:
-        say(console, f"  epoch {h['epoch'] + 1}: loss {h['train_loss']:.4f}  val AUC {h['val_auc']:.4f}  "
-                     f"({h['samples_per_s']:,.0f} samples/s)")
-    metrics = {}
-    if evaluate:
-        from mcl_ray.evaluate.evaluate import evaluate_train_dir
 
-        metrics = evaluate_train_dir(train_dir, prepare_dir)
-    return TrainResult(train_dir, metrics, history, False, time.perf_counter() - t0)
+class EpochWatcher:
+    """Follows a running training from the driver: rank 0 writes progress.json (steps) and
+    history.json (finished epochs) in the train folder; each finished epoch is printed once, here."""
+
+    def __init__(self, train_dir: Path, bar, start_epoch: int = 0, period_s: float = 0.5):
+        self.dir, self.bar, self.period = train_dir, bar, period_s
+        self.printed = start_epoch
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> "EpochWatcher":
+        self.bar.update(done=self.printed)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()  # the last epoch may have landed after the final poll
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            self.poll()
+
+    def poll(self) -> None:
+        try:
+            hist = json.loads((self.dir / "history.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being replaced
+            hist = []
+        for h in hist[self.printed:]:
+            self.bar.print(f"  epoch {h['epoch'] + 1}: loss {h['train_loss']:.4f}  val AUC {h['val_auc']:.4f}  "
+                           f"({h['samples_per_s']:,.0f} samples/s, {h['epoch_seconds']:.1f} s)")
+        self.printed = max(self.printed, len(hist))
+        info = f"val AUC {hist[-1]['val_auc']:.4f}" if hist else ""
+        try:
+            p = json.loads((self.dir / "progress.json").read_text())
+            if p["epoch"] >= self.printed:
+                info = f"batch {p['step']}/{p['steps']}" + (f"; {info}" if info else "")
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        self.bar.update(done=self.printed, info=info)
 
 
 def build_trainer(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path, out_dir: Path, seed: int,
@@ -112,15 +187,12 @@ def build_trainer(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path, o
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from mcl_ray.train.loop import train_loop_per_worker
-
     tc = cfg.train
+    args = LoopArgs(config=cfg, prepare_dir=str(prepare_dir.resolve()), out_dir=str(out_dir.resolve()), seed=seed,
+                    start_epoch=start_epoch, run_name=run_name)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "prepare_dir": str(prepare_dir.resolve()),
-                           "out_dir": str(out_dir.resolve()), "seed": seed,
-                           "resume_dir": str((out_dir / "checkpoint").resolve()), "start_epoch": start_epoch,
-                           "run_name": run_name},
+        train_loop_config=args.model_dump(mode="json"),
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker={"CPU": tc.cpus_per_worker}
                                                if tc.num_workers else None),
@@ -146,10 +218,7 @@ def materialized_splits(spec: FeatureSpec, prepare_dir: Path, sample: dict | Non
     `synthetic`, the augment stage's rows join the training split (weighted in the loop)."""
     import ray.data
 
-    from mcl_ray.ray_env import dataset_in_blocks
-    from mcl_ray.train.tensors import read_split
-
-    cols = columns_for(spec)
+    cols = model_columns(spec)
     out = {}
     for s in ("train", "valid"):
         if s in (sample or {}):
@@ -171,37 +240,11 @@ def resume_epoch(out_dir: Path) -> int:
     return 0
 
 
-def summarize(results: list[TrainResult]) -> dict:
-    """Mean and (sample) standard deviation over seeds of overall and per-scenario AUC/logloss."""
-    def agg(values):
-        values = [v for v in values if v == v]
-        return {"mean": statistics.fmean(values) if values else float("nan"),
-                "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
-
-    ms = [r.metrics for r in results]
-    out = {"overall": {m: agg([x["overall"][m] for x in ms]) for m in ("auc", "logloss", "gauc")},
-           "by_scenario": {}}
-    for name in ms[0]["by_scenario"]:
-        out["by_scenario"][name] = {m: agg([x["by_scenario"][name][m] for x in ms]) for m in ("auc", "logloss")}
-    if all("ranking" in x for x in ms):
-        out["ranking"] = {}
-        for name in ms[0]["ranking"]:
-            keys = [k for k in ms[0]["ranking"][name] if "@" in k]
-            out["ranking"][name] = {k: agg([x["ranking"][name][k] for x in ms if name in x["ranking"]]) for k in keys}
-    out["seeds"] = [r.metrics.get("seed") for r in results]
-    out["backbone"] = ms[0].get("backbone")
-    return out
-
-
 def train(cfg: ExperimentConfig, prepare_dir: Path, run_dir: Path, seeds: int = 1, force: bool = False,
-          console=None) -> tuple[list[TrainResult], dict]:
+          quiet: bool = False) -> tuple[list[TrainResult], dict]:
+    """Train seeds seed..seed+N-1 (each a TrainSeed stage) and write train/summary.json (mean ± std)."""
     results = [train_one(cfg, prepare_dir, run_dir / "train" / f"seed_{cfg.train.seed + i}", cfg.train.seed + i,
-                         force=force, console=console) for i in range(seeds)]
-    summary = summarize(results)
+                         force=force, quiet=quiet) for i in range(seeds)]
+    summary = summarize([r.metrics for r in results])
     (run_dir / "train" / "summary.json").write_text(json.dumps(summary, indent=2))
     return results, summary
-
-
-def say(console, msg: str) -> None:
-    if console is not None:
-        console.print(msg)

@@ -7,7 +7,8 @@ import json
 import math
 from pathlib import Path
 
-from mcl_ray.config import Choice, ExperimentConfig, IntRange, LogUniform
+from mcl_ray.core.config import Choice, ExperimentConfig, IntRange, LogUniform
+from mcl_ray.tune.space import encode_value
 
 
 def param_importances(cfg: ExperimentConfig, rows: list[dict]) -> dict[str, float]:
@@ -15,12 +16,10 @@ def param_importances(cfg: ExperimentConfig, rows: list[dict]) -> dict[str, floa
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    from mcl_ray.tune.sweep import _encode
-
     dists = {}
     for key, p in cfg.tune.space.items():
         if isinstance(p, Choice):
-            dists[key] = CategoricalDistribution([_encode(v) for v in p.values])
+            dists[key] = CategoricalDistribution([encode_value(v) for v in p.values])
         elif isinstance(p, IntRange):
             dists[key] = IntDistribution(p.low, p.high, log=p.log)
         else:
@@ -31,7 +30,7 @@ def param_importances(cfg: ExperimentConfig, rows: list[dict]) -> dict[str, floa
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize")
     for r in done:
-        params = {k: _encode(r["params"][k]) for k in dists if k in r["params"]}
+        params = {k: encode_value(r["params"][k]) for k in dists if k in r["params"]}
         if len(params) != len(dists):
             continue
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=r["best_val_auc"]))

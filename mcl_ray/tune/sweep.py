@@ -5,13 +5,13 @@ Layout under <run_dir>/tune/:
     trials/<trial_id>/     each trial's training folder (params.json, config.json, history.json,
                            model.safetensors of its best epoch, checkpoint/ for resumption)
     trials.json            one row per trial; report.md + PNG plots (mcl_ray.tune.report)
-    best/                  the winner's folder name and params (winner.json)
+    winner.json            the winning trial (params, validation AUC) and its test metrics
+    fingerprint.json       the stage marker: a finished sweep with the same inputs is reused
 The winner is evaluated on the test split once and exported to <run_dir>/artifact.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -19,13 +19,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mcl_ray.config import Choice, ExperimentConfig, IntRange, LogUniform, TuneConfig, Uniform, validate_config
-from mcl_ray.feature_spec import FeatureSpec
+import ray
+import ray.tune
+
+from mcl_ray.artifact import export_artifact
+from mcl_ray.core.config import ExperimentConfig
+from mcl_ray.core.errors import RunError
+from mcl_ray.core.feature_spec import FeatureSpec
+from mcl_ray.core.stage import Marker, Stage, fingerprint
+from mcl_ray.evaluate.evaluate import evaluate_train_dir
+from mcl_ray.train.trainer import build_trainer, check_ready, materialized_splits, resume_epoch
+from mcl_ray.tune.report import write_report
+from mcl_ray.tune.space import decode_value, default_point, search_space, trial_config
 
 METRIC = "best_val_auc"  # monotone in epochs: ASHA and Optuna compare each trial's best so far
 
 
-class SweepError(RuntimeError):
+class SweepError(RunError):
     """A sweep that produced no usable trial."""
 
 
@@ -39,74 +49,19 @@ class SweepResult:
     seconds: float
 
 
-# ----------------------------------------------------------------------------- search space
-
-
-def _encode(v):
-    """Optuna's categorical values must be scalars: lists (layer widths) travel as JSON strings."""
-    return json.dumps(v) if isinstance(v, (list, dict)) else v
-
-
-def _decode(v):
-    if isinstance(v, str) and v[:1] in "[{":
-        return json.loads(v)
-    return v
-
-
-def search_space(tc: TuneConfig) -> dict:
-    from ray import tune
-
-    space = {}
-    for key, p in tc.space.items():
-        if isinstance(p, LogUniform):
-            space[key] = tune.loguniform(p.low, p.high)
-        elif isinstance(p, Uniform):
-            space[key] = tune.uniform(p.low, p.high)
-        elif isinstance(p, IntRange):
-            space[key] = (tune.lograndint if p.log else tune.randint)(p.low, p.high + 1)  # randint: high exclusive
-        elif isinstance(p, Choice):
-            space[key] = tune.choice([_encode(v) for v in p.values])
-    return space
-
-
-def default_point(cfg: ExperimentConfig) -> dict:
-    """The experiment's own values of the searched keys (a trial Optuna evaluates first)."""
-    point = {}
-    for key, p in cfg.tune.space.items():
-        section, field = key.split(".")
-        v = getattr(getattr(cfg, section), field)
-        if isinstance(p, Choice) and v not in p.values:
-            return {}  # the default is outside the declared choices: nothing to pin
-        if isinstance(p, (LogUniform, Uniform, IntRange)) and not p.low <= v <= p.high:
-            return {}
-        point[key] = _encode(v)
-    return point
-
-
-def trial_config(base: dict, params: dict) -> ExperimentConfig:
-    raw = json.loads(json.dumps(base))
-    for key, v in params.items():
-        section, field = key.split(".")
-        raw[section][field] = _decode(v)
-    return validate_config(raw, "tune trial")
-
-
 # ----------------------------------------------------------------------------- one trial
 
 
 def run_trial(params: dict, base: dict, prepare_dir: str, trials_dir: str, datasets: dict) -> None:
     """Tune function trainable: builds and fits one TorchTrainer; epochs reach Tune through
     TuneReportCallback. A trial restarted after an interruption resumes from its checkpoint."""
-    import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from mcl_ray.train.trainer import build_trainer, resume_epoch
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(base, params)
     out_dir = Path(trials_dir) / trial_id
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "params.json").write_text(json.dumps({k: _decode(v) for k, v in params.items()}, indent=1))
+    (out_dir / "params.json").write_text(json.dumps({k: decode_value(v) for k, v in params.items()}, indent=1))
     (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     start_epoch = resume_epoch(out_dir)
     with open(out_dir / "starts.log", "a") as f:  # one line per (re)start: resumption is visible
@@ -121,21 +76,17 @@ def run_trial(params: dict, base: dict, prepare_dir: str, trials_dir: str, datas
 
 
 def concurrency(cfg: ExperimentConfig) -> int:
-    import ray
-
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
     per_trial = max(cfg.train.num_workers, 1) * cfg.train.cpus_per_worker
     return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
 
 
-def make_tuner(cfg: ExperimentConfig, prepare_dir: Path, tune_dir: Path, console=None):
+def make_tuner(cfg: ExperimentConfig, prepare_dir: Path, tune_dir: Path, watcher: TrialsWatcher | None = None):
+    """-> (Tuner, resumed): a new sweep, or the interrupted one in tune_dir restored."""
     import optuna
-    import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
-
-    from mcl_ray.train.trainer import materialized_splits
 
     tc = cfg.tune
     epochs = tc.epochs or cfg.train.epochs
@@ -151,10 +102,13 @@ def make_tuner(cfg: ExperimentConfig, prepare_dir: Path, tune_dir: Path, console
     trainable = ray.tune.with_resources(trainable, {"cpu": 0, "memory": 1 << 20})
     storage_root = (tune_dir / "ray").resolve()
     exp_path = storage_root / cfg.name
+    callbacks = [watcher] if watcher is not None else None
     if ray.tune.Tuner.can_restore(str(exp_path)):
-        say(console, f"[yellow]tune: resuming the sweep in {exp_path} (finished trials are kept, not re-run)")
-        return ray.tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True,
-                                      restart_errored=False), True
+        tuner = ray.tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True,
+                                       restart_errored=False)
+        # the saved run config holds a watcher without its bar (not picklable): give it this one
+        tuner._local_tuner.get_run_config().callbacks = callbacks
+        return tuner, True
     point = default_point(cfg)
     points = [point] if tc.include_default and point else None
     storage = optuna.storages.RDBStorage(tc.storage) if tc.storage else None
@@ -171,8 +125,8 @@ def make_tuner(cfg: ExperimentConfig, prepare_dir: Path, tune_dir: Path, console
                                         num_samples=tc.num_samples, max_concurrent_trials=concurrency(cfg),
                                         time_budget_s=tc.time_budget_s, trial_dirname_creator=_trial_dirname),
         run_config=ray.tune.RunConfig(name=cfg.name, storage_path=str(storage_root),
-                                      failure_config=ray.tune.FailureConfig(max_failures=0),
-                                      verbose=1),  # a trial-status table every 30 s
+                                      failure_config=ray.tune.FailureConfig(max_failures=0), callbacks=callbacks,
+                                      verbose=0),  # our own line per finished trial (TrialsWatcher)
     )
     return tuner, False
 
@@ -226,79 +180,125 @@ def sweep_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec) -> str:
     """Same fingerprint: the sweep in the run directory is this one (resume or reuse it)."""
     blob = {k: getattr(cfg, k).model_dump(mode="json") for k in ("model", "train", "tune")}
     blob["tune"].pop("enabled")
-    blob["data"] = spec.data_fingerprint
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+    return fingerprint(blob, spec.data_fingerprint)
 
 
-def sweep(cfg: ExperimentConfig, prepare_dir: Path, run_dir: Path, console=None, force: bool = False) -> SweepResult:
-    from mcl_ray.artifact import export_artifact
-    from mcl_ray.evaluate.evaluate import evaluate_train_dir
-    from mcl_ray.tune.report import write_report
+class TrialsWatcher(ray.tune.Callback):
+    """Runs in the driver: one line per finished trial and the stage's progress bar."""
 
-    t0 = time.perf_counter()
-    tune_dir = run_dir / "tune"
-    from mcl_ray.llm.encoder import EncoderError
-    from mcl_ray.models.text import check_text_inputs
+    def __init__(self, bar):
+        self.bar = bar
 
-    spec = FeatureSpec.load(prepare_dir)
-    from mcl_ray.train.trainer import SetupError, check_tracking
+    def __getstate__(self) -> dict:  # Tune saves its run config; a console and its lock do not pickle
+        return {"bar": None}
 
-    try:
-        check_text_inputs(cfg.model, spec)
-        check_tracking(cfg)
-        if cfg.augment.enabled and spec.synthetic is None:
-            raise SetupError("augment.enabled but no synthetic rows: run `mcl-ray augment CONFIG` first")
-    except (EncoderError, SetupError) as e:
-        raise SweepError(str(e)) from None
-    fp = sweep_fingerprint(cfg, spec)
-    fp_file = tune_dir / "fingerprint.json"
-    if tune_dir.exists() and (force or not fp_file.exists() or json.loads(fp_file.read_text())["fingerprint"] != fp):
-        say(console, f"[yellow]tune: {'--force' if force else 'config or data changed'}; starting a new sweep in {tune_dir}")
-        shutil.rmtree(tune_dir)
-    (tune_dir / "trials").mkdir(parents=True, exist_ok=True)
-    fp_file.write_text(json.dumps({"fingerprint": fp}))
-    (tune_dir / "sweep_config.json").write_text(cfg.model_dump_json(indent=2))
-    tuner, _ = make_tuner(cfg, prepare_dir, tune_dir, console)
-    epochs = cfg.tune.epochs or cfg.train.epochs
-    say(console, f"[bold cyan]tune[/] {cfg.tune.num_samples} trials x up to {epochs} epochs, "
-                 f"{cfg.tune.scheduler.upper()}, {concurrency(cfg)} at a time, searching "
-                 f"{', '.join(cfg.tune.space)}")
-    t_fit = time.perf_counter()
-    try:
-        grid = tuner.fit()
-    finally:  # wall time across interruptions and resumptions, for trials per hour
-        timing = tune_dir / "timing.json"
-        spent = json.loads(timing.read_text())["fit_seconds"] if timing.exists() else 0.0
-        timing.write_text(json.dumps({"fit_seconds": spent + time.perf_counter() - t_fit}))
-    # Tune turns Ctrl+C / SIGTERM into an orderly stop that saves the experiment and returns the
-    # partial results; a short sweep that was not cut by its time budget was interrupted.
-    budget_hit = cfg.tune.time_budget_s and time.perf_counter() - t_fit >= cfg.tune.time_budget_s
-    unfinished = [r for r in grid if not r.error and not (r.metrics or {}).get("done", False)]
-    if (len(grid) < cfg.tune.num_samples or unfinished) and not budget_hit:
-        raise KeyboardInterrupt(f"sweep interrupted after {len(grid) - len(unfinished)} finished trial(s)")
-    rows = trial_rows(grid, tune_dir, epochs)
-    (tune_dir / "trials.json").write_text(json.dumps(rows, indent=1))
-    ok = [r for r in rows if r["status"] != "error" and r["epochs"] > 0]
-    for r in rows:
-        if r["status"] == "error":
-            say(console, f"[red]  trial {r['trial_id']} failed: {r['error']}")
-    if not ok:
-        raise SweepError(f"all {len(rows)} trials failed; see {tune_dir / 'trials.json'} and {tune_dir / 'ray'}")
-    winner = max(ok, key=lambda r: r["best_val_auc"])
-    winner_dir = Path(winner["folder"])
-    say(console, f"[green]tune: winner {winner['trial_id']} val AUC {winner['best_val_auc']:.4f} "
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._line(trial, "done")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trial, "error")
+
+    def _line(self, trial, status: str) -> None:
+        if self.bar is None:
+            return
+        auc = (trial.last_result or {}).get(METRIC)
+        self.bar.print(f"  trial {trial.trial_id} {status}: {trial.last_result.get('training_iteration', 0)} epoch(s)"
+                       + (f", best val AUC {auc:.4f}" if auc is not None else ""))
+        self.bar.update(advance=1)
+
+
+class TuneStage(Stage[SweepResult]):
+    """A sweep in <run_dir>/tune: resumed when interrupted (same fingerprint), reused when finished,
+    started over when the config or data changed."""
+
+    name = "tune"
+
+    def __init__(self, cfg: ExperimentConfig, prepare_dir: Path, run_dir: Path, force: bool = False,
+                 quiet: bool = False):
+        super().__init__(cfg, force, quiet)
+        self.prepare_dir, self.run_dir = Path(prepare_dir), Path(run_dir)
+        self.tune_dir = self.run_dir / "tune"
+        self.spec = FeatureSpec.load(prepare_dir)
+        # augment.weight may be searched: synthetic rows are needed whenever augment is enabled
+        check_ready(cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"weight": 1.0})}), self.spec)
+
+    @property
+    def marker(self) -> Marker:
+        return Marker(self.tune_dir / "fingerprint.json")
+
+    def marker_extra(self) -> dict:
+        return {"complete": True}
+
+    def data_fingerprint(self) -> str:
+        return self.spec.data_fingerprint
+
+    def fingerprint(self) -> str:
+        return sweep_fingerprint(self.cfg, self.spec)
+
+    def load_cached(self) -> SweepResult:
+        rows = json.loads((self.tune_dir / "trials.json").read_text())
+        winner = json.loads((self.tune_dir / "winner.json").read_text())
+        return SweepResult(self.tune_dir, rows, winner, self.run_dir / "artifact", winner["test"], 0.0)
+
+    def compute(self, fp: str) -> SweepResult:
+        cfg, tune_dir = self.cfg, self.tune_dir
+        if tune_dir.exists() and (self.force or (self.marker.read() or {}).get("fingerprint") != fp):
+            self.say(f"[yellow]tune: {'--force' if self.force else 'config or data changed'}; starting a new sweep "
+                     f"in {tune_dir}")
+            shutil.rmtree(tune_dir)
+        (tune_dir / "trials").mkdir(parents=True, exist_ok=True)
+        self.marker.write(fp, complete=False)  # same fingerprint next time: resume
+        (tune_dir / "sweep_config.json").write_text(cfg.model_dump_json(indent=2))
+        epochs = cfg.tune.epochs or cfg.train.epochs
+        done_before = len([d for d in (tune_dir / "trials").iterdir() if (d / "history.json").exists()])
+        with self.progress("trials", cfg.tune.num_samples, "trials") as bar:
+            bar.update(done=done_before)
+            tuner, resumed = make_tuner(cfg, self.prepare_dir, tune_dir, TrialsWatcher(bar))
+            if resumed:
+                self.say(f"[yellow]tune: resuming the sweep in {tune_dir / 'ray'} (finished trials are kept)")
+            self.say(f"[bold cyan]tune[/] {cfg.tune.num_samples} trials x up to {epochs} epochs, "
+                     f"{cfg.tune.scheduler.upper()}, {concurrency(cfg)} at a time, searching {', '.join(cfg.tune.space)}")
+            t_fit = time.perf_counter()
+            try:
+                grid = tuner.fit()
+            finally:  # wall time across interruptions and resumptions, for trials per hour
+                timing = tune_dir / "timing.json"
+                spent = json.loads(timing.read_text())["fit_seconds"] if timing.exists() else 0.0
+                timing.write_text(json.dumps({"fit_seconds": spent + time.perf_counter() - t_fit}))
+        # Tune turns Ctrl+C / SIGTERM into an orderly stop that saves the experiment and returns the
+        # partial results; a short sweep that was not cut by its time budget was interrupted.
+        budget_hit = cfg.tune.time_budget_s and time.perf_counter() - t_fit >= cfg.tune.time_budget_s
+        unfinished = [r for r in grid if not r.error and not (r.metrics or {}).get("done", False)]
+        if (len(grid) < cfg.tune.num_samples or unfinished) and not budget_hit:
+            raise KeyboardInterrupt(f"sweep interrupted after {len(grid) - len(unfinished)} finished trial(s)")
+        return self._finish(grid, epochs)
+
+    def _finish(self, grid, epochs: int) -> SweepResult:
+        """Trials table, the winner on validation, its one test evaluation, export and report."""
+        cfg, tune_dir = self.cfg, self.tune_dir
+        rows = trial_rows(grid, tune_dir, epochs)
+        (tune_dir / "trials.json").write_text(json.dumps(rows, indent=1))
+        ok = [r for r in rows if r["status"] != "error" and r["epochs"] > 0]
+        for r in rows:
+            if r["status"] == "error":
+                self.say(f"[red]  trial {r['trial_id']} failed: {r['error']}")
+        if not ok:
+            raise SweepError(f"all {len(rows)} trials failed; see {tune_dir / 'trials.json'} and {tune_dir / 'ray'}")
+        winner = max(ok, key=lambda r: r["best_val_auc"])
+        winner_dir = Path(winner["folder"])
+        self.say(f"[green]tune: winner {winner['trial_id']} val AUC {winner['best_val_auc']:.4f} "
                  f"with {winner['params']}; evaluating it on the test split")
-    test = evaluate_train_dir(winner_dir, prepare_dir, "test")  # the only test evaluation of the sweep
-    (tune_dir / "winner.json").write_text(json.dumps({**winner, "test": test["overall"]}, indent=1))
-    artifact = export_artifact(winner_dir, prepare_dir, run_dir / "artifact",
-                               source={"kind": "tune", "trial_id": winner["trial_id"], "params": winner["params"]})
-    point = {k: _decode(v) for k, v in default_point(cfg).items()}
-    default = next((r for r in rows if cfg.tune.include_default and point and r["params"] == point), None)
-    fit_s = json.loads((tune_dir / "timing.json").read_text())["fit_seconds"]
-    write_report(tune_dir, cfg, rows, winner, test, default, fit_s)
-    return SweepResult(tune_dir, rows, winner, artifact, test, time.perf_counter() - t0)
+        test = evaluate_train_dir(winner_dir, self.prepare_dir, "test")  # the only test evaluation of the sweep
+        (tune_dir / "winner.json").write_text(json.dumps({**winner, "test": test}, indent=1))
+        artifact = export_artifact(winner_dir, self.prepare_dir, self.run_dir / "artifact", force=True,
+                                   source={"kind": "tune", "trial_id": winner["trial_id"], "params": winner["params"]})
+        point = {k: decode_value(v) for k, v in default_point(cfg).items()}
+        default = next((r for r in rows if cfg.tune.include_default and point and r["params"] == point), None)
+        fit_s = json.loads((tune_dir / "timing.json").read_text())["fit_seconds"]
+        write_report(tune_dir, cfg, rows, winner, test, default, fit_s)
+        return SweepResult(tune_dir, rows, winner, artifact, test, time.perf_counter() - self.t0)
 
 
-def say(console, msg: str) -> None:
-    if console is not None:
-        console.print(msg)
+def sweep(cfg: ExperimentConfig, prepare_dir: Path, run_dir: Path, force: bool = False,
+          quiet: bool = False) -> SweepResult:
+    return TuneStage(cfg, prepare_dir, run_dir, force, quiet).run()

@@ -14,9 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key path."""
+from mcl_ray.core.errors import ConfigError  # noqa: F401  (re-exported: config errors are raised here)
 
 
 class Strict(BaseModel):
@@ -480,7 +478,7 @@ class ExperimentConfig(Strict):
     def resolved_run_dir(self) -> str:
         """The local run directory: run_dir, runs/<name>, or the staging copy of a run_dir URI (storage.py)."""
         if self.run_dir and "://" in self.run_dir:
-            from mcl_ray.storage import staging_dir
+            from mcl_ray.core.storage import staging_dir
 
             return str(staging_dir(self.run_dir, self.name))
         return self.run_dir or str(Path("runs") / self.name)

@@ -1,4 +1,7 @@
-"""Starting or joining a Ray cluster with this project's defaults (see DESIGN.md, Ray facts)."""
+"""Starting or joining a Ray cluster with this project's defaults, and keeping Ray's own output
+(driver-side log records, worker stdout, Serve/Data/Train chatter) in a log file of the run
+directory instead of the console: `<run_dir>/ray.log`. `--verbose` (MCL_RAY_VERBOSE=1) brings it
+back to the console."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mcl_ray.config import RayConfig
+from mcl_ray.core.config import RayConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +39,12 @@ def ray_tmpdir(run_root: str | Path = "runs") -> str:
 
 
 def quiet_ray_data() -> None:
-    """Progress bars on a terminal; in logs (CI, jobs) only warnings: our own stage lines show progress."""
+    """Ray Data's own progress bars off (the stages draw one bar each); its logs to warnings."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty() and not os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS")
+    ctx.enable_progress_bars = verbose() and sys.stderr.isatty()
+    ctx.print_on_execution_start = verbose()
     for name in ("ray.data", "ray.data._internal"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -58,21 +62,54 @@ def tune_data_context(small_cluster_cpus: int = 8) -> None:
         ray.data.DataContext.get_current().op_resource_reservation_enabled = False
 
 
-def init_ray(cfg: RayConfig | None = None, run_root: str | Path = "runs") -> None:
-    """Join the configured cluster, RAY_ADDRESS, or an already started one; else start a local one."""
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "ray._private", "filelock")
+
+
+def verbose() -> bool:
+    return os.environ.get("MCL_RAY_VERBOSE", "") not in ("", "0")
+
+
+def route_ray_logs(log_dir: str | Path | None) -> Path | None:
+    """Send the driver's Ray log records to <log_dir>/ray.log (console only with --verbose)."""
+    if verbose() or log_dir is None:
+        return None
+    path = Path(log_dir) / "ray.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in RAY_LOGGERS:
+        lg = logging.getLogger(name)
+        for h in [h for h in lg.handlers if isinstance(h, (logging.StreamHandler, logging.FileHandler))]:
+            lg.removeHandler(h)  # Ray adds a stderr handler to "ray" at import time
+        lg.addHandler(handler)
+        lg.propagate = False
+    return path
+
+
+def init_ray(cfg: RayConfig | None = None, run_root: str | Path = "runs", log_dir: str | Path | None = None) -> None:
+    """Join the configured cluster, RAY_ADDRESS, or an already started one; else start a local one.
+
+    Worker output is not forwarded to this console (log_to_driver) unless --verbose: the stages
+    print their own progress from the driver, and Ray keeps worker logs in its session folder."""
     import ray
 
     apply_env_defaults()
     quiet_ray_data()
+    log_file = route_ray_logs(log_dir)
     if ray.is_initialized():
         return
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
-        return
-    ray.init(num_cpus=cfg.num_cpus, log_to_driver=True, **local_cluster_kwargs(run_root))
+        ray.init(address=address, log_to_driver=verbose())
+    else:
+        ray.init(num_cpus=cfg.num_cpus, log_to_driver=verbose(), **local_cluster_kwargs(run_root))
+    route_ray_logs(log_dir)  # again: ray.init may have configured its loggers anew
+    if log_file is not None:
+        from mcl_ray.core.stage import console
+
+        console.print(f"[dim]Ray's logs: {log_file} (--verbose shows them here)[/]")
 
 
 def dataset_in_blocks(table, blocks: int):
@@ -85,11 +122,15 @@ def dataset_in_blocks(table, blocks: int):
     return ray.data.from_arrow([table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)])
 
 
-def free_port() -> int:
+def free_port(preferred: int = 0) -> int:
+    """A free TCP port on 127.0.0.1: `preferred` when it is free, else any."""
     import socket
 
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 

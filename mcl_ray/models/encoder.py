@@ -7,6 +7,8 @@ loop in tests and benchmarks) and as a Ray Data actor (`map_batches(TextEncoder,
 
 from __future__ import annotations
 
+from mcl_ray.core.errors import SetupError
+
 import hashlib
 import json
 from pathlib import Path
@@ -16,7 +18,7 @@ import numpy as np
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 
 
-class EncoderError(ValueError):
+class EncoderError(SetupError):
     """An encoder that cannot be used; the message says what is wrong and what to do."""
 
 

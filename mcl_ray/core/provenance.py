@@ -1,15 +1,41 @@
-"""Run metadata written into every run directory: what ran, on what code, data and libraries."""
+"""Provenance: the code (git commit), libraries and Ray job behind a run, and the run metadata file
+appended by every stage."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import os
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
-from mcl_ray.artifact import git_commit, library_versions
-from mcl_ray.config import ExperimentConfig
+from mcl_ray.core.config import ExperimentConfig
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("mcl-ray", "torch", "ray", "optuna", "pyarrow", "transformers", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit(cwd: str | Path = ".") -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                           capture_output=True, text=True, timeout=5).stdout.strip()
+    return r.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def ray_job() -> dict:

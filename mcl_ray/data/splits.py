@@ -1,0 +1,48 @@
+"""Reading the prepared splits (parquet under <prepare_dir>/data/split=NAME/) in the driver."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mcl_ray.core.errors import SetupError
+from mcl_ray.core.feature_spec import FeatureSpec
+
+
+def model_columns(spec: FeatureSpec) -> list[str]:
+    """The columns a model batch is made of (features, scenario, label, weight, provenance)."""
+    return ([f.name for f in spec.categorical] + [f.name for f in spec.numeric]
+            + [spec.scenario_column, spec.label_column, spec.weight_column, spec.provenance_column])
+
+
+def read_split(prepare_dir: str | Path, spec: FeatureSpec, split: str, extra: list[str] | None = None,
+               sample: int | None = None, seed: int = 0, columns: list[str] | None = None) -> pa.Table:
+    """One split as an Arrow table: the model columns (or `columns`) plus `extra`; optionally a
+    seeded row sample (train.sample_rows)."""
+    if split not in spec.splits:
+        raise SetupError(f"the prepared data has no {split!r} split (it has {sorted(spec.splits)})")
+    folder = Path(prepare_dir) / spec.splits[split]
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise SetupError(f"no parquet files in {folder}; run `mcl-ray prepare` first")
+    cols = list(columns) if columns is not None else model_columns(spec)
+    cols += [c for c in (extra or []) if c not in cols]
+    table = pa.concat_tables([pq.read_table(f, columns=cols) for f in files])
+    return sample_rows(table, sample, seed)
+
+
+def read_pairs(prepare_dir: str | Path, spec: FeatureSpec, splits) -> pa.Table:
+    """(user_key, item_key) of every row of the given splits: what a user has already seen."""
+    cols = [spec.user_key, spec.item_key]
+    return pa.concat_tables([read_split(prepare_dir, spec, s, columns=cols) for s in splits if s in spec.splits])
+
+
+def sample_rows(table: pa.Table, n: int | None, seed: int) -> pa.Table:
+    """A seeded random sample of n rows (kept in file order); all rows when n is None or >= the rows."""
+    if n is None or n >= table.num_rows:
+        return table
+    idx = np.sort(np.random.default_rng(seed).choice(table.num_rows, n, replace=False))
+    return table.take(pa.array(idx))
