@@ -22,7 +22,7 @@ from mcl_ray.artifact import ArtifactError, ExportStage, open_artifact
 from mcl_ray.core import storage
 from mcl_ray.core.config import ExperimentConfig, config_to_yaml, describe_schema, load_config
 from mcl_ray.core.errors import ConfigError, McrError, SetupError
-from mcl_ray.core.ray_env import free_port, init_ray
+from mcl_ray.core.ray_env import free_port, init_ray, route_ray_logs
 from mcl_ray.core.stage import console as err
 from mcl_ray.core.stage import execute
 from mcl_ray.data import package_data
@@ -359,6 +359,7 @@ def start_serve(artifact: Path, host: str, port: int, app_name: str = "recommend
 
     from serve_apps.recommender import build_app
 
+    route_ray_logs()  # importing Serve gave its logger a console handler of its own
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app({"artifact": str(artifact.resolve()), **args}), name=app_name, route_prefix="/",
               blocking=False)

@@ -38,7 +38,7 @@ def write_run_report(run_dir: str | Path) -> Path:
         q = {k: v["rows_quarantined"] for k, v in stats["rows"].items()}
         lines += ["", f"Quarantined rows: {q} (kept in `prepare/quarantine/`).", ""]
 
-    enc = sorted((root / "prepare" / "embeddings").glob("*.json"))
+    enc = sorted(f for f in (root / "prepare" / "embeddings").glob("*.json") if f.name != "fingerprint.json")
     if enc:
         lines += ["## Text features (encode)", "", "| field | encoder | texts | encoded this run | cached | texts/s |",
                   "|---|---|---|---|---|---|"]

@@ -69,14 +69,18 @@ def verbose() -> bool:
     return os.environ.get("MCL_RAY_VERBOSE", "") not in ("", "0")
 
 
-def route_ray_logs(log_dir: str | Path | None) -> Path | None:
-    """Send the driver's Ray log records to <log_dir>/ray.log (console only with --verbose)."""
-    if verbose() or log_dir is None:
+def route_ray_logs(log_dir: str | Path | None = None) -> Path | None:
+    """Send the driver's Ray log records to <log_dir>/ray.log (console only with --verbose). Without
+    log_dir: the file chosen before (Serve adds its own console handler when it starts)."""
+    if verbose() or (log_dir is None and not _log_file):
         return None
-    path = Path(log_dir) / "ray.log"
+    path = Path(log_dir) / "ray.log" if log_dir is not None else _log_file[0]
     path.parent.mkdir(parents=True, exist_ok=True)
+    _log_file[:] = [path]
+    _cluster_messages_to_log()
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    _native_stderr_to(path)
     for name in RAY_LOGGERS:
         lg = logging.getLogger(name)
         for h in [h for h in lg.handlers if isinstance(h, (logging.StreamHandler, logging.FileHandler))]:
@@ -84,6 +88,48 @@ def route_ray_logs(log_dir: str | Path | None) -> Path | None:
         lg.addHandler(handler)
         lg.propagate = False
     return path
+
+
+_redirected: list[str] = []  # fd 2 already points at a log file (once per process)
+_log_file: list[Path] = []  # the ray.log in use
+
+
+def _cluster_messages_to_log() -> None:
+    """Ray prints the cluster's error/warning messages (raylet notes on retried tasks, worker
+    start-up counts, ...) to this process's stdout; send them to the "ray" logger instead, i.e.
+    to ray.log. Ray looks the printer up by name at each message, so replacing it is enough; an
+    internal name, hence tolerant of its absence in another Ray version."""
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        return
+    if getattr(ray_worker.print_to_stdstream, "__module__", "") == __name__:
+        return
+
+    def to_log(data, ignore_prefix: bool = False) -> None:
+        for line in data.get("lines", []):
+            logging.getLogger("ray").warning("(%s) %s", data.get("pid", "?"), line)
+
+    ray_worker.print_to_stdstream = to_log
+
+
+def _native_stderr_to(path: Path) -> None:
+    """Ray's C++ core worker in this process (and the local cluster's processes, which inherit it)
+    write straight to file descriptor 2: point fd 2 at the log file and keep Python's sys.stderr
+    (our console, tracebacks) on the terminal through a duplicate. Only for a real process stderr,
+    once: never under pytest's or a CliRunner's capture."""
+    try:
+        if _redirected or sys.stderr.fileno() != 2:
+            return
+    except (AttributeError, ValueError, OSError):  # a captured stream without a file descriptor
+        return
+    sys.stderr.flush()
+    keep = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stderr = os.fdopen(keep, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+    _redirected.append(str(path))
 
 
 def init_ray(cfg: RayConfig | None = None, run_root: str | Path = "runs", log_dir: str | Path | None = None) -> None:
