@@ -169,6 +169,16 @@ def test_transformers_stage_rows_join_train_only(prepared):
     for q in reqs.head(3).itertuples():
         want = rec.recommend_many([Query(user_id=q.user_key, scenario=spec.scenario_names[q.scenario], k=8)])[0]
         assert sorted(q.candidates) == sorted(it["item_id"] for it in want["items"])
+    # whatever their source, candidates are distinct items the user never interacted with in train
+    from mcl_ray.data.splits import read_pairs
+
+    pairs = read_pairs(pdir, spec, ["train"]).to_pandas()
+    known = pairs.groupby(spec.user_key)[spec.item_key].apply(set)
+    trainable = set(pairs[spec.item_key])
+    for q in reqs.itertuples():
+        assert len(set(q.candidates)) == len(q.candidates) == 8
+        assert not set(q.candidates) & known.get(q.user_key, set()), q.user_key
+        assert set(q.candidates) <= trainable
 
 
 @pytest.mark.ray

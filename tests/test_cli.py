@@ -30,7 +30,7 @@ def test_run_quick_experiment_and_reuse(tmp_path, ray_cluster):
     for section in ("## Data (prepare)", "## Training", "## Model artifact", "learning_curves.png"):
         assert section in report, section
     meta = json.loads((tmp_path / "run/metadata.json").read_text())["runs"]
-    assert [m["stage"] for m in meta] == ["prepare", "encode", "augment", "train"]
+    assert [m["stage"] for m in meta] == ["prepare", "encode", "augment", "train", "export"]
     assert meta[0]["config"]["name"] == "ml1m_swr_quick"
     assert "## Text features (encode)" in report and "## Augmentation" in report
     assert "stage 3/6: augment" in r.output and "stage 6/6: serve demo" in r.output
@@ -84,6 +84,14 @@ def test_console_script_joins_running_cluster(tmp_path, ray_cluster):
                         "--set", "data.max_interactions=5000", "--no-serve-demo"], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "interactions: in 5,000 = kept 5,000 + quarantined 0" in p.stdout
+    # what a person reads: each epoch line once, the stage lines, no Ray-internal chatter
+    console = p.stdout + p.stderr
+    for epoch in (1, 2, 3):  # the quick experiment's 3 epochs
+        assert console.count(f"  epoch {epoch}: loss ") == 1, console[-3000:]
+    for noise in ("core_worker.cc", "(raylet)", "(pid=", "(RayTrainWorker", "INFO ", "WARNING", "Progress bars",
+                  "available CPUs", "worker processes have been started", "Started a local Ray", "[36m"):
+        assert noise not in console, (noise, console[-3000:])
+    assert "Ray's logs: " in p.stderr and (tmp_path / "ray.log").exists()
     spec = json.loads((tmp_path / "prepare" / "feature_spec.json").read_text())
     assert spec["num_rows"]["train"] + spec["num_rows"]["valid"] + spec["num_rows"]["test"] == 5000
     p = subprocess.run([exe, "config", "validate", str(ROOT / "experiments/ml1m_swr.yaml"), "--set", "nme=x"],

@@ -150,11 +150,11 @@ def test_no_leakage_into_vocabularies(tmp_path, ray_cluster):
     vocabs = json.loads((res.out_dir / "vocabs.json").read_text())
     assert set(vocabs["user_id"]) == train_users
     assert set(vocabs["item_id"]) == set(inter.item_id[split == "train"])
-    for s in ("valid", "test"):
-        if s in res.spec.splits:
-            df = read_split(res, s)
-            unseen = ~df.user_key.isin(train_users)
-            assert (df.user_id[unseen] == 0).all()  # unseen values get the OOV id
+    held_out = pd.concat([read_split(res, s) for s in ("valid", "test") if s in res.spec.splits])
+    unseen = ~held_out.user_key.isin(train_users)
+    assert unseen.any(), "the fixture must hold a user seen only outside train"
+    assert (held_out.user_id[unseen] == 0).all()  # unseen values get the OOV id
+    assert (held_out.user_id[~unseen] > 0).all()  # seen ones keep their id
 
 
 def test_min_count_sends_rare_values_to_oov(tmp_path, ray_cluster):

@@ -184,4 +184,7 @@ def test_cli_train_without_embeddings_exits_2(tmp_path, ray_cluster):
     r = CliRunner().invoke(app, ["train", str(QUICK), "--set", f"run_dir={tmp_path}", "--set",
                                  "data.max_interactions=2000"])
     assert r.exit_code == 2 and "run `mcl-ray encode CONFIG` first" in r.output
+    r = CliRunner().invoke(app, ["tune", str(QUICK), "--set", f"run_dir={tmp_path}", "--set",
+                                 "data.max_interactions=2000"])  # the same missing input: the same exit code
+    assert r.exit_code == 2 and "run `mcl-ray encode CONFIG` first" in r.output
     assert json.loads((tmp_path / "prepare" / "feature_spec.json").read_text())["text"]["item"]["embedding"] is None

@@ -105,7 +105,7 @@ def test_cli_train_with_seeds_and_evaluate(prepared):
             "--set", "tracking.mlflow_experiment=cli-seeds"]
     r = CliRunner().invoke(app, ["train", str(ROOT / "experiments/ml1m_swr_quick.yaml"), "--seeds", "2", *cfgs])
     assert r.exit_code == 0, r.output
-    assert "2 seed(s)" in r.output and "±" in r.output
+    assert "2 seeds (mean ± std)" in r.output and "±" in r.output
     summary = json.loads((run_dir / "train" / "summary.json").read_text())
     assert summary["overall"]["auc"]["n"] == 2 and summary["seeds"] == [2024, 2025]
     # MLflow (configured): one run per seed with its params and per-epoch metrics
@@ -116,8 +116,26 @@ def test_cli_train_with_seeds_and_evaluate(prepared):
     assert sorted(r.info.run_name for r in runs) == ["ml1m_swr_quick-seed2024", "ml1m_swr_quick-seed2025"]
     assert all(r.data.params["train.epochs"] == "1" and "val_auc" in r.data.metrics for r in runs)
     assert len(client.get_metric_history(runs[0].info.run_id, "val_auc")) == 1
+    # top-K ranking: every scenario, bounded metrics, held-out positives of sampled users
+    scenarios = json.loads((run_dir / "prepare" / "feature_spec.json").read_text())["scenario_names"]
+    assert set(summary["ranking"]) == set(scenarios)
+    for name, m in summary["ranking"].items():
+        assert {"recall@10", "ndcg@10", "hitrate@20"} <= set(m)
+        assert all(0.0 <= v["mean"] <= 1.0 and v["n"] == 2 for v in m.values()), (name, m)
+        assert m["hitrate@20"]["mean"] >= m["hitrate@10"]["mean"]
+    seed_metrics = json.loads((run_dir / "train" / "seed_2024" / "metrics.json").read_text())
+    assert seed_metrics["split"] == "test" and all(v["users"] > 0 for v in seed_metrics["ranking"].values())
+
     r = CliRunner().invoke(app, ["evaluate", str(run_dir)])
     assert r.exit_code == 0, r.output
-    assert "overall" in r.output
+    assert "test metrics" in r.output and "overall" in r.output
+    # validation metrics never replace the test metrics that export packages
+    r = CliRunner().invoke(app, ["evaluate", str(run_dir), "--split", "valid"])
+    assert r.exit_code == 0, r.output
+    assert "valid metrics" in r.output
+    assert json.loads((run_dir / "train" / "seed_2024" / "metrics.json").read_text()) == seed_metrics
+    assert json.loads((run_dir / "train" / "seed_2024" / "metrics_valid.json").read_text())["split"] == "valid"
+    r = CliRunner().invoke(app, ["evaluate", str(run_dir), "--split", "nope"])
+    assert r.exit_code == 2 and "--split must be test or valid" in r.output
     r = CliRunner().invoke(app, ["evaluate", str(run_dir / "nothing")])
     assert r.exit_code == 1 and "no trained model" in r.output

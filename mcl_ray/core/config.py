@@ -349,26 +349,26 @@ class AugmentConfig(Strict):
 
 
 class LogUniform(Strict):
-    type: Literal["loguniform"]
+    type: Literal["loguniform"] = Field(description="Distribution: loguniform, uniform, int or choice.")
     low: float = Field(gt=0, description="Lower bound (> 0).")
     high: float = Field(gt=0, description="Upper bound.")
 
 
 class Uniform(Strict):
-    type: Literal["uniform"]
-    low: float
-    high: float
+    type: Literal["uniform"] = Field(description="Distribution: loguniform, uniform, int or choice.")
+    low: float = Field(description="Lower bound.")
+    high: float = Field(description="Upper bound.")
 
 
 class IntRange(Strict):
-    type: Literal["int"]
-    low: int
+    type: Literal["int"] = Field(description="Distribution: loguniform, uniform, int or choice.")
+    low: int = Field(description="Lower bound, inclusive.")
     high: int = Field(description="Upper bound, inclusive.")
     log: bool = Field(False, description="Sample on a log scale (low >= 1).")
 
 
 class Choice(Strict):
-    type: Literal["choice"]
+    type: Literal["choice"] = Field(description="Distribution: loguniform, uniform, int or choice.")
     values: list[Any] = Field(min_length=1, description="Candidates (scalars, or lists such as layer widths).")
 
 
