@@ -79,10 +79,11 @@ def auc_thin(train_dir: Path, prepare_dir: Path) -> float:
     from sklearn.metrics import roc_auc_score
 
     from mcl_ray.core.config import ExperimentConfig
-    from mcl_ray.evaluate.evaluate import load_model
     from mcl_ray.core.feature_spec import FeatureSpec
-    from mcl_ray.train.loop import predict
-    from mcl_ray.models.batch import read_split, table_to_tensors
+    from mcl_ray.data.splits import read_split
+    from mcl_ray.evaluate.evaluate import predict
+    from mcl_ray.models.batch import Batch
+    from mcl_ray.models.weights import MODEL, load_trained
 
     cfg = ExperimentConfig.model_validate_json((train_dir / "config.json").read_text())
     spec = FeatureSpec.load(prepare_dir)
@@ -90,9 +91,9 @@ def auc_thin(train_dir: Path, prepare_dir: Path) -> float:
     thin = {c["values"] for c in counts.to_pylist() if c["counts"] <= THIN}
     test = read_split(prepare_dir, spec, "test", extra=["user_key"])
     mask = np.array([u in thin for u in test["user_key"].to_pylist()])
-    data = table_to_tensors(test.filter(mask), spec)
-    p = predict(load_model(train_dir, spec, cfg), data, 65536, torch.device("cpu"))
-    return float(roc_auc_score(data["label"].numpy(), p))
+    data = Batch.from_table(test.filter(mask), spec)
+    p = predict(load_trained(spec, cfg.model, train_dir / MODEL), data, 65536, torch.device("cpu"))
+    return float(roc_auc_score(data.label.numpy(), p))
 
 
 def auc_on_sample(train_dir: Path, prepare_dir: Path, seed: int) -> float:
@@ -101,16 +102,17 @@ def auc_on_sample(train_dir: Path, prepare_dir: Path, seed: int) -> float:
     from sklearn.metrics import roc_auc_score
 
     from mcl_ray.core.config import ExperimentConfig
-    from mcl_ray.evaluate.evaluate import load_model
     from mcl_ray.core.feature_spec import FeatureSpec
-    from mcl_ray.train.loop import predict
-    from mcl_ray.models.batch import read_split, table_to_tensors
+    from mcl_ray.data.splits import read_split
+    from mcl_ray.evaluate.evaluate import predict
+    from mcl_ray.models.batch import Batch
+    from mcl_ray.models.weights import MODEL, load_trained
 
     cfg = ExperimentConfig.model_validate_json((train_dir / "config.json").read_text())
     spec = FeatureSpec.load(prepare_dir)
-    data = table_to_tensors(read_split(prepare_dir, spec, "test", sample=LLM_RANKER_SAMPLE["test"], seed=seed), spec)
-    p = predict(load_model(train_dir, spec, cfg), data, 65536, torch.device("cpu"))
-    return float(roc_auc_score(data["label"].numpy(), p))
+    data = Batch.from_table(read_split(prepare_dir, spec, "test", sample=LLM_RANKER_SAMPLE["test"], seed=seed), spec)
+    p = predict(load_trained(spec, cfg.model, train_dir / MODEL), data, 65536, torch.device("cpu"))
+    return float(roc_auc_score(data.label.numpy(), p))
 
 
 def child(backbone: str, seed: int, epochs: int, run_dir: str) -> None:

@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,13 +23,9 @@ from pathlib import Path
 
 import aiohttp
 
+from mcl_ray.core.ray_env import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bodies(artifact: Path, n: int, seed: int = 0) -> list[dict]:

@@ -29,21 +29,21 @@ def hand_loop(cfg, spec, pdir, epochs: int) -> dict:
     import torch.nn.functional as F
 
     from mcl_ray.models.backbones import build_model
-    from mcl_ray.models.batch import load_split, num_rows, take
+    from mcl_ray.models.batch import load_split
 
     torch.set_num_threads(1)
     data = load_split(pdir, spec, "train")
     torch.manual_seed(0)
     model = build_model(spec, cfg.model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    n, bs, rates = num_rows(data), cfg.train.batch_size, []
+    n, bs, rates = len(data), cfg.train.batch_size, []
     for ep in range(epochs):
         model.train()
         t0 = time.perf_counter()
         perm = torch.randperm(n)
         for i in range(0, n, bs):
-            b = take(data, perm[i:i + bs])
-            loss = F.binary_cross_entropy_with_logits(model(b), b["label"])
+            b = data.take(perm[i:i + bs])
+            loss = F.binary_cross_entropy_with_logits(model(b), b.label)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -55,9 +55,10 @@ def conversion_cost(cfg, spec, pdir, batches: int = 30) -> dict:
     """ms per 4096-row batch: Ray Data iter_torch_batches vs slicing preloaded tensors."""
     import ray
 
-    from mcl_ray.models.batch import columns_for, load_split, take
+    from mcl_ray.data.splits import model_columns
+    from mcl_ray.models.batch import load_split
 
-    ds = ray.data.read_parquet(str(pdir / spec.splits["train"])).select_columns(columns_for(spec)).materialize()
+    ds = ray.data.read_parquet(str(pdir / spec.splits["train"])).select_columns(model_columns(spec)).materialize()
     it = ds.iter_torch_batches(batch_size=4096)
     next(iter(it))
     t0 = time.perf_counter()
@@ -66,10 +67,10 @@ def conversion_cost(cfg, spec, pdir, batches: int = 30) -> dict:
             break
     ray_ms = (time.perf_counter() - t0) / batches * 1000
     data = load_split(pdir, spec, "train")
-    perm = torch.randperm(data["label"].shape[0])
+    perm = torch.randperm(len(data))
     t0 = time.perf_counter()
     for i in range(batches):
-        take(data, perm[i * 4096:(i + 1) * 4096])
+        data.take(perm[i * 4096:(i + 1) * 4096])
     slice_ms = (time.perf_counter() - t0) / batches * 1000
     return {"iter_torch_batches_ms": ray_ms, "tensor_slice_ms": slice_ms}
 
@@ -99,7 +100,10 @@ def main() -> None:
 
     cfg = load_config(ROOT / "experiments/ml1m_swr.yaml",
                       [f"run_dir={a.run_dir}", f"model.backbone={a.backbone}", "train.torch_threads=1",
-                       "evaluate.ranking_users=0"])
+                       "evaluate.ranking_users=0",
+                       # the SWR id features only: text features need the encode stage and
+                       # measure the encoder, not the training path this bench is about
+                       "model.text.mode=off"])
     t0 = time.perf_counter()
     init_ray(cfg.ray)
     ray_init_s = time.perf_counter() - t0

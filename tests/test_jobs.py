@@ -14,15 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from mcl_ray.core.ray_env import free_port
+
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    from mcl_ray.core.ray_env import free_port as fp
-
-    return fp()
 
 
 def test_ray_job_submit_end_to_end(tmp_path):

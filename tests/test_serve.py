@@ -3,7 +3,6 @@ and its status code, exclude_seen and diversity, overload 503s, a rollout under 
 no request, and the YAML deployed with `serve deploy`."""
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -17,16 +16,11 @@ import pytest
 import yaml
 
 from mcl_ray.core.config import load_config
+from mcl_ray.core.ray_env import free_port
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 SCEN = "s0_age_under25"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(base: str, path: str, body=None, raw: bytes | None = None, headers=None, timeout=60):

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mcl_ray.core.errors import SetupError
+
 SPEC_VERSION = 1
 
 
@@ -66,6 +68,12 @@ class FeatureSpec(_Spec):
     vocabularies: str = "vocabs.json"
     data_fingerprint: str
 
+    @classmethod
+    def column(cls, field: str) -> str:
+        """The column name a spec field names by default (e.g. column("label_column") -> "label"):
+        what prepare writes, before a spec exists."""
+        return cls.model_fields[field].default
+
     @property
     def categorical(self) -> list[Feature]:
         return [f for f in self.features if f.kind == "categorical"]
@@ -88,6 +96,6 @@ class FeatureSpec(_Spec):
             p = p / "feature_spec.json"
         data = json.loads(p.read_text())
         if data.get("version") != SPEC_VERSION:
-            raise ValueError(f"{p}: feature spec version {data.get('version')} is not supported "
+            raise SetupError(f"{p}: feature spec version {data.get('version')} is not supported "
                              f"(this mcl-ray reads version {SPEC_VERSION}); re-run `mcl-ray prepare`")
         return cls.model_validate(data)

@@ -14,10 +14,6 @@ from pathlib import Path
 SKIP_DIRS = {"ray_results"}  # Ray Train's own run state: large, and rebuilt from checkpoint/ on resume
 
 
-def is_uri(run_dir: str) -> bool:
-    return "://" in run_dir
-
-
 def staging_dir(uri: str, name: str) -> Path:
     """Local working copy of a remote run directory (MCL_RAY_STAGING, default ~/.cache/mcl-ray/staging)."""
     root = Path(os.environ.get("MCL_RAY_STAGING", Path.home() / ".cache" / "mcl-ray" / "staging"))

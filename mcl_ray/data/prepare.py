@@ -200,24 +200,26 @@ def fit_numeric(profile: pd.DataFrame, numeric: list[str]) -> dict[str, tuple[fl
 
 
 def encode_batch(batch: pa.Table, vocabs: dict[str, pa.Array], numeric: dict[str, tuple[float, float]]) -> pa.Table:
-    """Categorical values -> ids (vocab position + 1; 0 = OOV), numeric -> z-scores, plus bookkeeping."""
+    """Categorical values -> ids (vocab position + 1; 0 = OOV), numeric -> z-scores, plus the
+    bookkeeping columns the feature spec names (keys, timestamp, scenario, label, weight, provenance)."""
+    col = FeatureSpec.column
     if "_reason" in batch.column_names:
         batch = batch.filter(pc.is_null(batch["_reason"]))
     n = batch.num_rows
     cols = {
-        "user_key": key_array(batch["user_id"]),
-        "item_key": key_array(batch["item_id"]),
-        "timestamp": pc.cast(batch["timestamp"], pa.int64()),
+        col("user_key"): key_array(batch["user_id"]),
+        col("item_key"): key_array(batch["item_id"]),
+        col("timestamp_column"): pc.cast(batch["timestamp"], pa.int64()),
     }
     for f, vocab in vocabs.items():
         cols[f] = ids_of(batch[f], vocab)
     for f, (mean, std) in numeric.items():
         z = pc.divide(pc.subtract(pc.cast(batch[f], pa.float64()), mean), std)
         cols[f] = pc.cast(pc.fill_null(z, 0.0), pa.float32())
-    cols["scenario"] = pc.cast(batch["scenario"], pa.int64())
-    cols["label"] = pc.cast(batch["label"], pa.float32())
-    cols["weight"] = pa.array(np.ones(n, np.float32))
-    cols["is_synthetic"] = pa.array(np.zeros(n, np.int8))
+    cols[col("scenario_column")] = pc.cast(batch["scenario"], pa.int64())
+    cols[col("label_column")] = pc.cast(batch["label"], pa.float32())
+    cols[col("weight_column")] = pa.array(np.ones(n, np.float32))
+    cols[col("provenance_column")] = pa.array(np.zeros(n, np.int8))
     cols["split"] = batch["split"]
     return pa.table(cols)
 

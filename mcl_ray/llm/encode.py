@@ -71,11 +71,11 @@ class EncodeStage(Stage[EncodeResult]):
     def __init__(self, cfg: ExperimentConfig, prepare_dir: Path, force: bool = False, quiet: bool = False):
         super().__init__(cfg, force, quiet)
         self.prepare_dir = Path(prepare_dir)
+        self.model_path = resolve_encoder(cfg.encode.model)  # a bad encoder fails first, before any data is read
+        self.model_cfg = check_encoder(self.model_path)
         self.spec = FeatureSpec.load(prepare_dir)
         if not self.spec.text:
             raise EncoderError("the feature spec names no text fields (prepare.text is null); nothing to encode")
-        self.model_path = resolve_encoder(cfg.encode.model)
-        self.model_cfg = check_encoder(self.model_path)
         self.encoder_fp = encoder_fingerprint(self.model_path)
 
     @property

@@ -1,7 +1,9 @@
 """The serving core, without Ray Serve: an artifact loaded for scoring.
 
-`Recommender` keeps the item feature matrix, user features, titles and known interactions in
-memory and scores every candidate item for one or many requests in one vectorised forward pass.
+`Recommender` holds the candidates (`ItemCatalog`: encoded item features, titles, MMR vectors) and
+the known users (`KnownUsers`: encoded user features, seen items) in memory and scores every
+candidate for one or many requests in one vectorised forward pass (features encoded as in
+evaluation: data.vocab + models.batch.Batch.candidates); serve.ranking turns scores into lists.
 Bad input raises `RequestError` with an HTTP status (the Serve app maps it to a 4xx).
 """
 
@@ -10,13 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mcl_ray.artifact import Artifact, load_model, open_artifact
+from mcl_ray.artifact import Artifact, ArtifactError, load_model, open_artifact
+from mcl_ray.core.feature_spec import FeatureSpec
 from mcl_ray.data.vocab import Vocabularies, encode_entities
 from mcl_ray.models.batch import Batch
 from mcl_ray.models.blocks import InputLayer
+from mcl_ray.serve.ranking import exclude, mmr, top_k
 
 
 class RequestError(ValueError):
@@ -39,82 +44,100 @@ class Query:
     item_ids: list[str] | None = None  # score: the candidates
 
 
+class ItemCatalog:
+    """The candidates: items the model has an id for, their encoded item-side features, titles and
+    the vectors MMR compares (the model's own embeddings of those features)."""
+
+    def __init__(self, items: pa.Table, spec: FeatureSpec, vocabs: Vocabularies, model: torch.nn.Module):
+        keys, cols = encode_entities(items, "item_id", spec, vocabs, "item")
+        keep = cols["item_id"] > 0
+        self.keys = [k for k, m in zip(keys, keep) if m]
+        self.pos = {k: i for i, k in enumerate(self.keys)}
+        titles = items["title"].to_pylist() if "title" in items.column_names else keys
+        self.titles = [t for t, m in zip(titles, keep) if m]
+        self.cols = {n: v[keep] for n, v in cols.items()}  # feature -> ids [I]
+        self.vecs = self._vectors(model)  # [I, E]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _vectors(self, model: torch.nn.Module) -> torch.Tensor:
+        inp = next((m for m in model.modules() if isinstance(m, InputLayer)), None)
+        if inp is None or not self.cols:  # llm_ranker has no id embeddings: every item unlike every other
+            return torch.eye(len(self.keys))
+        with torch.no_grad():
+            parts = [inp.embeddings[inp.cat_names.index(n)](torch.from_numpy(v)) for n, v in self.cols.items()]
+        return torch.nn.functional.normalize(torch.cat(parts, 1), dim=1)
+
+
+class KnownUsers:
+    """Users of the training data: their encoded user-side features and the candidate positions
+    they already interacted with (for exclude_seen)."""
+
+    def __init__(self, users: pa.Table | None, seen: pa.Table, spec: FeatureSpec, vocabs: Vocabularies,
+                 catalog: ItemCatalog):
+        self.row: dict[str, int] = {}
+        self.cols: dict[str, np.ndarray] = {}
+        if users is not None:
+            keys, self.cols = encode_entities(users, "user_id", spec, vocabs, "user")
+            self.row = {k: i for i, k in enumerate(keys)}
+        self.profile_fields = [f.name for f in spec.categorical if f.source == "user" and f.name != "user_id"]
+        acc: dict[str, list[int]] = {}
+        for a, b in zip(seen[spec.user_key].to_pylist(), seen[spec.item_key].to_pylist()):
+            if b in catalog.pos:
+                acc.setdefault(a, []).append(catalog.pos[b])
+        self.seen = {a: np.unique(np.array(v, np.int64)) for a, v in acc.items()}
+
+    def features(self, user_id: str) -> dict[str, int] | None:
+        row = self.row.get(user_id)
+        return None if row is None else {n: int(v[row]) for n, v in self.cols.items()}
+
+
 class Recommender:
+    """An artifact loaded for serving: request features -> one batched forward pass over the
+    candidates -> exclude seen -> top-k or MMR."""
+
     def __init__(self, artifact: str | Artifact, torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
         self.art = art = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
-        spec = art.spec
-        self.spec = spec
+        self.spec = spec = art.spec
+        if spec.numeric:  # numeric features need per-item values the artifact does not carry yet
+            raise ArtifactError("serving supports categorical and text features only in this version")
+        if not spec.items_table:
+            raise ArtifactError(f"{art.path}: the data had no items table, so there are no candidates to serve")
         self.model = load_model(art)
         self.version = art.manifest["version"]
-        self.vocabs = Vocabularies.load(art.path, spec)
-        self.cat_names = [f.name for f in spec.categorical]
-        self.sources = {f.name: f.source for f in spec.categorical}
-        if spec.numeric:  # numeric features need per-item values the artifact does not carry yet
-            raise ValueError("serving supports categorical and text features only in this version")
-        # text features need nothing here: the model looks them up by user/item id (tables in its weights)
-        self.context_names = [n for n in self.cat_names if self.sources[n] == "context"]
-
-        items = pq.read_table(art.file(spec.items_table))
-        keys, item_cols = encode_entities(items, "item_id", spec, self.vocabs, "item")
-        keep = item_cols["item_id"] > 0  # candidates: items the model has an id for
-        self.item_keys = [k for k, m in zip(keys, keep) if m]
-        self.item_pos = {k: i for i, k in enumerate(self.item_keys)}
-        self.titles = (items["title"].to_pylist() if "title" in items.column_names else self.item_keys)
-        self.titles = [t for t, m in zip(self.titles, keep) if m]
-        self.item_cols = {n: v[keep] for n, v in item_cols.items()}
-
-        users = pq.read_table(art.file(spec.users_table))
-        user_keys, self.user_cols = encode_entities(users, "user_id", spec, self.vocabs, "user")
-        self.user_row = {k: i for i, k in enumerate(user_keys)}
-        self.profile_fields = [n for n in self.user_cols if n != "user_id"]
-
-        seen = pq.read_table(art.file("seen.parquet"))
-        u, it = seen[spec.user_key].to_pylist(), seen[spec.item_key].to_pylist()
-        acc: dict[str, list[int]] = {}
-        for a, b in zip(u, it):
-            if b in self.item_pos:
-                acc.setdefault(a, []).append(self.item_pos[b])
-        self.seen: dict[str, np.ndarray] = {a: np.unique(np.array(v, np.int64)) for a, v in acc.items()}
-        self.item_vecs = self._item_vectors()
         self.scenarios = spec.scenario_names
-
-    def _item_vectors(self) -> torch.Tensor:
-        """Item representations for MMR diversity: the model's embeddings of the item-side features."""
-        inp = next((m for m in self.model.modules() if isinstance(m, InputLayer)), None)
-        if inp is None:  # llm_ranker has no id embeddings: MMR sees every item as unlike every other
-            return torch.eye(len(self.item_keys))
-        with torch.no_grad():
-            parts = [inp.embeddings[inp.cat_names.index(n)](torch.from_numpy(v)) for n, v in self.item_cols.items()]
-        vec = torch.cat(parts, 1) if parts else torch.eye(len(self.item_keys))
-        return torch.nn.functional.normalize(vec, dim=1)
+        self.vocabs = Vocabularies.load(art.path, spec)
+        # text features need nothing here: the model looks them up by user/item id (tables in its weights)
+        self.context_names = [f.name for f in spec.categorical if f.source == "context"]
+        self.items = ItemCatalog(pq.read_table(art.file(spec.items_table)), spec, self.vocabs, self.model)
+        users = pq.read_table(art.file(spec.users_table)) if spec.users_table else None
+        self.users = KnownUsers(users, pq.read_table(art.file("seen.parquet")), spec, self.vocabs, self.items)
 
     # ------------------------------------------------------------------ validation
 
     def info(self) -> dict:
         return {"version": self.version, "backbone": self.art.cfg.model.backbone,
-                "scenarios": self.scenarios, "items": len(self.item_keys), "users": len(self.user_row),
+                "scenarios": self.scenarios, "items": len(self.items), "users": len(self.users.row),
                 "features": [{"name": f.name, "kind": f.kind, "source": f.source} for f in self.spec.features],
-                "profile_fields": self.profile_fields, "context_fields": self.context_names,
+                "profile_fields": self.users.profile_fields, "context_fields": self.context_names,
                 "metrics": self.art.metrics, "created": self.art.manifest.get("created"),
                 "data_fingerprint": self.art.manifest.get("data_fingerprint")}
 
     def _user_features(self, q: Query) -> dict[str, int]:
         if q.scenario not in self.scenarios:
             raise RequestError(422, f"unknown scenario {q.scenario!r}; this model serves {self.scenarios}")
-        feats: dict[str, int] = {}
-        row = self.user_row.get(q.user_id)
-        if row is not None:
-            feats = {n: int(v[row]) for n, v in self.user_cols.items()}
-        elif q.profile is None:
-            raise RequestError(404, f"unknown user {q.user_id!r}; send `profile` ({', '.join(self.profile_fields)}) "
-                                    "for a cold-start answer")
-        else:
-            feats = {n: 0 for n in self.user_cols}  # cold start: user_id is OOV
+        feats = self.users.features(q.user_id)
+        if feats is None:
+            if q.profile is None:
+                raise RequestError(404, f"unknown user {q.user_id!r}; send `profile` "
+                                        f"({', '.join(self.users.profile_fields)}) for a cold-start answer")
+            feats = {n: 0 for n in self.users.cols}  # cold start: user_id is OOV
         if q.profile:
-            bad = sorted(set(q.profile) - set(self.profile_fields))
+            bad = sorted(set(q.profile) - set(self.users.profile_fields))
             if bad:
-                raise RequestError(422, f"unknown profile field(s) {bad}; allowed: {self.profile_fields}")
+                raise RequestError(422, f"unknown profile field(s) {bad}; allowed: {self.users.profile_fields}")
             for n, v in q.profile.items():
                 feats[n] = self.vocabs.id(n, v)  # an unseen value is the OOV id, like in training
         if q.context:
@@ -130,7 +153,7 @@ class Recommender:
     @torch.no_grad()
     def _scores(self, qs: list[Query], feats: list[dict[str, int]], idx: list[np.ndarray]) -> list[torch.Tensor]:
         """One forward pass over all (request, candidate) pairs of the batch."""
-        batch = Batch.candidates(self.cat_names, len(self.spec.numeric), self.item_cols,
+        batch = Batch.candidates([f.name for f in self.spec.categorical], len(self.spec.numeric), self.items.cols,
                                  [(f, ii, self.scenarios.index(q.scenario)) for q, f, ii in zip(qs, feats, idx)])
         p = torch.sigmoid(self.model(batch).float())
         return list(torch.split(p, [len(i) for i in idx]))
@@ -145,7 +168,7 @@ class Recommender:
                 ok.append(i)
             except RequestError as e:
                 out[i] = e
-        all_items = np.arange(len(self.item_keys))
+        all_items = np.arange(len(self.items))
         if ok:
             scores = self._scores([qs[i] for i in ok], feats, [all_items] * len(ok))
             for i, s in zip(ok, scores):
@@ -153,43 +176,20 @@ class Recommender:
         return out
 
     def _top_k(self, q: Query, s: torch.Tensor) -> dict:
-        removed = 0
-        if q.exclude_seen and q.user_id in self.seen:
-            seen = torch.from_numpy(self.seen[q.user_id])
-            s[seen] = -1.0
-            removed = len(seen)
-        k = min(q.k, len(self.item_keys) - removed)
-        if q.diversity > 0:
-            chosen = self._mmr(s, k, q.diversity)
-        else:
-            chosen = torch.topk(s, k).indices.tolist()
-        items = [{"item_id": self.item_keys[i], "title": self.titles[i], "score": round(float(s[i]), 6)}
+        removed = exclude(s, self.users.seen.get(q.user_id)) if q.exclude_seen else 0
+        k = min(q.k, len(self.items) - removed)
+        chosen = mmr(s, self.items.vecs, k, q.diversity) if q.diversity > 0 else top_k(s, k)
+        items = [{"item_id": self.items.keys[i], "title": self.items.titles[i], "score": round(float(s[i]), 6)}
                  for i in chosen]
         return {"user_id": q.user_id, "scenario": q.scenario, "items": items, "model_version": self.version,
-                "excluded_seen": removed, "cold_start": q.user_id not in self.user_row}
-
-    def _mmr(self, s: torch.Tensor, k: int, diversity: float) -> list[int]:
-        """Maximal marginal relevance: argmax (1-d)*score - d*max cosine similarity to the chosen."""
-        pool = torch.topk(s, min(len(s), max(20 * k, 200))).indices  # candidates worth re-ranking
-        rel, vec = s[pool], self.item_vecs[pool]
-        sim_max = torch.full((len(pool),), -1.0)
-        taken = torch.zeros(len(pool), dtype=torch.bool)
-        chosen = []
-        for _ in range(k):
-            gain = (1 - diversity) * rel - diversity * sim_max.clamp(min=0)
-            gain[taken] = -torch.inf
-            j = int(torch.argmax(gain))
-            taken[j] = True
-            chosen.append(int(pool[j]))
-            sim_max = torch.maximum(sim_max, vec @ vec[j])
-        return chosen
+                "excluded_seen": removed, "cold_start": q.user_id not in self.users.row}
 
     def score(self, q: Query) -> dict:
         f = self._user_features(q)
-        missing = [i for i in q.item_ids if i not in self.item_pos]
+        missing = [i for i in q.item_ids if i not in self.items.pos]
         if missing:
             raise RequestError(404, f"{len(missing)} unknown item id(s), e.g. {missing[:3]}")
-        idx = np.array([self.item_pos[i] for i in q.item_ids], np.int64)
+        idx = np.array([self.items.pos[i] for i in q.item_ids], np.int64)
         s = self._scores([q], [f], [idx])[0]
         return {"user_id": q.user_id, "scenario": q.scenario, "model_version": self.version,
                 "scores": [{"item_id": i, "score": round(float(v), 6)} for i, v in zip(q.item_ids, s)]}

@@ -22,7 +22,7 @@ from mcl_ray.data.texts import PreparedTexts
 from mcl_ray.evaluate.evaluate import predict
 from mcl_ray.evaluate.metrics import binary_metrics
 from mcl_ray.models.backbones import build_model
-from mcl_ray.models.batch import shard_to_batch
+from mcl_ray.models.batch import Batch, shard_to_batch
 from mcl_ray.models.text import attach_texts
 from mcl_ray.models.weights import MODEL, save_weights, weights_digest
 from mcl_ray.train import checkpoint as ck
@@ -63,16 +63,14 @@ class LoopArgs(BaseModel):
 
 
 def train_loop_per_worker(loop_cfg: dict) -> None:
+    """Set up (data, model, resume, trackers), then per epoch: train -> validate -> log -> save + report."""
     import ray.train
     import ray.train.torch
 
     _quiet_report_logs()
     args = LoopArgs.model_validate(loop_cfg)
-    cfg = args.config
-    tc = cfg.train
+    cfg, tc, out_dir = args.config, args.config.train, Path(args.out_dir)
     spec = FeatureSpec.load(args.prepare_dir)
-    out_dir = Path(args.out_dir)
-    seed = args.seed
     torch.set_num_threads(tc.torch_threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -82,9 +80,51 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     train = shard_to_batch(ray.train.get_dataset_shard("train"), spec)
     valid = shard_to_batch(ray.train.get_dataset_shard("valid"), spec)
     load_s = time.perf_counter() - t_load
+    model, opt, sched = build(args, spec, world, device)
+    state = resume(args, model, opt, sched)
+    if rank == 0:  # lets operators (and the failure test) find the worker process
+        (out_dir / f"worker_rank{rank}.pid").write_text(str(os.getpid()))
+    log = EpochLog(args, spec, rank)
 
-    torch.manual_seed(seed)  # identical initial weights on every rank
-    model = build_model(spec, cfg.model)
+    # Every rank must run the same number of steps or DDP's all-reduce hangs.
+    n = torch.tensor([len(train)])
+    if world > 1:
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+    n = int(n)
+    for epoch in range(state["epoch"], tc.epochs):
+        t0 = time.perf_counter()
+        loss = train_epoch(model, opt, train, n, epoch, args, rank, world, device)
+        if sched is not None:
+            sched.step()
+        train_s = time.perf_counter() - t0
+        val = binary_metrics(valid.label.numpy(), predict(model, valid, tc.eval_batch_size, device),
+                             valid.scenario.numpy(), spec.scenario_names)
+        auc = val["overall"]["auc"]
+        improved = auc > state["best_auc"]
+        if improved:
+            state.update(best_auc=auc, best_epoch=epoch, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        metrics = {"epoch": epoch, "train_loss": loss, "val_auc": auc,
+                   "val_logloss": val["overall"]["logloss"], "best_val_auc": state["best_auc"],
+                   "epoch_seconds": train_s, "samples_per_s": n * max(world, 1) / train_s,
+                   "load_seconds": load_s, "world_size": world,
+                   **{f"val_auc/{k}": v["auc"] for k, v in val["by_scenario"].items()}}
+        state["history"].append(metrics)
+        state["epoch"] = epoch + 1
+        log.epoch(metrics)
+        save_and_report(model, opt, sched, state, metrics, improved, out_dir, rank)
+        if state["bad_epochs"] >= tc.patience:
+            break
+    log.close()
+
+
+def build(args: LoopArgs, spec: FeatureSpec, world: int, device: torch.device):
+    """-> (model, optimizer, scheduler), identical initial weights on every rank."""
+    import ray.train.torch
+
+    torch.manual_seed(args.seed)
+    model = build_model(spec, args.config.model)
     attach_texts(model, PreparedTexts(args.prepare_dir, spec))  # text tables / token ids (no-op without texts)
     if world > 1:
         # DDP: gloo on CPU, NCCL on GPU. Scenario-specific blocks run even on zero rows, so every
@@ -93,122 +133,122 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     else:
         model = model.to(device)
-    opt, sched = make_optimizer(cfg, model)
-    state = {"epoch": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    return (model, *make_optimizer(args.config, model))
 
-    # Ray Train hands back the latest reported checkpoint both after a worker failure and when the
-    # same run (name + storage path) is started again; start_epoch tells the two apart.
-    resume = ray.train.get_checkpoint()
-    start_epoch = args.start_epoch
-    if resume is not None:
-        with resume.as_directory() as d:
+
+def resume(args: LoopArgs, model, opt, sched) -> dict:
+    """The training state to continue from: Ray Train hands back the latest reported checkpoint both
+    after a worker failure and when the same run (name + storage path) is started again;
+    start_epoch tells the two apart. Without one, the run folder's own checkpoint (Ray's run state
+    was removed), else a fresh state."""
+    import ray.train
+
+    state = {"epoch": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    own = Path(args.out_dir) / "checkpoint"
+    reported = ray.train.get_checkpoint()
+    if reported is not None:
+        with reported.as_directory() as d:
             state = ck.load_checkpoint(d, model, opt, sched)
-    elif ck.has_checkpoint(out_dir / "checkpoint"):  # Ray's own run state (ray_results) was removed
-        state = ck.load_checkpoint(out_dir / "checkpoint", model, opt, sched)
+    elif ck.has_checkpoint(own):
+        state = ck.load_checkpoint(own, model, opt, sched)
     if state["epoch"] > 0:
-        kind = "failure" if state["epoch"] > start_epoch else "rerun"
+        kind = "failure" if state["epoch"] > args.start_epoch else "rerun"
         state.setdefault("resumes", []).append({"from": kind, "epoch": state["epoch"],
                                                 "weights": weights_digest(model)})
-    if rank == 0:  # lets operators (and the failure test) find the worker process
-        (out_dir / f"worker_rank{rank}.pid").write_text(str(os.getpid()))
+    return state
 
-    tb = None
-    if rank == 0:  # TensorBoard event files, always (tensorboard --logdir runs/)
-        from tensorboardX import SummaryWriter
 
-        tb = SummaryWriter(str(out_dir / "tensorboard"), flush_secs=10)
-    mlf = None
-    if cfg.tracking.mlflow_uri:  # rank 0 only (Ray's helper returns a no-op module elsewhere)
-        from ray.air.integrations.mlflow import setup_mlflow
-
-        params = {f"{sec}.{k}": v for sec in ("model", "train") for k, v in getattr(cfg, sec).model_dump().items()}
-        mlf = setup_mlflow(config={**params, "seed": seed, "data_fingerprint": spec.data_fingerprint},
-                           tracking_uri=cfg.tracking.mlflow_uri,
-                           experiment_name=cfg.tracking.mlflow_experiment or cfg.name,
-                           run_name=args.run_name, create_experiment_if_not_exists=True)
-    # Every rank must run the same number of steps or DDP's all-reduce hangs.
-    n = torch.tensor([len(train)])
-    if world > 1:
-        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
-    n = int(n)
+def train_epoch(model, opt, train: Batch, n: int, epoch: int, args: LoopArgs, rank: int, world: int,
+                device: torch.device) -> float:
+    """One pass over this rank's first n shuffled rows; returns the mean batch loss."""
+    cfg, tc = args.config, args.config.train
+    model.train()
     per_rank = max(1, tc.batch_size // max(world, 1))
     steps = max(1, math.ceil(n / per_rank))
+    report_every = max(1, steps // 20)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if tc.precision == "bf16" else torch.float16)
                 if tc.use_gpu and tc.precision != "fp32" else torch.autocast("cpu", enabled=False))
     scaler = torch.amp.GradScaler("cuda") if tc.use_gpu and tc.precision == "fp16" else None
-
     aug_w = cfg.augment.weight if cfg.augment.enabled else 0.0
-    report_every = max(1, steps // 20)
-    for epoch in range(state["epoch"], tc.epochs):
-        model.train()
-        t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch * 101 + rank)
-        perm = torch.randperm(len(train), generator=g)[:n]
-        loss_sum = 0.0
-        for i in range(steps):
-            b = train.take(perm[i * per_rank:(i + 1) * per_rank])
-            if tc.use_gpu:
-                b = b.to(device, non_blocking=True)
-            # synthetic (augment) rows count augment.weight times a real row (0: not at all)
-            w = torch.where(b.synthetic, aug_w, 1.0) * b.weight
-            with autocast:
-                logits = model(b)  # [B]
-                loss = (F.binary_cross_entropy_with_logits(logits.float(), b.label, reduction="none")
-                        * w).sum() / w.sum().clamp(min=1e-12)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            loss_sum += float(loss.detach())
-            if rank == 0 and (i + 1) % report_every == 0:  # the driver's progress bar reads it
-                _write_json(out_dir / "progress.json", {"epoch": epoch, "step": i + 1, "steps": steps})
-        if sched is not None:
-            sched.step()
-        train_s = time.perf_counter() - t0
-        p = predict(model, valid, tc.eval_batch_size, device)
-        val = binary_metrics(valid.label.numpy(), p, valid.scenario.numpy(), spec.scenario_names)
-        auc = val["overall"]["auc"]
-        improved = auc > state["best_auc"]
-        if improved:
-            state.update(best_auc=auc, best_epoch=epoch, bad_epochs=0)
+    g = torch.Generator().manual_seed(args.seed * 100_003 + epoch * 101 + rank)
+    perm = torch.randperm(len(train), generator=g)[:n]
+    loss_sum = 0.0
+    for i in range(steps):
+        b = train.take(perm[i * per_rank:(i + 1) * per_rank])
+        if tc.use_gpu:
+            b = b.to(device, non_blocking=True)
+        # synthetic (augment) rows count augment.weight times a real row (0: not at all)
+        w = torch.where(b.synthetic, aug_w, 1.0) * b.weight
+        with autocast:
+            logits = model(b)  # [B]
+            loss = (F.binary_cross_entropy_with_logits(logits.float(), b.label, reduction="none")
+                    * w).sum() / w.sum().clamp(min=1e-12)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         else:
-            state["bad_epochs"] += 1
-        stop = state["bad_epochs"] >= tc.patience or epoch + 1 >= tc.epochs
-        metrics = {"epoch": epoch, "train_loss": loss_sum / steps, "val_auc": auc,
-                   "val_logloss": val["overall"]["logloss"], "best_val_auc": state["best_auc"],
-                   "epoch_seconds": train_s, "samples_per_s": n * max(world, 1) / train_s,
-                   "load_seconds": load_s, "world_size": world,
-                   **{f"val_auc/{k}": v["auc"] for k, v in val["by_scenario"].items()}}
-        state["history"].append(metrics)
-        if tb is not None:
+            loss.backward()
+            opt.step()
+        loss_sum += float(loss.detach())
+        if rank == 0 and (i + 1) % report_every == 0:  # the driver's progress bar reads it
+            _write_json(Path(args.out_dir) / "progress.json", {"epoch": epoch, "step": i + 1, "steps": steps})
+    return loss_sum / steps
+
+
+def save_and_report(model, opt, sched, state: dict, metrics: dict, improved: bool, out_dir: Path, rank: int) -> None:
+    """Rank 0: best weights, the run folder's checkpoint, history.json (the driver prints each new
+    epoch from it) and the checkpoint Ray Train keeps; every rank reports."""
+    import ray.train
+
+    ckpt = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            if improved:
+                save_weights(model, out_dir / "best_model.tmp")
+                os.replace(out_dir / "best_model.tmp", out_dir / MODEL)
+            ck.save_checkpoint(out_dir / "checkpoint", model, opt, sched, state)
+            ck.save_checkpoint(Path(tmp) / "c", model, opt, sched, state)
+            _write_json(out_dir / "history.json", state["history"])
+            ckpt = ray.train.Checkpoint.from_directory(str(Path(tmp) / "c"))
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+class EpochLog:
+    """Per-epoch metrics to TensorBoard event files (rank 0, always) and MLflow (when configured)."""
+
+    def __init__(self, args: LoopArgs, spec: FeatureSpec, rank: int):
+        cfg = args.config
+        self.tb = self.mlf = None
+        if rank == 0:  # tensorboard --logdir runs/
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(args.out_dir) / "tensorboard"), flush_secs=10)
+        if cfg.tracking.mlflow_uri:  # rank 0 only (Ray's helper returns a no-op module elsewhere)
+            from ray.air.integrations.mlflow import setup_mlflow
+
+            params = {f"{sec}.{k}": v for sec in ("model", "train") for k, v in getattr(cfg, sec).model_dump().items()}
+            self.mlf = setup_mlflow(config={**params, "seed": args.seed, "data_fingerprint": spec.data_fingerprint},
+                                    tracking_uri=cfg.tracking.mlflow_uri,
+                                    experiment_name=cfg.tracking.mlflow_experiment or cfg.name,
+                                    run_name=args.run_name, create_experiment_if_not_exists=True)
+
+    def epoch(self, metrics: dict) -> None:
+        step = metrics["epoch"] + 1
+        if self.tb is not None:
             for k, v in metrics.items():
                 if k not in ("epoch", "world_size"):
-                    tb.add_scalar(k, v, epoch + 1)
-            tb.flush()
-        if mlf is not None:
-            mlf.log_metrics(metrics, step=epoch + 1)
-        state["epoch"] = epoch + 1
-        ckpt = None
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                if improved:
-                    save_weights(model, out_dir / "best_model.tmp")
-                    os.replace(out_dir / "best_model.tmp", out_dir / MODEL)
-                ck.save_checkpoint(out_dir / "checkpoint", model, opt, sched, state)
-                ck.save_checkpoint(Path(tmp) / "c", model, opt, sched, state)
-                _write_json(out_dir / "history.json", state["history"])  # the driver prints each new epoch
-                ckpt = ray.train.Checkpoint.from_directory(str(Path(tmp) / "c"))
-            ray.train.report(metrics, checkpoint=ckpt)
-        if stop:
-            break
-    if tb is not None:
-        tb.close()
-    if mlf is not None:
-        mlf.end_run()
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.mlf is not None:
+            self.mlf.log_metrics(metrics, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.mlf is not None:
+            self.mlf.end_run()
 
 
 def _write_json(path: Path, obj) -> None:

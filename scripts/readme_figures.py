@@ -1,0 +1,138 @@
+"""Regenerate the README's measured figures from bench/results, so they cannot drift.
+
+  python scripts/readme_figures.py           # rewrite the marked blocks of README.md
+  python scripts/readme_figures.py --check   # exit 1 (with a diff) when README.md is out of date
+
+A block is the text between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->`; each NAME has a
+renderer below that reads only bench/results/*.json (written by the benches in bench/)."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+BLOCK = re.compile(r"(<!-- figures:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)", re.S)
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def _mmss(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(round(seconds % 60))} s"
+
+
+def default_run_output() -> str:
+    """The console of the README's first command, abridged: progress (stderr), then the results
+    (stdout) up to the first ranking rows."""
+    d = _load("default_run")
+    err = [line for line in d["stderr"] if line.strip()]
+    epochs = [i for i, line in enumerate(err) if line.startswith("  epoch ")]
+    if len(epochs) > 4:  # first two and last two epochs
+        err = err[:epochs[2]] + ["  ..."] + err[epochs[-2]:]
+    out, keep = [], True
+    for line in d["stdout"]:
+        if line.lstrip().startswith(("│ precision@10", "│ recall@20")):
+            out.append("  ...")
+            keep = False
+        if line.lstrip().startswith(("metrics:", "artifact:")) or "POST /v1/recommend" in line:
+            keep = True
+        if keep:
+            out.append(line)
+    return "```\n" + "\n".join(err) + "\n```\n\nand on stdout:\n\n```\n" + "\n".join(out) + "\n```\n"
+
+
+def default_run_time() -> str:
+    d = _load("default_run")
+    return (f"Measured by `bench/default_run_bench.py` on {d['date']} ({d['machine']}): "
+            f"{_mmss(d['wall_seconds'])} for `{d['command']}` from scratch (set-up not included), test AUC "
+            f"{d['test_auc']:.4f} with `{d['backbone']}` (`bench/results/default_run.json`).\n")
+
+
+def accuracy() -> str:
+    acc, abl = _load("accuracy")["table"], _load("text_ablation")["table"]
+    best = max(abl, key=lambda k: abl[k]["auc"]["mean"])
+    plain = best.split("+")[0]
+
+    def f(row):
+        return f"{row['auc']['mean']:.4f} ± {row['auc']['std']:.4f} over {row['seeds']} seeds"
+
+    lines = [f"On ML-1M under the SWR protocol the best configuration here is `{plain}` with the MiniLM text",
+             f"features (test AUC {f(abl[best])}; without them {f(abl[plain])} in the same file,",
+             f"`bench/results/text_ablation.json`); `bench/results/accuracy.json` has every backbone without",
+             f"text (best: `{max(acc, key=lambda k: acc[k]['auc']['mean'])}`, "
+             f"{f(acc[max(acc, key=lambda k: acc[k]['auc']['mean'])])})."]
+    if "shared_bottom+text" in abl:
+        lines.append(f"The default trains `shared_bottom` with text features ({f(abl['shared_bottom+text'])}), "
+                     f"several times faster per epoch. `--set model.backbone={plain}` switches.")
+    return "\n".join(lines) + "\n"
+
+
+def tune() -> str:
+    d = _load("tune")
+    a, fi = d["sweeps"]["asha"], d["sweeps"]["fifo"]
+    w = a["winner"]
+    params = ", ".join(f"{k.split('.')[-1]} {v:.2g}" if isinstance(v, float) else f"{k.split('.')[-1]} {v}"
+                       for k, v in w["params"].items() if k != "model.dropout")
+    return (f"Measured here (`bench/tune_bench.py`, 2 cores, {d['samples']} trials capped at {d['epoch_cap']} epochs): "
+            f"ASHA {a['fit_seconds'] / 60:.1f} min ({a['trials_per_hour']:.0f} trials/h, {a['epochs']} epochs) vs FIFO "
+            f"{fi['fit_seconds'] / 60:.1f} min ({fi['trials_per_hour']:.0f} trials/h, {fi['epochs']} epochs), "
+            f"{fi['fit_seconds'] / a['fit_seconds']:.2f}x; the ASHA winner ({params}) reached test AUC "
+            f"{a['winner_test']['overall']['auc']:.4f} against {d['default_test']['overall']['auc']:.4f} for the default "
+            f"configuration under the same cap (`bench/results/tune.json`).\n")
+
+
+def serve() -> str:
+    d = _load("serve")
+    levels = sorted(d["serve"], key=int)
+    rps = " / ".join(f"{d['serve'][k]['rps']:.0f}" for k in levels)
+    p99 = " / ".join(f"{d['serve'][k]['p99_ms']:.0f}" for k in levels)
+    bare = " / ".join(f"{d['bare'][k]['rps']:.0f}" for k in levels)
+    ratios = [d["serve"][k]["rps"] / d["bare"][k]["rps"] for k in levels]
+    errors = sum(n for lv in ("serve", "bare") for k in levels for c, n in d[lv][k]["codes"].items() if c != "200")
+    return (f"Measured here (`bench/serve_bench.py`, 1 model replica, {d['requests_per_level']} requests per level): "
+            f"Serve reached {rps} req/s at {' / '.join(levels)} in flight (p99 {p99} ms), a bare FastAPI app with "
+            f"the same function {bare} req/s ({min(ratios):.2f}-{max(ratios):.2f}x), with {errors} errors "
+            f"(`bench/results/serve.json`).\n")
+
+
+RENDERERS = {"default-run-output": default_run_output, "default-run-time": default_run_time,
+             "accuracy": accuracy, "tune": tune, "serve": serve}
+
+
+def render(text: str) -> str:
+    def sub(m: re.Match) -> str:
+        name = m["name"]
+        if name not in RENDERERS:
+            raise SystemExit(f"README.md: unknown figures block {name!r} (known: {', '.join(RENDERERS)})")
+        return m.group(1) + RENDERERS[name]() + m.group(4)
+    return BLOCK.sub(sub, text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="Only compare; exit 1 when README.md is out of date.")
+    ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    a = ap.parse_args()
+    path = Path(a.readme)
+    old = path.read_text()
+    new = render(old)
+    if a.check:
+        if new != old:
+            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True), "README.md",
+                                                       "README.md (from bench/results)"))
+            sys.exit("README.md figures are out of date: run `python scripts/readme_figures.py`")
+        print(f"README.md figures match bench/results ({len(BLOCK.findall(old))} blocks)")
+        return
+    path.write_text(new)
+    print(f"README.md: {len(BLOCK.findall(new))} blocks regenerated from bench/results")
+
+
+if __name__ == "__main__":
+    main()
