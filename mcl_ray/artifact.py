@@ -67,6 +67,9 @@ class ExportStage(Stage[Path]):
     def data_fingerprint(self) -> str:
         return self.spec.data_fingerprint
 
+    def run_root(self) -> Path:  # the run directory the trained folder belongs to
+        return self.prepare_dir.parent
+
     def fingerprint(self) -> str:
         files = [self.train_dir / n for n in (MODEL, "metrics.json", "history.json")]
         return fingerprint(ARTIFACT_FORMAT, self.spec.data_fingerprint, self.source,

@@ -18,7 +18,6 @@ import typer
 from rich.table import Table
 from rich.console import Console
 
-from mcl_ray.artifact import ArtifactError, ExportStage, open_artifact
 from mcl_ray.core import storage
 from mcl_ray.core.config import ExperimentConfig, config_to_yaml, describe_schema, load_config
 from mcl_ray.core.errors import ConfigError, McrError, SetupError
@@ -26,14 +25,11 @@ from mcl_ray.core.ray_env import free_port, init_ray, route_ray_logs
 from mcl_ray.core.stage import console as err
 from mcl_ray.core.stage import execute
 from mcl_ray.data import package_data
-from mcl_ray.data.prepare import PrepareStage
-from mcl_ray.evaluate.evaluate import evaluate_train_dir
-from mcl_ray.evaluate.metrics import format_agg, summarize
-from mcl_ray.llm.augment import AugmentStage
-from mcl_ray.llm.encode import EncodeStage
+from mcl_ray.evaluate.summary import format_agg, summarize
 from mcl_ray.report import write_run_report
-from mcl_ray.train.trainer import TrainSeed
-from mcl_ray.tune.sweep import TuneStage
+
+# The stages import Ray, torch and transformers (seconds): each command imports the ones it runs,
+# so `--help` and `config` answer at once.
 
 app = typer.Typer(
     name="mcl-ray",
@@ -134,6 +130,8 @@ def _prepared_dir(cfg: ExperimentConfig, config: Path) -> Path:
 
 
 def _prepare(cfg: ExperimentConfig, out_dir: Path | None, force: bool):
+    from mcl_ray.data.prepare import PrepareStage
+
     res = execute(PrepareStage(cfg, out_dir, force))
     st = res.stats
     t = Table(title=f"prepared data in {res.out_dir}" + (" (cached)" if res.cached else ""))
@@ -168,6 +166,8 @@ SeedsOpt = Annotated[int, typer.Option("--seeds", min=1, help="Repeat with seeds
 
 
 def _train(cfg: ExperimentConfig, prepare_dir: Path, seeds: int, force: bool):
+    from mcl_ray.train.trainer import TrainSeed
+
     run_dir = Path(cfg.resolved_run_dir())
     results = [execute(TrainSeed(cfg, prepare_dir, run_dir / "train" / f"seed_{cfg.train.seed + i}",
                                  cfg.train.seed + i, force)) for i in range(seeds)]
@@ -227,6 +227,9 @@ def evaluate(
 
     Test metrics are written to metrics.json; validation metrics to metrics_valid.json (the test
     numbers that export packages are never replaced)."""
+    from mcl_ray.artifact import ArtifactError
+    from mcl_ray.evaluate.evaluate import evaluate_train_dir
+
     if split not in ("test", "valid"):
         raise ConfigError(f"--split must be test or valid, not {split!r}")
     single = (run_dir / "config.json").exists()
@@ -252,6 +255,8 @@ def encode(config: ConfigArg, force: Annotated[bool, typer.Option("--force", hel
 
 
 def _encode(cfg: ExperimentConfig, prepare_dir: Path, force: bool = False) -> None:
+    from mcl_ray.llm.encode import EncodeStage
+
     res = execute(EncodeStage(cfg, prepare_dir, force))  # the encoder is checked before Ray starts
     for field, st in res.fields.items():
         rate = f", {st['texts_per_s']:.0f} texts/s" if st["texts_per_s"] else ""
@@ -270,6 +275,8 @@ def augment(config: ConfigArg, force: ForceOpt = False, set_: SetOpt = None) -> 
 
 
 def _augment(cfg: ExperimentConfig, prepare_dir: Path, force: bool = False) -> None:
+    from mcl_ray.llm.augment import AugmentStage
+
     res = execute(AugmentStage(cfg, prepare_dir, force))  # the generator is resolved before Ray starts
     st = res.stats
     t = Table(title=f"augment ({st['generator']['backend']}, {st['generator']['model']}, prompt "
@@ -284,6 +291,8 @@ def _augment(cfg: ExperimentConfig, prepare_dir: Path, force: bool = False) -> N
 
 
 def _tune(cfg: ExperimentConfig, prepare_dir: Path, force: bool = False):
+    from mcl_ray.tune.sweep import TuneStage
+
     try:
         res = execute(TuneStage(cfg, prepare_dir, Path(cfg.resolved_run_dir()), force))
     except KeyboardInterrupt:
@@ -327,6 +336,8 @@ def tune(
 
 
 def _export(train_dir: Path, prepare_dir: Path, out_dir: Path, force: bool = False) -> Path:
+    from mcl_ray.artifact import ExportStage
+
     path = execute(ExportStage(train_dir, prepare_dir, out_dir, {"kind": "train"}, force))
     out.print(f"artifact: {path} (model card: {path / 'MODEL_CARD.md'})")
     return path
@@ -340,6 +351,8 @@ def export(
     force: ForceOpt = False,
 ) -> None:
     """Package a trained model as a serving artifact (safetensors + JSON + parquet, model card)."""
+    from mcl_ray.artifact import ArtifactError
+
     if (run_dir / "config.json").exists() and (run_dir / "model.safetensors").exists():
         train_dir, root = run_dir, run_dir.parent.parent
     else:
@@ -373,6 +386,8 @@ def sample_request(base: str, artifact: Path) -> dict:
 
     import pyarrow.parquet as pq
 
+    from mcl_ray.artifact import open_artifact
+
     art = open_artifact(artifact)
     seen = pq.read_table(art.file("seen.parquet")).slice(0, 1).to_pylist()[0]
     user = seen[art.spec.user_key]
@@ -399,8 +414,11 @@ def serve_cmd(
     replicas: Annotated[Optional[int], typer.Option(help="Fixed model replicas (default: autoscale 1-4).")] = None,
 ) -> None:
     """Serve a model artifact over HTTP with Ray Serve until Ctrl+C (OpenAPI docs at /docs)."""
+    from mcl_ray.artifact import open_artifact
+
     art = open_artifact(artifact)
-    init_ray(None, Path("runs"), log_dir=artifact.resolve().parent)
+    here = artifact.resolve().parent
+    init_ray(None, Path("runs"), log_dir=here if os.access(here, os.W_OK) else Path("runs"))
     base = start_serve(artifact, host, port, **({"num_replicas": replicas} if replicas else {}))
     out.print(f"serving {art.manifest['version']} at {base} (docs: {base}/docs; status: `serve status`)")
     out.print(f"try: curl -s -X POST {base}/v1/recommend -H 'Content-Type: application/json' "
@@ -495,6 +513,7 @@ def run(
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mcl_ray").setLevel(logging.INFO)  # our own notes (e.g. fetching package data)
     app(prog_name="mcl-ray")
 
 

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from mcl_ray.evaluate.metrics import format_agg
+from mcl_ray.evaluate.summary import format_agg
 
 
 def _load(path: Path):

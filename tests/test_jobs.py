@@ -62,7 +62,7 @@ def test_ray_job_submit_end_to_end(tmp_path):
                   "artifact/model.safetensors", "artifact/MODEL_CARD.md", "metadata.json", "report.md"):
             assert (run_dir / f).exists(), f
         meta = json.loads((run_dir / "metadata.json").read_text())["runs"]
-        assert [m["stage"] for m in meta] == ["prepare", "encode", "train"]
+        assert [m["stage"] for m in meta] == ["prepare", "encode", "train", "export"]
         assert all(m["ray_job_id"] for m in meta) and meta[0]["data_fingerprint"]
         submission = meta[0]["ray_submission_id"]
         assert submission and submission.startswith("raysubmit_") and submission in r.stdout
@@ -93,8 +93,8 @@ def test_killed_driver_resumes_and_skips_finished_stages(tmp_path, ray_cluster):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     log = r.stdout + r.stderr
-    assert "inputs and config unchanged" in log and "reusing" in log  # prepare skipped
-    assert "texts cached for this encoder; nothing to do" in log  # encode skipped
+    assert "prepare: inputs and config unchanged" in log and "reusing" in log  # prepare skipped
+    assert "encode: inputs and config unchanged" in log  # encode skipped
     assert "resuming from" in log  # train continues from its checkpoint
     hist = json.loads(history.read_text())
     assert [h["epoch"] for h in hist] == list(range(6))  # no epoch lost or repeated

@@ -85,6 +85,8 @@ def route_ray_logs(log_dir: str | Path | None = None) -> Path | None:
         lg = logging.getLogger(name)
         for h in [h for h in lg.handlers if isinstance(h, (logging.StreamHandler, logging.FileHandler))]:
             lg.removeHandler(h)  # Ray adds a stderr handler to "ray" at import time
+            if isinstance(h, logging.FileHandler):
+                h.close()
         lg.addHandler(handler)
         lg.propagate = False
     return path
@@ -128,7 +130,11 @@ def _native_stderr_to(path: Path) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 2)
     os.close(fd)
-    sys.stderr = os.fdopen(keep, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+    old = sys.stderr
+    sys.stderr = os.fdopen(keep, "w", buffering=1, encoding=old.encoding, errors="backslashreplace")
+    for h in logging.getLogger().handlers:  # e.g. basicConfig's: it holds the stream, not fd 2
+        if isinstance(h, logging.StreamHandler) and h.stream is old:
+            h.setStream(sys.stderr)
     _redirected.append(str(path))
 
 

@@ -27,7 +27,8 @@ console = Console(stderr=True, soft_wrap=True)  # the project's own lines; resul
 
 def fingerprint(*parts: Any, files: Iterable[str | Path] = ()) -> str:
     """sha256 over JSON-able parts and the (path, size, mtime) of files; 20 hex digits."""
-    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    payload = parts[0] if len(parts) == 1 else list(parts)  # one part: the same digest as before this module
+    h = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
     for f in files:
         try:
             st = os.stat(f)
@@ -114,7 +115,12 @@ class Stage(ABC, Generic[R]):
     def is_cached(self, fp: str) -> bool:
         return not self.force and self.marker.matches(fp, **self.marker_extra())
 
+    def run_root(self) -> Path:
+        """The run directory whose metadata.json this stage appends to (and pushes when a URI)."""
+        return Path(self.cfg.resolved_run_dir())
+
     def run(self) -> R:
+        self.t0 = time.perf_counter()
         fp = self.fingerprint()
         if self.is_cached(fp):
             self.say(f"[green]{self.name}: inputs and config unchanged (fingerprint {fp}); reusing "
@@ -133,12 +139,13 @@ def execute(stage: Stage[R]) -> R:
     from mcl_ray.core.ray_env import init_ray
 
     cfg = stage.cfg
-    local = Path(cfg.resolved_run_dir())
+    local = stage.run_root()
     if stage.uses_ray:
         init_ray(cfg.ray, local.parent, log_dir=local)
     write_run_metadata(local, cfg, stage.name, stage.data_fingerprint())
     result = stage.run()
-    if cfg.run_dir and "://" in cfg.run_dir:
+    # only the staged copy of the config's own run_dir is pushed (an export elsewhere is not)
+    if cfg.run_dir and "://" in cfg.run_dir and local.resolve() == Path(cfg.resolved_run_dir()).resolve():
         n = storage.push(local, cfg.run_dir)
         stage.say(f"run_dir {cfg.run_dir}: {n} file(s) pushed")
     return result

@@ -257,6 +257,9 @@ class PrepareStage(Stage[PrepareResult]):
     def fingerprint(self) -> str:
         return prepare_fingerprint(self.cfg)
 
+    def data_fingerprint(self) -> str:  # what this stage writes is the data fingerprint
+        return prepare_fingerprint(self.cfg)
+
     def load_cached(self) -> PrepareResult:
         return PrepareResult(self.out, FeatureSpec.load(self.out), json.loads((self.out / "stats.json").read_text()),
                              cached=True)

@@ -18,7 +18,8 @@ from mcl_ray.core.config import ExperimentConfig
 from mcl_ray.core.feature_spec import FeatureSpec
 from mcl_ray.data.splits import read_pairs, read_split
 from mcl_ray.data.vocab import Vocabularies, encode_entities
-from mcl_ray.evaluate.metrics import EvalMetrics, binary_metrics, gauc, topk_metrics
+from mcl_ray.evaluate.metrics import binary_metrics, gauc, topk_metrics
+from mcl_ray.evaluate.summary import EvalMetrics
 from mcl_ray.models.batch import Batch
 from mcl_ray.models.weights import MODEL, load_trained
 

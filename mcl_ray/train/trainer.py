@@ -16,7 +16,7 @@ from mcl_ray.core.ray_env import dataset_in_blocks
 from mcl_ray.core.stage import Marker, Stage, fingerprint
 from mcl_ray.data.splits import model_columns, read_split
 from mcl_ray.evaluate.evaluate import evaluate_train_dir
-from mcl_ray.evaluate.metrics import summarize
+from mcl_ray.evaluate.summary import summarize
 from mcl_ray.models.text import check_text_inputs
 from mcl_ray.train import checkpoint as ck
 from mcl_ray.train.loop import LoopArgs, train_loop_per_worker

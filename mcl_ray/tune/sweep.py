@@ -180,7 +180,10 @@ def sweep_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec) -> str:
     """Same fingerprint: the sweep in the run directory is this one (resume or reuse it)."""
     blob = {k: getattr(cfg, k).model_dump(mode="json") for k in ("model", "train", "tune")}
     blob["tune"].pop("enabled")
-    return fingerprint(blob, spec.data_fingerprint)
+    blob["data"] = spec.data_fingerprint
+    if cfg.augment.enabled:  # other synthetic rows or weight: another sweep
+        blob["augment"] = {"weight": cfg.augment.weight, "rows": spec.synthetic.fingerprint if spec.synthetic else None}
+    return fingerprint(blob)
 
 
 class TrialsWatcher(ray.tune.Callback):
@@ -238,7 +241,12 @@ class TuneStage(Stage[SweepResult]):
     def load_cached(self) -> SweepResult:
         rows = json.loads((self.tune_dir / "trials.json").read_text())
         winner = json.loads((self.tune_dir / "winner.json").read_text())
-        return SweepResult(self.tune_dir, rows, winner, self.run_dir / "artifact", winner["test"], 0.0)
+        # the artifact may have been replaced since (a train run, an export): the winner's again,
+        # free when it is still there (the export stage's own marker)
+        artifact = export_artifact(Path(winner["folder"]), self.prepare_dir, self.run_dir / "artifact",
+                                   source={"kind": "tune", "trial_id": winner["trial_id"], "params": winner["params"]},
+                                   quiet=self.quiet)
+        return SweepResult(self.tune_dir, rows, winner, artifact, winner["test"], 0.0)
 
     def compute(self, fp: str) -> SweepResult:
         cfg, tune_dir = self.cfg, self.tune_dir
@@ -250,9 +258,9 @@ class TuneStage(Stage[SweepResult]):
         self.marker.write(fp, complete=False)  # same fingerprint next time: resume
         (tune_dir / "sweep_config.json").write_text(cfg.model_dump_json(indent=2))
         epochs = cfg.tune.epochs or cfg.train.epochs
-        done_before = len([d for d in (tune_dir / "trials").iterdir() if (d / "history.json").exists()])
-        with self.progress("trials", cfg.tune.num_samples, "trials") as bar:
-            bar.update(done=done_before)
+        resuming = ray.tune.Tuner.can_restore(str((tune_dir / "ray" / cfg.name).resolve()))
+        # a resumed sweep's bar counts the trials finished from here on (no total: some finished before)
+        with self.progress("trials finished", None if resuming else cfg.tune.num_samples, "trials") as bar:
             tuner, resumed = make_tuner(cfg, self.prepare_dir, tune_dir, TrialsWatcher(bar))
             if resumed:
                 self.say(f"[yellow]tune: resuming the sweep in {tune_dir / 'ray'} (finished trials are kept)")
@@ -291,7 +299,8 @@ class TuneStage(Stage[SweepResult]):
         test = evaluate_train_dir(winner_dir, self.prepare_dir, "test")  # the only test evaluation of the sweep
         (tune_dir / "winner.json").write_text(json.dumps({**winner, "test": test}, indent=1))
         artifact = export_artifact(winner_dir, self.prepare_dir, self.run_dir / "artifact", force=True,
-                                   source={"kind": "tune", "trial_id": winner["trial_id"], "params": winner["params"]})
+                                   source={"kind": "tune", "trial_id": winner["trial_id"], "params": winner["params"]},
+                                   quiet=self.quiet)
         point = {k: decode_value(v) for k, v in default_point(cfg).items()}
         default = next((r for r in rows if cfg.tune.include_default and point and r["params"] == point), None)
         fit_s = json.loads((tune_dir / "timing.json").read_text())["fit_seconds"]
