@@ -41,6 +41,7 @@ def main() -> None:
     # stdout (results) and stderr (progress) interleave on a terminal; keep each stream's order
     out = {
         "command": f"mcl-ray run {a.config}",
+        "run_dir": str(Path(a.run_dir).resolve()),  # the README shows runs/<name>, the default run_dir
         "wall_seconds": round(wall, 1),
         "machine": f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),

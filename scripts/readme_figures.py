@@ -32,13 +32,18 @@ def default_run_output() -> str:
     """The console of the README's first command, abridged: progress (stderr), then the results
     (stdout) up to the first ranking rows."""
     d = _load("default_run")
-    err = [line for line in d["stderr"] if line.strip()]
+    name = Path(d["command"].split()[-1]).stem  # the experiment: its default run_dir is runs/<name>
+
+    def rel(line: str) -> str:
+        return line.replace(d["run_dir"], f"runs/{name}")
+
+    err = [rel(line) for line in d["stderr"] if line.strip()]
     epochs = [i for i, line in enumerate(err) if line.startswith("  epoch ")]
     if len(epochs) > 4:  # first two and last two epochs
         err = err[:epochs[2]] + ["  ..."] + err[epochs[-2]:]
     out, keep = [], True
-    for line in d["stdout"]:
-        if line.lstrip().startswith(("│ precision@10", "│ recall@20")):
+    for line in map(rel, d["stdout"]):
+        if keep and line.lstrip().startswith("│ precision@10"):  # the rest of the ranking table
             out.append("  ...")
             keep = False
         if line.lstrip().startswith(("metrics:", "artifact:")) or "POST /v1/recommend" in line:
