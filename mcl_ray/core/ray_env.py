@@ -13,7 +13,6 @@ from pathlib import Path
 
 from mcl_ray.core.config import RayConfig
 
-log = logging.getLogger(__name__)
 
 # Defaults for local clusters, tests and CI; a user's own environment wins (setdefault).
 RAY_ENV_DEFAULTS = {
@@ -153,7 +152,9 @@ def init_ray(cfg: RayConfig | None = None, run_root: str | Path = "runs", log_di
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        log.info("joining Ray cluster at %s", address)
+        from mcl_ray.core.stage import console
+
+        console.print(f"[dim]joining the Ray cluster at {address}[/]")
         ray.init(address=address, log_to_driver=verbose())
     else:
         ray.init(num_cpus=cfg.num_cpus, log_to_driver=verbose(), **local_cluster_kwargs(run_root))
