@@ -3,7 +3,8 @@ and logloss (mean +- std), next to the published numbers (DESIGN.md). Numbers, n
 
   python bench/accuracy_bench.py                      # all backbones, 3 seeds, 2 jobs at a time
   python bench/accuracy_bench.py --backbones shared_bottom star --seeds 1 --epochs 2   # a smoke run
-  python bench/accuracy_bench.py --backbones m2m m2m+text llm_ranker --out bench/results/text_ablation.json
+  python bench/accuracy_bench.py --backbones shared_bottom shared_bottom+text m2m m2m+text --epochs 12 \
+      --out bench/results/text_ablation.json   # the text ablation (llm_ranker: add it, hours on CPU)
 
 A "+text" suffix adds the LLM text features (model.text.mode=frozen: MiniLM embeddings of item and
 user texts through a learned projection; the encode stage runs once before the jobs).
