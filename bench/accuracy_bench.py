@@ -1,5 +1,5 @@
 """Scenario-Wise Rec protocol on ML-1M: every backbone x 3 seeds, overall and per-scenario test AUC
-and logloss (mean +- std), next to the published numbers (DESIGN.md). Numbers, not assertions.
+and logloss (mean +- std), next to the published numbers (the SWR paper, KDD'24). Numbers, not assertions.
 
   python bench/accuracy_bench.py                      # all backbones, 3 seeds, 2 jobs at a time
   python bench/accuracy_bench.py --backbones shared_bottom star --seeds 1 --epochs 2   # a smoke run

@@ -37,7 +37,7 @@ def main() -> None:
 
     cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [
         f"run_dir={a.run_dir}", f"augment.num_users={a.prompts}", f"augment.batch_size={a.batch_size}",
-        "augment.max_interactions=40", "ray.num_cpus=4"])  # logical CPUs > stage actors (DESIGN.md)
+        "augment.max_interactions=40", "ray.num_cpus=4"])  # more logical CPUs than stage actors, or the read task starves
     init_ray(cfg.ray)
     pdir = prepare(cfg).out_dir
     spec = FeatureSpec.load(pdir)
