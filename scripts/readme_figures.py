@@ -68,11 +68,11 @@ def accuracy() -> str:
     def f(row):
         return f"{row['auc']['mean']:.4f} ± {row['auc']['std']:.4f} over {row['seeds']} seeds"
 
+    best_id = max(acc, key=lambda k: acc[k]["auc"]["mean"])
     lines = [f"On ML-1M under the SWR protocol the best configuration here is `{plain}` with the MiniLM text",
              f"features (test AUC {f(abl[best])}; without them {f(abl[plain])} in the same file,",
-             f"`bench/results/text_ablation.json`); `bench/results/accuracy.json` has every backbone without",
-             f"text (best: `{max(acc, key=lambda k: acc[k]['auc']['mean'])}`, "
-             f"{f(acc[max(acc, key=lambda k: acc[k]['auc']['mean'])])})."]
+             "`bench/results/text_ablation.json`); `bench/results/accuracy.json` has every backbone without",
+             f"text (best: `{best_id}`, {f(acc[best_id])})."]
     if "shared_bottom+text" in abl:
         lines.append(f"The default trains `shared_bottom` with text features ({f(abl['shared_bottom+text'])}), "
                      f"several times faster per epoch. `--set model.backbone={plain}` switches.")

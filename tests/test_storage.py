@@ -1,6 +1,5 @@
 """Run directories on shared storage (pyarrow filesystem URIs): pull/push of the staged copy."""
 
-import os
 import time
 
 import pytest

@@ -70,7 +70,8 @@ class Stage(ABC, Generic[R]):
 
     def __init__(self, cfg: ExperimentConfig, force: bool = False, quiet: bool = False):
         self.cfg, self.force, self.quiet = cfg, force, quiet
-        self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter()  # reset by run(): step times count from the stage's own start
+        self._steps = 0
 
     # ---- what each stage defines
     @abstractmethod
@@ -102,7 +103,7 @@ class Stage(ABC, Generic[R]):
 
     def step(self, what: str, detail: str = "") -> None:
         """A numbered step line with the time since the stage started."""
-        self._steps = getattr(self, "_steps", 0) + 1
+        self._steps += 1
         self.say(f"[bold cyan]{self.name}[{self._steps}][/] {what} {detail}  "
                  f"[dim](+{time.perf_counter() - self.t0:.1f}s)[/]")
 

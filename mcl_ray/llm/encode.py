@@ -100,7 +100,7 @@ class EncodeStage(Stage[EncodeResult]):
         return EncodeResult(stats, 0.0, cached=True)
 
     def compute(self, fp: str) -> EncodeResult:
-        ec, spec = self.cfg.encode, self.spec
+        spec = self.spec
         vocabs = Vocabularies.load(self.prepare_dir, spec)
         out_dir = self.prepare_dir / "embeddings"
         out_dir.mkdir(exist_ok=True)

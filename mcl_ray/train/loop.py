@@ -11,7 +11,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
@@ -69,7 +68,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     _quiet_report_logs()
     args = LoopArgs.model_validate(loop_cfg)
-    cfg, tc, out_dir = args.config, args.config.train, Path(args.out_dir)
+    tc, out_dir = args.config.train, Path(args.out_dir)
     spec = FeatureSpec.load(args.prepare_dir)
     torch.set_num_threads(tc.torch_threads)
     ctx = ray.train.get_context()
