@@ -22,7 +22,7 @@ from mcl_ray.core import storage
 from mcl_ray.core.config import ExperimentConfig, config_to_yaml, describe_schema, load_config
 from mcl_ray.core.errors import ConfigError, McrError, SetupError
 from mcl_ray.core.ray_env import free_port, init_ray, route_ray_logs
-from mcl_ray.core.stage import console as err
+from mcl_ray.core.progress import console as err
 from mcl_ray.core.stage import execute
 from mcl_ray.data import package_data
 from mcl_ray.evaluate.summary import format_agg, summarize

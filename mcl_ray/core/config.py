@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mcl_ray.core.errors import ConfigError  # noqa: F401  (re-exported: config errors are raised here)
+from mcl_ray.core.storage import staging_dir
 
 
 class Strict(BaseModel):
@@ -478,8 +479,6 @@ class ExperimentConfig(Strict):
     def resolved_run_dir(self) -> str:
         """The local run directory: run_dir, runs/<name>, or the staging copy of a run_dir URI (storage.py)."""
         if self.run_dir and "://" in self.run_dir:
-            from mcl_ray.core.storage import staging_dir
-
             return str(staging_dir(self.run_dir, self.name))
         return self.run_dir or str(Path("runs") / self.name)
 

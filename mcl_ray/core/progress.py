@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import time
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True, soft_wrap=True)  # the project's own lines; results go to stdout
 
 
 class ProgressBar:
     def __init__(self, description: str, total: int | None, unit: str, disabled: bool = False):
-        from mcl_ray.core.stage import console
-
         self.console, self.description, self.total, self.unit = console, description, total, unit
         self.disabled, self.done, self.fields = disabled, 0, ""
         self.live = console.is_terminal and not disabled

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from mcl_ray.core.config import RayConfig
+from mcl_ray.core.progress import console
 
 
 # Defaults for local clusters, tests and CI; a user's own environment wins (setdefault).
@@ -152,16 +153,12 @@ def init_ray(cfg: RayConfig | None = None, run_root: str | Path = "runs", log_di
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        from mcl_ray.core.stage import console
-
         console.print(f"[dim]joining the Ray cluster at {address}[/]")
         ray.init(address=address, log_to_driver=verbose())
     else:
         ray.init(num_cpus=cfg.num_cpus, log_to_driver=verbose(), **local_cluster_kwargs(run_root))
     route_ray_logs(log_dir)  # again: ray.init may have configured its loggers anew
     if log_file is not None:
-        from mcl_ray.core.stage import console
-
         console.print(f"[dim]Ray's logs: {log_file} (--verbose shows them here)[/]")
 
 

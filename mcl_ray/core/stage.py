@@ -17,12 +17,13 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Iterable, TypeVar
 
-from rich.console import Console
-
+from mcl_ray.core import storage
 from mcl_ray.core.config import ExperimentConfig
+from mcl_ray.core.progress import ProgressBar, console
+from mcl_ray.core.provenance import write_run_metadata
+from mcl_ray.core.ray_env import init_ray
 
 R = TypeVar("R")
-console = Console(stderr=True, soft_wrap=True)  # the project's own lines; results go to stdout
 
 
 def fingerprint(*parts: Any, files: Iterable[str | Path] = ()) -> str:
@@ -109,8 +110,6 @@ class Stage(ABC, Generic[R]):
 
     def progress(self, description: str, total: int | None, unit: str):
         """A live progress bar (rich) on the console; a single summary line when not a terminal."""
-        from mcl_ray.core.progress import ProgressBar
-
         return ProgressBar(f"{self.name}: {description}", total, unit, disabled=self.quiet)
 
     def is_cached(self, fp: str) -> bool:
@@ -135,10 +134,6 @@ class Stage(ABC, Generic[R]):
 def execute(stage: Stage[R]) -> R:
     """Run a stage from the driver: join/start Ray if it needs it, append the metadata entry, run,
     then push the staged run directory to `run_dir` when that is a URI (shared storage)."""
-    from mcl_ray.core import storage
-    from mcl_ray.core.provenance import write_run_metadata
-    from mcl_ray.core.ray_env import init_ray
-
     cfg = stage.cfg
     local = stage.run_root()
     if stage.uses_ray:

@@ -26,6 +26,7 @@ import ray
 from mcl_ray.core.errors import DataError
 from mcl_ray.core.config import ExperimentConfig, MovieLensSource, PrepareConfig, TablesSource
 from mcl_ray.core.keys import key_array, keys_of, value_key
+from mcl_ray.core.ray_env import tune_data_context
 from mcl_ray.core.stage import Marker, Stage, fingerprint
 from mcl_ray.data import fuse, package_data, sources
 from mcl_ray.data.vocab import ids_of
@@ -265,8 +266,6 @@ class PrepareStage(Stage[PrepareResult]):
                              cached=True)
 
     def compute(self, fp: str) -> PrepareResult:
-        from mcl_ray.core.ray_env import tune_data_context
-
         tune_data_context()
         self.step("reading source", self.cfg.data.source)
         raw = sources.load_source(self.cfg.data)

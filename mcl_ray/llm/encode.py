@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from mcl_ray.core.config import ExperimentConfig
 from mcl_ray.core.feature_spec import Feature, FeatureSpec
 from mcl_ray.core.keys import key_array
+from mcl_ray.core.ray_env import dataset_in_blocks
 from mcl_ray.core.stage import Marker, Stage, fingerprint
 from mcl_ray.data.vocab import Vocabularies
 from mcl_ray.models.encoder import EncoderError, TextEncoder, check_encoder, encoder_fingerprint, resolve_encoder, \
@@ -38,8 +39,6 @@ def encode_texts_ray(keys: list[str], texts: list[str], hashes: list[str], model
     """Ray Data map_batches over an actor pool of TextEncoder; returns embeddings in input order.
     The driver streams the results (bounded memory) and advances `bar` per batch."""
     import ray.data
-
-    from mcl_ray.core.ray_env import dataset_in_blocks
 
     table = pa.table({"key": keys, "text": texts, "text_hash": hashes})
     ds = dataset_in_blocks(table, min(len(keys) // ec.batch_size, 4 * ec.concurrency))

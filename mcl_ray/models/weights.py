@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from mcl_ray.core.config import ModelConfig
 from mcl_ray.core.feature_spec import FeatureSpec
+from mcl_ray.models.backbones import build_model
 
 MODEL = "model.safetensors"
 
@@ -39,8 +40,6 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 def load_trained(spec: FeatureSpec, cfg: ModelConfig, weights: str | Path) -> torch.nn.Module:
     """Build the backbone from the spec and config, load its weights, switch to inference mode."""
-    from mcl_ray.models.backbones import build_model
-
     model = build_model(spec, cfg)
     load_weights(model, weights)
     return model.train(False)  # dropout off
