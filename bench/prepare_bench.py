@@ -68,7 +68,7 @@ def one_pandas(rows: int) -> dict:
     import pyarrow.parquet as pq
 
     from mcl_ray.data import fuse, prepare as prep, synthetic
-    from mcl_ray.data.sources import add_profile_text_columns
+    from mcl_ray.data.raw import add_profile_text_columns
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     with tempfile.TemporaryDirectory(dir=ROOT / "runs") as tmp:

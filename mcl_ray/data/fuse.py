@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from mcl_ray.core.errors import ConfigError
 from mcl_ray.core.config import LabelRule, PrepareConfig, ScenarioRule
 from mcl_ray.core.keys import keys_of
+from mcl_ray.data.synthetic import uniform
 
 CONTEXT = ("hour", "weekday", "month")
 DERIVED_ITEM = {"first_genre": "genres"}  # derived column -> item column it needs
@@ -201,8 +202,6 @@ def split_uniform(user: np.ndarray, item: np.ndarray, ts: np.ndarray, seed: int)
     """U[0,1) per row from its content and the seed: the split never depends on block layout."""
     frame = pd.DataFrame({"u": user, "i": item, "t": ts})
     h = pd.util.hash_pandas_object(frame, index=False, hash_key="mcl-ray-split-01").to_numpy(np.uint64)
-    from mcl_ray.data.synthetic import uniform
-
     return uniform(seed, h, 7)
 
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 import ray
 
 from mcl_ray.core.config import SyntheticSource
+from mcl_ray.data.raw import RawTables, add_profile_text_columns
 
 GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
           "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
@@ -121,9 +122,7 @@ def make_interactions(batch: dict, seed: int, user_seg: np.ndarray, user_fav: np
                          "rating": rating, "timestamp": ts.astype(np.int64)})
 
 
-def synthetic_tables(src: SyntheticSource):
-    from mcl_ray.data.sources import RawTables, add_profile_text_columns
-
+def synthetic_tables(src: SyntheticSource) -> RawTables:
     # Users and items are broadcast to every fusion task, so they are built here (vectorised, in
     # id order); the interactions, the part that grows, are generated block by block by Ray Data.
     users_t = pa.Table.from_pandas(make_users({"id": np.arange(src.num_users)}, src.seed, src.num_scenarios),
