@@ -61,7 +61,8 @@ def default_run_time() -> str:
 
 
 def accuracy() -> str:
-    acc, abl = _load("accuracy")["table"], _load("text_ablation")["table"]
+    acc_doc, abl_doc = _load("accuracy"), _load("text_ablation")
+    acc, abl = acc_doc["table"], abl_doc["table"]
     best = max(abl, key=lambda k: abl[k]["auc"]["mean"])
     plain = best.split("+")[0]
 
@@ -71,8 +72,8 @@ def accuracy() -> str:
     best_id = max(acc, key=lambda k: acc[k]["auc"]["mean"])
     lines = [f"On ML-1M under the SWR protocol the best configuration here is `{plain}` with the MiniLM text",
              f"features (test AUC {f(abl[best])}; without them {f(abl[plain])} in the same file,",
-             "`bench/results/text_ablation.json`); `bench/results/accuracy.json` has every backbone without",
-             f"text (best: `{best_id}`, {f(acc[best_id])})."]
+             f"`bench/results/text_ablation.json`, {abl_doc['epochs_cap']}-epoch cap); `bench/results/accuracy.json` "
+             f"has every backbone without text ({acc_doc['epochs_cap']}-epoch cap; best: `{best_id}`, {f(acc[best_id])})."]
     if "shared_bottom+text" in abl:
         lines.append(f"The default trains `shared_bottom` with text features ({f(abl['shared_bottom+text'])}), "
                      f"several times faster per epoch. `--set model.backbone={plain}` switches.")
