@@ -16,7 +16,6 @@ from mcl_ray.core.ray_env import dataset_in_blocks
 from mcl_ray.core.stage import Marker, Stage, fingerprint
 from mcl_ray.data.splits import model_columns, read_split
 from mcl_ray.evaluate.evaluate import evaluate_train_dir
-from mcl_ray.evaluate.summary import summarize
 from mcl_ray.models.text import check_text_inputs
 from mcl_ray.train import checkpoint as ck
 from mcl_ray.train.loop import LoopArgs, train_loop_per_worker
@@ -238,13 +237,3 @@ def resume_epoch(out_dir: Path) -> int:
     if ck.has_checkpoint(resume_dir):
         return json.loads((resume_dir / ck.STATE).read_text())["state"]["epoch"]
     return 0
-
-
-def train(cfg: ExperimentConfig, prepare_dir: Path, run_dir: Path, seeds: int = 1, force: bool = False,
-          quiet: bool = False) -> tuple[list[TrainResult], dict]:
-    """Train seeds seed..seed+N-1 (each a TrainSeed stage) and write train/summary.json (mean ± std)."""
-    results = [train_one(cfg, prepare_dir, run_dir / "train" / f"seed_{cfg.train.seed + i}", cfg.train.seed + i,
-                         force=force, quiet=quiet) for i in range(seeds)]
-    summary = summarize([r.metrics for r in results])
-    (run_dir / "train" / "summary.json").write_text(json.dumps(summary, indent=2))
-    return results, summary
