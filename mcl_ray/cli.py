@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -412,18 +413,31 @@ def serve_cmd(
     host: Annotated[str, typer.Option(help="Bind address (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
     replicas: Annotated[Optional[int], typer.Option(help="Fixed model replicas (default: autoscale 1-4).")] = None,
+    print_config: Annotated[bool, typer.Option(
+        "--print-config", help="Print a `serve deploy` config for this artifact (from serve_apps/recommender.yaml, "
+        "artifact path, host, port and replicas filled in) and exit.")] = False,
 ) -> None:
-    """Serve a model artifact over HTTP with Ray Serve until Ctrl+C (OpenAPI docs at /docs)."""
+    """Serve a model artifact over HTTP with Ray Serve until Ctrl+C or SIGTERM (OpenAPI docs at /docs)."""
     from mcl_ray.artifact import open_artifact
 
     art = open_artifact(artifact)
+    if print_config:
+        sys.stdout.write(serve_deploy_config(artifact, host, port, replicas))
+        return
     here = artifact.resolve().parent
     init_ray(None, Path("runs"), log_dir=here if os.access(here, os.W_OK) else Path("runs"))
-    base = start_serve(artifact, host, port, **({"num_replicas": replicas} if replicas else {}))
-    out.print(f"serving {art.manifest['version']} at {base} (docs: {base}/docs; status: `serve status`)")
-    out.print(f"try: curl -s -X POST {base}/v1/recommend -H 'Content-Type: application/json' "
-              f"-d '{{\"user_id\": \"1\", \"scenario\": \"{art.spec.scenario_names[0]}\", \"k\": 5}}'")
+
+    def _stop(signum, frame):  # SIGTERM (kill, a process manager) stops as cleanly as Ctrl+C
+        raise KeyboardInterrupt
+
+    # After init_ray (Ray installs its own handler there) and before the app answers: a SIGTERM as
+    # soon as /healthz is up must find this handler, not Ray's, which aborts the process.
+    signal.signal(signal.SIGTERM, _stop)
     try:
+        base = start_serve(artifact, host, port, **({"num_replicas": replicas} if replicas else {}))
+        out.print(f"serving {art.manifest['version']} at {base} (docs: {base}/docs; status: `serve status`)")
+        out.print(f"try: curl -s -X POST {base}/v1/recommend -H 'Content-Type: application/json' "
+                  f"-d '{{\"user_id\": \"1\", \"scenario\": \"{art.spec.scenario_names[0]}\", \"k\": 5}}'")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -431,6 +445,27 @@ def serve_cmd(
 
         serve.shutdown()
         out.print("stopped")
+
+
+def serve_deploy_config(artifact: Path, host: str, port: int, replicas: int | None) -> str:
+    """The checked-in Serve config with this artifact (absolute: replicas do not share our cwd)."""
+    from importlib.resources import files
+
+    import yaml
+
+    cfg = yaml.safe_load(files("serve_apps").joinpath("recommender.yaml").read_text())
+    cfg["http_options"].update(host=host, port=port)
+    app_cfg = cfg["applications"][0]
+    where = str(artifact.resolve())
+    app_cfg["args"]["artifact"] = where
+    for d in app_cfg["deployments"]:
+        if d["name"] == "RecommenderModel":
+            d["user_config"]["artifact"] = where
+            if replicas:
+                d.pop("autoscaling_config", None)
+                d["num_replicas"] = replicas
+    return f"# serve deploy this file (written by `mcl-ray serve {artifact} --print-config`)\n" + yaml.safe_dump(
+        cfg, sort_keys=False)
 
 
 def _serve_demo(artifact: Path, port: int) -> None:

@@ -23,9 +23,11 @@ BIN = Path(sys.executable).parent
 
 def test_ray_job_submit_end_to_end(tmp_path):
     temp = Path(tempfile.mkdtemp(prefix="mclj-"))  # short: Ray's socket paths must stay short
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PATH=f"{BIN}:{env.get('PATH', '')}", RAY_TMPDIR=str(temp), RAY_USAGE_STATS_ENABLED="0",
-               RAY_AUTH_MODE="disabled", MCL_RAY_STAGING=str(tmp_path / "staging"))
+    env = {k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", "VIRTUAL_ENV"}}
+    # The venv is not on PATH (as for a head started from a plain shell): the entrypoint names it.
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if Path(p).resolve() != BIN.resolve())
+    env.update(RAY_TMPDIR=str(temp), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
+               MCL_RAY_STAGING=str(tmp_path / "staging"))
     gcs, dash = free_port(), free_port()
     # Every fixed default port picked free: another Ray cluster on this machine (the test session's
     # own) holds the defaults, and a job agent that cannot bind never accepts a job.
@@ -47,7 +49,7 @@ def test_ray_job_submit_end_to_end(tmp_path):
                 time.sleep(1)
         run_dir = tmp_path / "shared" / "run"  # the run directory on "shared storage", as a pyarrow URI
         submit = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
-                  str(ROOT), "--", "mcl-ray", "run", "experiments/ml1m_swr_quick.yaml", "--set",
+                  str(ROOT), "--", sys.executable, "-m", "mcl_ray", "run", "experiments/ml1m_swr_quick.yaml", "--set",
                   f"run_dir=file://{run_dir}",
                   "--set", "data.max_interactions=5000", "--set", "train.epochs=1", "--no-serve-demo"]
         for _ in range(60):  # the head's job agent starts a few seconds after its dashboard
