@@ -36,15 +36,15 @@ def test_rayjob_runs_a_real_experiment():
     job = yaml.safe_load((ROOT / "k8s/rayjob.yaml").read_text())
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:2] == ["mcl-ray", "run"]
+    assert argv[:4] == ["python", "-m", "mcl_ray", "run"]  # the image's interpreter, no PATH lookup of mcl-ray
     from typer.main import get_command
 
     from mcl_ray.cli import app
 
     run = get_command(app).commands["run"]
-    run.make_context("run", argv[2:])  # every option exists (a typo would raise)
+    run.make_context("run", argv[4:])  # every option exists (a typo would raise)
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-    cfg = load_config(ROOT / argv[2], sets)
+    cfg = load_config(ROOT / argv[4], sets)
     assert cfg.train.use_gpu and cfg.run_dir.startswith("/runs/")
     assert job["spec"]["rayClusterSpec"]["rayVersion"].startswith("2.60")
 

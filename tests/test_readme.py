@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from mcl_ray.core.ray_env import free_port
-from readme_blocks import ROOT, CheckError, blocks, check_command, commands, with_ports
+from readme_blocks import ROOT, blocks, check_command, commands, with_ports
 
 README = (ROOT / "README.md").read_text()
 
@@ -93,6 +93,18 @@ def test_run_blocks_work_as_written(tmp_path):
     quick, config, tune_augment, serve, cluster = outputs
     run = repo / "runs/ml1m_swr_quick"
     assert "POST /v1/recommend user" in quick and "inputs and config unchanged" in quick
+    assert "interactions: in 50,000 = kept 50,000 + quarantined 0" in quick
+    # what a person reads: each epoch line once, stage lines, no Ray-internal chatter (it is in ray.log)
+    for epoch in (1, 2, 3):  # the quick experiment's 3 epochs (the second run reuses them)
+        assert quick.count(f"  epoch {epoch}: loss ") == 1, quick[-3000:]
+    for noise in ("core_worker.cc", "(raylet)", "(pid=", "(RayTrainWorker", "INFO ", "Progress bars",
+                  "available CPUs", "worker processes have been started", "Started a local Ray", "[36m"):
+        assert noise not in quick, (noise, quick[-3000:])
+    assert "Ray's logs: " in quick and (run / "ray.log").exists()
+    report = (run / "report.md").read_text()
+    for section in ("## Data (prepare)", "## Text features (encode)", "## Training", "## Model artifact",
+                    "learning_curves.png"):
+        assert section in report, section
     assert "ok: experiments/ml1m_swr.yaml" in config and "train.patience" in config
     assert yaml.safe_load((repo / "runs/my_experiment.yaml").read_text())["train"]["epochs"] == 5
     assert json.loads((run / "tune/summary.json").read_text())
@@ -101,6 +113,7 @@ def test_run_blocks_work_as_written(tmp_path):
     assert "Toy Story (1995)" in serve and "stopped" in serve
     assert "succeeded" in cluster and "RUNNING" in cluster
     meta = json.loads((run / "metadata.json").read_text())["runs"]
+    assert [m["stage"] for m in meta][:4] == ["prepare", "encode", "train", "export"]  # the first run
     assert any((m.get("ray_submission_id") or "").startswith("raysubmit_") for m in meta)  # the job's own entries
 
 
