@@ -135,20 +135,36 @@ def _prepare(cfg: ExperimentConfig, out_dir: Path | None, force: bool):
 
     res = execute(PrepareStage(cfg, out_dir, force))
     st = res.stats
-    t = Table(title=f"prepared data in {res.out_dir}" + (" (cached)" if res.cached else ""))
-    t.add_column("split")
-    for name in st["scenarios"]:
-        t.add_column(name, justify="right")
-    t.add_column("all", justify="right")
-    t.add_column("positive rate", justify="right")
-    for split, d in st["splits"].items():
-        cells = [f"{d['by_scenario'].get(n, {}).get('rows', 0):,}" for n in st["scenarios"]]
-        t.add_row(split, *cells, f"{d['rows']:,}", f"{d['positive_rate']:.3f}")
-    out.print(t)
+    out.print(_split_table(st, f"prepared data in {res.out_dir}" + (" (cached)" if res.cached else "")))
     for what, r in st["rows"].items():
         out.print(f"{what}: in {r['rows_in']:,} = kept {r['rows_kept']:,} + quarantined {r['rows_quarantined']:,}")
     out.print("vocabularies: " + ", ".join(f"{k}={v:,}" for k, v in st["vocab_sizes"].items()))
     return res
+
+
+def _split_table(st: dict, title: str) -> Table:
+    """Rows per split and scenario: scenarios as columns while they fit (up to 4), as rows beyond,
+    so that no count is ever cut short on an 80-column console."""
+    t = Table(title=title)
+    splits, names = st["splits"], st["scenarios"]
+    if len(names) <= 4:
+        t.add_column("split")
+        for name in names:
+            t.add_column(name, justify="right")
+        t.add_column("all", justify="right")
+        t.add_column("positive rate", justify="right")
+        for split, d in splits.items():
+            cells = [f"{d['by_scenario'].get(n, {}).get('rows', 0):,}" for n in names]
+            t.add_row(split, *cells, f"{d['rows']:,}", f"{d['positive_rate']:.3f}")
+        return t
+    t.add_column("scenario", overflow="fold")
+    for split in splits:
+        t.add_column(split, justify="right", no_wrap=True)
+    for n in names:
+        t.add_row(n, *[f"{d['by_scenario'].get(n, {}).get('rows', 0):,}" for d in splits.values()])
+    t.add_row("all", *[f"{d['rows']:,}" for d in splits.values()], end_section=False)
+    t.add_row("positive rate", *[f"{d['positive_rate']:.3f}" for d in splits.values()])
+    return t
 
 
 @app.command()

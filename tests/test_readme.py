@@ -90,7 +90,7 @@ def test_run_blocks_work_as_written(tmp_path):
     finally:
         subprocess.run(["pkill", "-f", f"--dashboard-port={ports[8265]}"], check=False)  # a head a failed block left
         shutil.rmtree(temp, ignore_errors=True)
-    quick, config, tune_augment, serve, cluster = outputs
+    quick, config, tune_augment, serve, cluster, shop = outputs
     run = repo / "runs/ml1m_swr_quick"
     assert "POST /v1/recommend user" in quick and "inputs and config unchanged" in quick
     assert "interactions: in 50,000 = kept 50,000 + quarantined 0" in quick
@@ -112,6 +112,8 @@ def test_run_blocks_work_as_written(tmp_path):
     assert '"status":"ok"' in serve.replace(" ", "") and '"items":[' in serve.replace(" ", "")
     assert "Toy Story (1995)" in serve and "stopped" in serve
     assert "succeeded" in cluster and "RUNNING" in cluster
+    assert "clicked" in shop and '"items":[' in shop.replace(" ", "")  # your own data, served with context
+    assert (repo / "runs/shop_tables/artifact/model.safetensors").exists()
     meta = json.loads((run / "metadata.json").read_text())["runs"]
     assert [m["stage"] for m in meta][:4] == ["prepare", "encode", "train", "export"]  # the first run
     assert any((m.get("ray_submission_id") or "").startswith("raysubmit_") for m in meta)  # the job's own entries

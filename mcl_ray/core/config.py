@@ -31,10 +31,37 @@ class TableRef(Strict):
     path: str = Field(description="File, folder or glob of parquet/CSV files (any pyarrow filesystem URI).")
     format: Literal["parquet", "csv"] = Field("parquet", description="File format.")
     delimiter: str = Field(",", description="CSV field delimiter (one character).", min_length=1, max_length=1)
+    quote_char: str | None = Field('"', description="CSV quote character; null: fields are never quoted.",
+                                   min_length=1, max_length=1)
+    escape_char: str | None = Field(
+        None, description="CSV escape character inside quoted fields (e.g. '\\' for \\\"); null: a quote is "
+        "escaped by doubling it.", min_length=1, max_length=1)
+    null_values: list[str] = Field(
+        [""], description="CSV tokens read as null (e.g. ['', 'NULL', 'N/A']); everything else is a value.")
+    encoding: str = Field("utf-8", description="CSV text encoding (any Python codec: utf-8, latin-1, cp1252, ...).")
+    header: bool = Field(True, description="CSV: the first line names the columns; false: give column_names.")
+    column_names: list[str] | None = Field(
+        None, description="CSV without a header line: the names of its columns, in order.")
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Canonical column name -> column name in the file, for columns named differently.",
     )
+
+    @field_validator("encoding")
+    @classmethod
+    def _codec(cls, v: str) -> str:
+        import codecs
+
+        try:
+            return codecs.lookup(v).name
+        except LookupError:
+            raise ValueError(f"unknown text encoding {v!r} (e.g. utf-8, latin-1, cp1252)") from None
+
+    @model_validator(mode="after")
+    def _names(self) -> "TableRef":
+        if self.format == "csv" and not self.header and not self.column_names:
+            raise ValueError("header: false needs column_names (the CSV's columns, in order)")
+        return self
 
 
 class MovieLensSource(Strict):
@@ -123,16 +150,35 @@ class LabelRule(Strict):
 class CategoricalFeature(Strict):
     name: str = Field(description="Fused column to encode as a categorical id.")
     min_count: int = Field(1, ge=1, description="Values seen fewer times in the train split go to the OOV id 0.")
+    hash_buckets: int | None = Field(
+        None, ge=2, description="Hash values into this many ids instead of building a vocabulary (no per-value "
+        "count reaches the driver; embedding rows are bounded). n distinct values share an id with another with "
+        "probability 1 - (1 - 1/B)^(n-1) ~ 1 - exp(-n/B): 1M values in 4M buckets ~ 22%, in 16M ~ 6%.")
+
+    @model_validator(mode="after")
+    def _hash(self) -> "CategoricalFeature":
+        if self.hash_buckets is not None and self.min_count != 1:
+            raise ValueError(f"{self.name}: min_count needs a vocabulary; with hash_buckets leave it at 1")
+        return self
+
+
+# The MovieLens text templates: the default for MovieLens (and the MovieLens-shaped synthetic)
+# sources only; a user's own tables have other columns, so their texts are theirs to write.
+MOVIELENS_TEXT = {"item": "{title} ({year}). Genres: {genres}.",
+                  "user": "A {age_text} {gender_text}, occupation: {occupation_text}, zip code {zip}."}
 
 
 class TextTemplates(Strict):
-    item: str = Field(
-        "{title} ({year}). Genres: {genres}.",
-        description="Item text for the LLM encoder; {field} names an item column.",
+    item: str | None = Field(
+        None,
+        description="Item text for the LLM encoder; {field} names an item column (any name without . [ ] : !, "
+        "e.g. {Book-Author}). Null: no item text. movielens/synthetic sources default to "
+        f"{MOVIELENS_TEXT['item']!r}.",
     )
-    user: str = Field(
-        "A {age_text} {gender_text}, occupation: {occupation_text}, zip code {zip}.",
-        description="User profile sentence; {field} names a user column.",
+    user: str | None = Field(
+        None,
+        description="User profile text; {field} names a user column. Null: no user text. movielens/synthetic "
+        f"sources default to {MOVIELENS_TEXT['user']!r}.",
     )
 
 
@@ -256,10 +302,20 @@ class TrainConfig(Strict):
     num_workers: int = Field(1, ge=0, description="Ray Train DDP workers (0: run the loop in the driver).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend, autocast per `precision`.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="Where the workers go: PACK fills a node first; SPREAD / STRICT_SPREAD put them on "
+        "different nodes (STRICT: fail rather than share a node).")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per worker (1 is fastest on small machines).")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast dtype on GPU (CPU trains in fp32).")
     max_failures: int = Field(0, ge=-1, description="Ray Train FailureConfig.max_failures (-1: unlimited).")
     eval_batch_size: int = Field(65536, ge=1, description="Batch size for validation/test scoring.")
+    data_mode: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="memory: each worker turns its whole shard into tensors once (fastest); stream: "
+        "workers iterate their Ray Data shard batch by batch through a local shuffle buffer (memory bounded by "
+        "the buffer, any data size); auto: stream when a worker's shard would exceed memory_budget_mb.")
+    memory_budget_mb: int = Field(2048, ge=1, description="auto: the most a worker's in-memory shard may take (MiB).")
+    shuffle_buffer_rows: int = Field(
+        200_000, ge=1, description="stream: rows of the local shuffle buffer (larger: better mixed, more memory).")
     sample_rows: dict[Literal["train", "valid", "test"], Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict, description="Seeded random sample of rows per split (e.g. {train: 20000, valid: 2000, "
         "test: 5000}) for slow backbones such as llm_ranker on CPU; missing split: all rows.")
@@ -444,6 +500,17 @@ class ExperimentConfig(Strict):
         return v
 
     @model_validator(mode="after")
+    def _text_defaults(self) -> "ExperimentConfig":
+        """MovieLens-shaped sources get the MovieLens templates for every field the config leaves
+        unset; an explicit null switches a field off, whatever the source."""
+        text = self.prepare.text
+        if text is not None and self.data.source in ("movielens-1m", "movielens-100k", "synthetic"):
+            for field, template in MOVIELENS_TEXT.items():
+                if field not in text.model_fields_set:
+                    setattr(text, field, template)
+        return self
+
+    @model_validator(mode="after")
     def _check_text(self) -> "ExperimentConfig":
         uses = self.model.text.mode != "off" or self.model.backbone == "llm_ranker"
         if not uses:
@@ -453,7 +520,14 @@ class ExperimentConfig(Strict):
             raise ValueError(f"{what} needs text fields: prepare.text must not be null")
         cat = {f.name for f in self.prepare.categorical}
         fields = ["item", "user"] if self.model.backbone == "llm_ranker" else self.model.text.fields
+        hashed = {f.name for f in self.prepare.categorical if f.hash_buckets}
         for f in fields:
+            if f"{f}_id" in hashed:
+                raise ValueError(f"{what} with {f} text needs a vocabulary for {f}_id (texts are looked up by id); "
+                                 f"drop its hash_buckets or the {f} text")
+            if getattr(self.prepare.text, f) is None:
+                raise ValueError(f"{what} uses the {f} text (model.text.fields), but prepare.text.{f} is null: "
+                                 f"write a template or drop {f} from model.text.fields")
             if f"{f}_id" not in cat:
                 raise ValueError(f"{what} with {f} text needs {f}_id in prepare.categorical (texts are looked up by its id)")
         return self

@@ -27,6 +27,8 @@ class Feature(_Spec):
     source: Literal["interaction", "user", "item", "context"]
     vocab_size: int | None = Field(None, description="categorical: ids 0..vocab_size-1, 0 is OOV/unknown/null")
     min_count: int | None = None
+    hash_buckets: int | None = Field(None, description="categorical: ids are 1 + hash(value) mod hash_buckets "
+                                     "(no vocabulary; 0 is null)")
     mean: float | None = Field(None, description="numeric: train-split mean used for normalisation")
     std: float | None = None
     dim: int | None = Field(None, description="text_embedding: embedding width")

@@ -22,11 +22,12 @@ import pyarrow.compute as pc
 from mcl_ray.core.errors import ConfigError
 from mcl_ray.core.config import LabelRule, PrepareConfig, ScenarioRule
 from mcl_ray.core.keys import keys_of
+from mcl_ray.data.csv_tables import LINE, MALFORMED
 from mcl_ray.data.synthetic import uniform
 
 CONTEXT = ("hour", "weekday", "month")
 DERIVED_ITEM = {"first_genre": "genres"}  # derived column -> item column it needs
-REQUIRED = ("user_id", "item_id", "timestamp")
+REQUIRED = ("user_id", "item_id")  # plus the label column, and a timestamp when something needs time
 
 
 class FusionError(ConfigError):
@@ -85,8 +86,11 @@ def template_fields(template: str) -> list[str]:
     for _, name, spec, conv in string.Formatter().parse(template):
         if name is None:
             continue
-        if not name.isidentifier() or conv or spec:
-            raise FusionError(f"text template field {{{name}}} must be a plain column name")
+        # Column names as users have them ({Book-Author}, {release date}); only what str.format would
+        # read as attribute/index access, a conversion or a format spec is refused.
+        if not name.strip() or name.isdigit() or any(c in name for c in ".[]") or conv or spec:
+            raise FusionError(f"text template field {{{name}}} must be a plain column name "
+                              "(no '.', '[', ']', '!' conversion or ':' format spec)")
         names.append(name)
     return names
 
@@ -124,6 +128,8 @@ class FusionPlan:
     users: pd.DataFrame | None = None  # indexed by user_id
     items: pd.DataFrame | None = None  # indexed by item_id
     interaction_extra: list[str] = field(default_factory=list)  # interaction columns kept as features
+    has_timestamp: bool = True  # without one, timestamp is 0 (nothing time-based was asked for)
+    numeric: list[str] = field(default_factory=list)  # numeric features (text in a CSV: parsed here)
 
     @property
     def output_columns(self) -> list[str]:
@@ -137,6 +143,14 @@ class FusionPlan:
 def plan_fusion(cfg: PrepareConfig, interaction_columns: list[str], users: pd.DataFrame | None,
                 items: pd.DataFrame | None, scenario_index: dict[str, int]) -> FusionPlan:
     """Resolve every needed column to the table that provides it, or fail naming what exists."""
+    # Many logs have no usable time: only a temporal split and the context features need one.
+    needs_time = (["prepare.split.kind: temporal"] if cfg.split.kind == "temporal" else []) + (
+        [f"prepare.context {list(cfg.context)}"] if cfg.context else [])
+    has_timestamp = "timestamp" in interaction_columns
+    if needs_time and not has_timestamp:
+        raise FusionError(f"interactions have no 'timestamp' column, which {' and '.join(needs_time)} need; map "
+                          f"yours with data.interactions.columns (timestamp: <column>), or use prepare.split.kind: "
+                          f"random without context features (interactions have: {interaction_columns})")
     missing_req = [c for c in REQUIRED + (cfg.label.column,) if c not in interaction_columns]
     if missing_req:
         raise FusionError(f"interactions lack required columns {missing_req} (they have: {interaction_columns}); "
@@ -172,7 +186,7 @@ def plan_fusion(cfg: PrepareConfig, interaction_columns: list[str], users: pd.Da
         split_kind=cfg.split.kind, split_ratios=tuple(cfg.split.ratios), split_seed=cfg.split.seed,
         users=users[user_cols] if users is not None else None,
         items=with_derived(items, derived)[item_cols + derived] if items is not None else None,
-        interaction_extra=extra,
+        interaction_extra=extra, has_timestamp=has_timestamp, numeric=list(cfg.numeric),
     )
 
 
@@ -184,11 +198,25 @@ def with_derived(items: pd.DataFrame, derived: list[str]) -> pd.DataFrame:
     return items
 
 
-def _numeric(values: pd.Series, name: str, reasons: np.ndarray) -> np.ndarray:
+def _numeric(values: pd.Series, name: str, reasons: np.ndarray, null_ok: bool = False) -> np.ndarray:
     num = pd.to_numeric(values, errors="coerce")
     isnull = values.isna().to_numpy()
-    _flag(reasons, isnull, f"null:{name}")
+    if not null_ok:  # a missing numeric feature is the train mean (0 after normalisation), not an error
+        _flag(reasons, isnull, f"null:{name}")
     _flag(reasons, num.isna().to_numpy() & ~isnull, f"bad_type:{name}")
+    return num.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _seconds(values: pd.Series, reasons: np.ndarray) -> np.ndarray:
+    """Timestamps as epoch seconds: numbers as they are, text as a number or a date/time (UTC)."""
+    num = pd.to_numeric(values, errors="coerce")
+    todo = num.isna() & values.notna()
+    if todo.any():
+        when = pd.to_datetime(values[todo], errors="coerce", utc=True, format="mixed")
+        num[todo] = (when - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+    isnull = values.isna().to_numpy()
+    _flag(reasons, isnull, "null:timestamp")
+    _flag(reasons, num.isna().to_numpy() & ~isnull, "bad_type:timestamp")
     return num.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
@@ -216,18 +244,22 @@ def fuse_batch(batch: pa.Table, plan: FusionPlan) -> pd.DataFrame:
     for col, mask in bad_text.items():
         _flag(reasons, mask, f"undecodable_text:{col}")
     source = batch.column("path").to_pylist() if "path" in batch.column_names else None
+    if MALFORMED in batch.column_names:  # a CSV line that is no row at all (csv_tables)
+        _flag(reasons, batch.column(MALFORMED).is_valid().to_numpy(zero_copy_only=False), "malformed_line")
     df = batch.to_pandas()
     out = pd.DataFrame(index=pd.RangeIndex(n))
     for key in ("user_id", "item_id"):
         s = df[key]
         _flag(reasons, s.isna().to_numpy(), f"null:{key}")
         out[key] = keys_of(s)
-    ts_col = batch.column("timestamp")
-    if pa.types.is_timestamp(ts_col.type) or pa.types.is_date(ts_col.type):
+    ts_col = batch.column("timestamp") if plan.has_timestamp else None
+    if ts_col is None:
+        ts = np.zeros(n)
+    elif pa.types.is_timestamp(ts_col.type) or pa.types.is_date(ts_col.type):
         ts = pc.cast(pc.cast(ts_col, pa.timestamp("s")), pa.int64()).to_numpy(zero_copy_only=False).astype(np.float64)
         _flag(reasons, pd.isna(df["timestamp"]).to_numpy(), "null:timestamp")
     else:
-        ts = _numeric(df["timestamp"], "timestamp", reasons)
+        ts = _seconds(df["timestamp"], reasons)
     out["timestamp"] = np.nan_to_num(ts).astype(np.int64)
     lab = plan.label
     label_src = _numeric(df[lab.column], lab.column, reasons)
@@ -246,7 +278,7 @@ def fuse_batch(batch: pa.Table, plan: FusionPlan) -> pd.DataFrame:
     if lab.column not in out.columns:
         out[lab.column] = label_src
     for col in plan.interaction_extra:
-        out[col] = df[col].to_numpy()
+        out[col] = _numeric(df[col], col, reasons, null_ok=True) if col in plan.numeric else df[col].to_numpy()
 
     for key, table, cols, what in (("user_id", plan.users, plan.user_cols, "unknown_user"),
                                    ("item_id", plan.items, plan.item_cols + plan.derived, "unknown_item")):
@@ -291,8 +323,10 @@ def fuse_batch(batch: pa.Table, plan: FusionPlan) -> pd.DataFrame:
     return out
 
 
-def validate_keyed_table(table: pa.Table, key: str, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Users/items: null keys, duplicate keys (first kept), undecodable text. -> (kept, quarantined)."""
+def validate_keyed_table(table: pa.Table, key: str, what: str,
+                         numeric: list[str] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Users/items: malformed CSV lines, null keys, duplicate keys (first kept), undecodable text,
+    numeric features that are not numbers. -> (kept, quarantined)."""
     if key not in table.column_names:
         raise FusionError(f"{what} table has no {key!r} column (it has: {table.column_names}); "
                           f"map it with data.{what}.columns")
@@ -300,9 +334,22 @@ def validate_keyed_table(table: pa.Table, key: str, what: str) -> tuple[pd.DataF
     df = table.to_pandas()
     n = len(df)
     reasons = np.full(n, None, dtype=object)
+    if MALFORMED in df.columns:
+        _flag(reasons, df[MALFORMED].notna().to_numpy(), "malformed_line")
+        df = df.drop(columns=[c for c in (MALFORMED, LINE) if c in df.columns])
     for col, mask in bad_text.items():
         _flag(reasons, mask, f"undecodable_text:{col}")
     _flag(reasons, df[key].isna().to_numpy(), f"null:{key}")
+    for col in df.columns:  # CSV columns arrive as text: numbers where the whole column is numbers
+        if col != key and (pd.api.types.is_string_dtype(df[col]) or df[col].dtype == object):
+            num = pd.to_numeric(df[col], errors="coerce")
+            bad = (num.isna() & df[col].notna()).to_numpy()
+            if col in numeric:
+                _flag(reasons, bad, f"bad_type:{col}")
+                df[col] = num
+            elif df[col].notna().any() and not bad.any():
+                integral = num.dropna().eq(num.dropna().round()).all() and not num.isna().any()
+                df[col] = num.astype(np.int64) if integral else num
     keys = pd.Series(keys_of(df[key]))
     _flag(reasons, keys.duplicated(keep="first").to_numpy() & keys.notna().to_numpy(), f"duplicate_key:{key}")
     df[key] = keys.to_numpy()

@@ -28,8 +28,8 @@ from mcl_ray.core.config import ExperimentConfig, MovieLensSource, PrepareConfig
 from mcl_ray.core.keys import key_array, keys_of, value_key
 from mcl_ray.core.ray_env import tune_data_context
 from mcl_ray.core.stage import Marker, Stage, fingerprint
-from mcl_ray.data import fuse, package_data, sources
-from mcl_ray.data.vocab import ids_of
+from mcl_ray.data import csv_tables, fuse, package_data, sources
+from mcl_ray.data.vocab import hashed_ids, ids_of
 from mcl_ray.core.feature_spec import Feature, FeatureSpec, TextField
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,16 @@ def scenario_index(cfg: PrepareConfig, users: pd.DataFrame | None, items: pd.Dat
             vals = pd.Series(interactions.unique(col))
         else:
             raise fuse.FusionError(f"prepare.scenario.column {col!r} is in no table")
-        names = sorted({k for k in keys_of(vals) if k is not None})
+        names = scenario_order({k for k in keys_of(vals) if k is not None})
     return names, {n: i for i, n in enumerate(names)}
+
+
+def scenario_order(keys) -> list[str]:
+    """Scenario names in order: numerically when all are numbers (1, 2, ..., 10), else as text."""
+    try:
+        return sorted(keys, key=lambda k: (float(k), k))
+    except ValueError:
+        return sorted(keys)
 
 
 def _bad_rows(batch: pa.Table) -> pa.Table:
@@ -171,6 +179,7 @@ def profile_batch(batch: pa.Table, categorical: list[str], numeric: list[str]) -
         part("categorical", vc.field("counts"), feature=pa.array([f] * len(vc), pa.string()), value=vc.field("values"))
     for f in numeric:
         x = pc.drop_null(pc.cast(train[f], pa.float64()))
+        x = pc.filter(x, pc.invert(pc.is_nan(x)))  # a missing value may arrive as NaN rather than null
         part("numeric", pa.array([len(x)]), pa.array([pc.sum(x).as_py() or 0.0]),
              pa.array([pc.sum(pc.multiply(x, x)).as_py() or 0.0]), feature=pa.array([f]))
     return pa.concat_tables(parts)
@@ -200,7 +209,8 @@ def fit_numeric(profile: pd.DataFrame, numeric: list[str]) -> dict[str, tuple[fl
     return out
 
 
-def encode_batch(batch: pa.Table, vocabs: dict[str, pa.Array], numeric: dict[str, tuple[float, float]]) -> pa.Table:
+def encode_batch(batch: pa.Table, vocabs: dict[str, pa.Array], numeric: dict[str, tuple[float, float]],
+                 hashed: dict[str, int] | None = None) -> pa.Table:
     """Categorical values -> ids (vocab position + 1; 0 = OOV), numeric -> z-scores, plus the
     bookkeeping columns the feature spec names (keys, timestamp, scenario, label, weight, provenance)."""
     col = FeatureSpec.column
@@ -214,9 +224,11 @@ def encode_batch(batch: pa.Table, vocabs: dict[str, pa.Array], numeric: dict[str
     }
     for f, vocab in vocabs.items():
         cols[f] = ids_of(batch[f], vocab)
+    for f, buckets in (hashed or {}).items():
+        cols[f] = hashed_ids(batch[f], buckets)
     for f, (mean, std) in numeric.items():
-        z = pc.divide(pc.subtract(pc.cast(batch[f], pa.float64()), mean), std)
-        cols[f] = pc.cast(pc.fill_null(z, 0.0), pa.float32())
+        z = pc.fill_null(pc.divide(pc.subtract(pc.cast(batch[f], pa.float64()), mean), std), 0.0)
+        cols[f] = pc.cast(pc.if_else(pc.is_nan(z), 0.0, z), pa.float32())  # missing: the train mean
     cols[col("scenario_column")] = pc.cast(batch["scenario"], pa.int64())
     cols[col("label_column")] = pc.cast(batch["label"], pa.float32())
     cols[col("weight_column")] = pa.array(np.ones(n, np.float32))
@@ -293,7 +305,7 @@ class PrepareStage(Stage[PrepareResult]):
                                                        self.pc.validation.max_examples))
 
         categorical = self._categorical()
-        vocabs = fit_vocabs(prof, categorical)
+        vocabs = fit_vocabs(prof, {f: m for f, m in categorical.items() if f not in self._hashed()})
         numeric_stats = fit_numeric(prof, list(self.pc.numeric))
         per_split = split_summary(prof, names)
         if not sum(d["rows"] for d in per_split.values()):
@@ -307,7 +319,7 @@ class PrepareStage(Stage[PrepareResult]):
         (self.out / "quarantine").mkdir(parents=True)
         rows.map_batches(encode_batch, batch_format="pyarrow",
                          fn_kwargs={"vocabs": {f: pa.array(vs, pa.string()) for f, vs in vocabs.items()},
-                                    "numeric": numeric_stats}).write_parquet(
+                                    "numeric": numeric_stats, "hashed": self._hashed()}).write_parquet(
             str((self.out / "data").resolve()), partition_cols=["split"])
         n_quarantined = self._write_quarantine(bad_ds, quarantine, reason_counts)
         text_fields = self._write_entity_tables(users, items, plan)
@@ -317,11 +329,13 @@ class PrepareStage(Stage[PrepareResult]):
         stats = {
             "fingerprint": fp, "source": raw.origins, "rows": row_invariant(rows_in, kept, n_quarantined),
             "quarantine_reasons": reason_counts, "splits": per_split, "scenarios": names,
-            "vocab_sizes": {f: len(v) + 1 for f, v in vocabs.items()},
+            "vocab_sizes": {f: len(vocabs[f]) + 1 if f in vocabs else self._hashed()[f] + 1 for f in categorical},
             "seconds": round(time.perf_counter() - self.t0, 2),
         }
-        features = [Feature(name=f, kind="categorical", source=_source_of(f, plan), vocab_size=len(vocabs[f]) + 1,
-                            min_count=categorical[f]) for f in categorical]
+        hashed = self._hashed()
+        features = [Feature(name=f, kind="categorical", source=_source_of(f, plan), min_count=categorical[f],
+                            vocab_size=hashed[f] + 1 if f in hashed else len(vocabs[f]) + 1,
+                            hash_buckets=hashed.get(f)) for f in categorical]
         features += [Feature(name=f, kind="numeric", source=_source_of(f, plan), mean=mean, std=std)
                      for f, (mean, std) in numeric_stats.items()]
         spec = FeatureSpec(
@@ -350,9 +364,12 @@ class PrepareStage(Stage[PrepareResult]):
                 continue
             if table.num_rows == 0:
                 raise DataValidationError(f"{what} table is empty ({raw.origins.get(what)})")
-            kept[what], quarantine[what] = fuse.validate_keyed_table(table, key, what)
+            kept[what], quarantine[what] = fuse.validate_keyed_table(table, key, what, numeric=list(self.pc.numeric))
             rows_in[what] = table.num_rows
         return kept["users"], kept["items"], quarantine, rows_in
+
+    def _hashed(self) -> dict[str, int]:
+        return {f.name: f.hash_buckets for f in self.pc.categorical if f.hash_buckets}
 
     def _categorical(self) -> dict[str, int]:
         categorical = {f.name: f.min_count for f in self.pc.categorical}
@@ -365,18 +382,22 @@ class PrepareStage(Stage[PrepareResult]):
         if not inter_columns:  # a header-only CSV or an empty folder has no schema at all
             raise DataValidationError(f"interactions are empty ({raw.origins.get('interactions')})")
         names, scen_index = scenario_index(self.pc, users, items, raw.interactions)
-        plan = fuse.plan_fusion(self.pc, [c for c in inter_columns if c != "path"], users, items, scen_index)
-        if self.pc.text is not None:
-            if items is not None:
-                fuse.render_text(items.head(1), self.pc.text.item, "item")
-            if users is not None:
-                fuse.render_text(users.head(1), self.pc.text.user, "user")
+        reader_columns = {csv_tables.PATH, csv_tables.MALFORMED, csv_tables.LINE}
+        plan = fuse.plan_fusion(self.pc, [c for c in inter_columns if c not in reader_columns], users, items,
+                                scen_index)
+        text = self.pc.text
+        if text is not None:
+            for frame, template, what in ((items, text.item, "item"), (users, text.user, "user")):
+                if frame is not None and template is not None:
+                    fuse.render_text(frame.head(1), template, what)
         return plan, names
 
     def _profile(self, checked):
         """-> (rows to write, profile frame). A temporal split is assigned here, before the profile of
         the kept rows (vocabularies come from its train split)."""
-        kwargs = {"categorical": list(self._categorical()), "numeric": list(self.pc.numeric)}
+        # hashed features need no counts: 10M distinct ids never reach the driver
+        kwargs = {"categorical": [f for f in self._categorical() if f not in self._hashed()],
+                  "numeric": list(self.pc.numeric)}
         prof = checked.map_batches(profile_batch, batch_format="pyarrow", fn_kwargs=kwargs).to_pandas()
         if self.pc.split.kind != "temporal":
             return checked, prof
@@ -406,8 +427,8 @@ class PrepareStage(Stage[PrepareResult]):
             frame = frame.reset_index(drop=True)
             if what == "items":  # derived item features (first_genre), so serving/ranking can encode items
                 frame = fuse.with_derived(frame, plan.derived)
-            if self.pc.text is not None:
-                template = self.pc.text.user if what == "users" else self.pc.text.item
+            template = None if self.pc.text is None else getattr(self.pc.text, what[:-1])
+            if template is not None:
                 frame["text"] = fuse.render_text(frame, template, what[:-1])
                 text_fields[what[:-1]] = TextField(key=key, table=f"{what}.parquet", template=template)
             pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), self.out / f"{what}.parquet")

@@ -20,7 +20,7 @@ import ray
 
 from mcl_ray.core.config import MovieLensSource, SyntheticSource, TableRef, TablesSource
 from mcl_ray.core.errors import DataError
-from mcl_ray.data import package_data
+from mcl_ray.data import csv_tables, package_data
 from mcl_ray.data.raw import RawTables, add_profile_text_columns
 from mcl_ray.data.synthetic import synthetic_tables
 
@@ -258,9 +258,7 @@ def _read_small(ref: TableRef, origin: str) -> pa.Table:
 
             tables.append(pq.read_table(f))
         else:
-            # check_utf8=False: undecodable text reaches validation, which names the row.
-            tables.append(pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter=ref.delimiter),
-                                         convert_options=pacsv.ConvertOptions(check_utf8=False, strings_can_be_null=True)))
+            tables.append(csv_tables.read_table([f], ref).drop_columns([csv_tables.PATH]))
     return _rename(pa.concat_tables(tables, promote_options="permissive"), ref, origin)
 
 
@@ -272,10 +270,18 @@ def load_tables(src: TablesSource) -> RawTables:
     if ref.format == "parquet":
         ds = ray.data.read_parquet(files, include_paths=True)
     else:
-        ds = ray.data.read_csv(files, include_paths=True,
-                               parse_options=pacsv.ParseOptions(delimiter=ref.delimiter),
-                               convert_options=pacsv.ConvertOptions(check_utf8=False, strings_can_be_null=True))
+        # One task per file, each streaming its file block by block as text (csv_tables).
+        ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files)).map_batches(
+            csv_tables.read_files_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"ref": ref.model_dump()})
     mapping = {file_col: canon for canon, file_col in ref.columns.items()}
+    columns = None
+    if ref.format == "csv":  # known from the header, without running the read
+        columns = csv_tables.column_names(files[0], ref) + [csv_tables.PATH, csv_tables.MALFORMED, csv_tables.LINE]
+        missing = [c for c in mapping if c not in columns]
+        if missing:
+            raise SourceError(f"data.interactions ({files[0]}): columns {missing} named in the column mapping are "
+                              f"not in the file (it has: {columns[:-3]})")
+        columns = [mapping.get(c, c) for c in columns]
     if mapping:
         ds = ds.rename_columns(mapping)
     users = _read_small(src.users, f"data.users ({src.users.path})") if src.users else None
@@ -283,5 +289,5 @@ def load_tables(src: TablesSource) -> RawTables:
     all_files = files + (_files_of(src.users.path) if src.users else []) + (_files_of(src.items.path) if src.items else [])
     return RawTables(ds, users, items, origins={
         "interactions": ref.path, "users": src.users.path if src.users else "-",
-        "items": src.items.path if src.items else "-"}, files=all_files)
+        "items": src.items.path if src.items else "-"}, files=all_files, columns=columns)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,21 @@ def read_split(prepare_dir: str | Path, spec: FeatureSpec, split: str, extra: li
     cols += [c for c in (extra or []) if c not in cols]
     table = pa.concat_tables([pq.read_table(f, columns=cols) for f in files])
     return sample_rows(table, sample, seed)
+
+
+def iter_split(prepare_dir: str | Path, spec: FeatureSpec, split: str, extra: list[str] | None = None,
+               batch_rows: int = 65_536) -> Iterator[pa.Table]:
+    """One split as Arrow tables of at most batch_rows rows, file by file: memory is one batch."""
+    if split not in spec.splits:
+        raise SetupError(f"the prepared data has no {split!r} split (it has {sorted(spec.splits)})")
+    folder = Path(prepare_dir) / spec.splits[split]
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise SetupError(f"no parquet files in {folder}; run `mcl-ray prepare` first")
+    cols = model_columns(spec) + [c for c in (extra or []) if c not in model_columns(spec)]
+    for f in files:
+        for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=cols):
+            yield pa.Table.from_batches([rb])
 
 
 def read_pairs(prepare_dir: str | Path, spec: FeatureSpec, splits) -> pa.Table:

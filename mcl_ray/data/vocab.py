@@ -14,7 +14,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mcl_ray.core.feature_spec import FeatureSpec
-from mcl_ray.core.keys import key_array
+from mcl_ray.core.keys import key_array, value_key
+
+
+def hashed_ids(values: pa.Array | pa.ChunkedArray, buckets: int) -> pa.Array:
+    """Canonical keys of `values` -> 1 + hash mod buckets (int64; null -> 0). The hash is pandas'
+    SipHash with its fixed key: the same id in every process, on every machine, in serving."""
+    import pandas as pd
+
+    keys = key_array(values)
+    arr = keys.to_numpy(zero_copy_only=False)
+    valid = ~pd.isna(arr)
+    ids = np.zeros(len(arr), np.int64)
+    if valid.any():
+        h = pd.util.hash_array(arr[valid].astype(object), categorize=False)
+        ids[valid] = (h % np.uint64(buckets)).astype(np.int64) + 1
+    return pa.array(ids, pa.int64())
 
 
 def ids_of(values: pa.Array | pa.ChunkedArray, vocab: pa.Array) -> pa.Array:
@@ -24,12 +39,14 @@ def ids_of(values: pa.Array | pa.ChunkedArray, vocab: pa.Array) -> pa.Array:
 
 
 class Vocabularies:
-    def __init__(self, values: dict[str, list[str]]):
+    def __init__(self, values: dict[str, list[str]], hashed: dict[str, int] | None = None):
         self.values = values
+        self.hashed = hashed or {}  # feature -> hash_buckets: ids without a vocabulary
 
     @classmethod
     def load(cls, folder: str | Path, spec: FeatureSpec) -> "Vocabularies":
-        return cls(json.loads((Path(folder) / spec.vocabularies).read_text()))
+        return cls(json.loads((Path(folder) / spec.vocabularies).read_text()),
+                   {f.name: f.hash_buckets for f in spec.categorical if f.hash_buckets})
 
     @cached_property
     def _arrays(self) -> dict[str, pa.Array]:
@@ -41,11 +58,15 @@ class Vocabularies:
 
     def ids(self, feature: str, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
         """Vectorised: a column of raw values -> ids [N] int64."""
+        if feature in self.hashed:
+            return hashed_ids(values, self.hashed[feature]).to_numpy()
         return ids_of(values, self._arrays[feature]).to_numpy()
 
     def id(self, feature: str, value) -> int:
         """One value (a request field) -> its id; an unseen value is the OOV id 0, as in training."""
-        return self._lookup[feature].get(str(value), 0)
+        if feature in self.hashed:
+            return int(hashed_ids(pa.array([value_key(value)], pa.string()), self.hashed[feature])[0].as_py())
+        return self._lookup[feature].get(value_key(value), 0)
 
     def keys(self, feature: str) -> list[str | None]:
         """Key of every id of `feature` (id 0, OOV: None)."""
@@ -54,8 +75,30 @@ class Vocabularies:
 
 def encode_entities(table: pa.Table, key: str, spec: FeatureSpec, vocabs: Vocabularies,
                     source: str) -> tuple[list[str], dict[str, np.ndarray]]:
-    """The categorical features that come from a user (or item) table, as ids, one row per entity:
-    (keys, {feature: ids [N]})."""
-    cols = {f.name: vocabs.ids(f.name, table[key if f.name == key else f.name])
-            for f in spec.categorical if f.source == source}
+    """The features that come from a user (or item) table, one row per entity: (keys, {feature:
+    ids [N] int64 for categorical, z-scores [N] float32 for numeric (a missing value: 0, the train
+    mean, as in prepare)})."""
+    cols: dict[str, np.ndarray] = {f.name: vocabs.ids(f.name, table[key if f.name == key else f.name])
+                                   for f in spec.categorical if f.source == source}
+    for f in spec.numeric:
+        if f.source == source and f.name in table.column_names:
+            cols[f.name] = zscore(f, table[f.name].to_pandas())
     return key_array(table[key]).to_pylist(), cols
+
+
+def zscore(feature, values) -> np.ndarray:
+    """Raw numeric values -> the model's input (train mean/std); null or not a number -> 0."""
+    import pandas as pd
+
+    x = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(np.float64, na_value=np.nan)
+    return np.nan_to_num((x - feature.mean) / (feature.std or 1.0)).astype(np.float32)
+
+
+def entity_table(table: pa.Table | None, key: str, vocabs: Vocabularies, seen_keys=None) -> pa.Table:
+    """A user or item table; without one (interactions only), every key the model has an id for:
+    its vocabulary, or for a hashed key the keys of the known interactions (`seen_keys`)."""
+    if table is not None:
+        return table
+    if key in vocabs.hashed:
+        return pa.table({key: pc.unique(key_array(seen_keys)) if seen_keys is not None else pa.array([], pa.string())})
+    return pa.table({key: pa.array(vocabs.values.get(key, []), pa.string())})

@@ -16,8 +16,8 @@ import torch
 
 from mcl_ray.core.config import ExperimentConfig
 from mcl_ray.core.feature_spec import FeatureSpec
-from mcl_ray.data.splits import read_pairs, read_split
-from mcl_ray.data.vocab import Vocabularies, encode_entities
+from mcl_ray.data.splits import iter_split, read_pairs, read_split
+from mcl_ray.data.vocab import Vocabularies, encode_entities, entity_table
 from mcl_ray.evaluate.metrics import binary_metrics, gauc, topk_metrics
 from mcl_ray.evaluate.summary import EvalMetrics
 from mcl_ray.models.batch import Batch
@@ -43,8 +43,13 @@ def ranking(model, spec: FeatureSpec, cfg: ExperimentConfig, prepare_dir: Path, 
     """Score every trainable item for sampled test users in their scenario; rank held-out positives."""
     ev = cfg.evaluate
     vocabs = Vocabularies.load(prepare_dir, spec)
-    u_keys, u_feats = encode_entities(pq.read_table(prepare_dir / spec.users_table), "user_id", spec, vocabs, "user")
-    i_keys, i_feats = encode_entities(pq.read_table(prepare_dir / spec.items_table), "item_id", spec, vocabs, "item")
+    def table(name):
+        return pq.read_table(prepare_dir / name) if name else None
+
+    u_keys, u_feats = encode_entities(entity_table(table(spec.users_table), "user_id", vocabs, seen[spec.user_key]),
+                                      "user_id", spec, vocabs, "user")
+    i_keys, i_feats = encode_entities(entity_table(table(spec.items_table), "item_id", vocabs, seen[spec.item_key]),
+                                      "item_id", spec, vocabs, "item")
     # candidates: items the model has an id for (seen in train)
     keep = i_feats["item_id"] > 0 if "item_id" in i_feats else np.ones(len(i_keys), bool)
     i_keys = [k for k, m in zip(i_keys, keep) if m]
@@ -64,14 +69,15 @@ def ranking(model, spec: FeatureSpec, cfg: ExperimentConfig, prepare_dir: Path, 
 
     n_items = len(i_keys)
     cat_names = [f.name for f in spec.categorical]
+    num_names = [f.name for f in spec.numeric]
     all_items = np.arange(n_items)
     per_scen: dict[int, tuple[list, list]] = {}
     for u in users:
         if u not in user_row:
             continue
         s = int(scen_of[u])
-        feats = {f: int(v[user_row[u]]) for f, v in u_feats.items()}
-        batch = Batch.candidates(cat_names, len(spec.numeric), i_feats, [(feats, all_items, s)])
+        feats = {f: v[user_row[u]] for f, v in u_feats.items()}
+        batch = Batch.candidates(cat_names, num_names, i_feats, [(feats, all_items, s)])
         scores = model(batch).float()
         for it in seen_of.get(u, set()):
             if it in item_pos:
@@ -89,17 +95,27 @@ def evaluate_train_dir(train_dir: Path, prepare_dir: Path, split: str = "test") 
     cfg = ExperimentConfig.model_validate_json((train_dir / "config.json").read_text())
     spec = FeatureSpec.load(prepare_dir)
     model = load_trained(spec, cfg.model, train_dir / MODEL)
-    table = read_split(prepare_dir, spec, split, extra=[spec.user_key, spec.item_key],
-                       sample=cfg.train.sample_rows.get(split), seed=cfg.train.seed)
-    data = Batch.from_table(table, spec)
-    p = predict(model, data, cfg.train.eval_batch_size, torch.device("cpu"))
-    y, scen = data.label.numpy(), data.scenario.numpy()
+    # Streamed batch by batch (a sample is small and read whole): what stays in memory is four
+    # columns (label, scenario, user, item) and the predictions, not the feature matrix.
+    keep = [spec.label_column, spec.scenario_column, spec.user_key, spec.item_key]
+    sample = cfg.train.sample_rows.get(split)
+    batches = ([read_split(prepare_dir, spec, split, extra=keep[2:], sample=sample, seed=cfg.train.seed)]
+               if sample else iter_split(prepare_dir, spec, split, extra=keep[2:], batch_rows=cfg.train.eval_batch_size))
+    parts, preds = [], []
+    for t in batches:
+        preds.append(predict(model, Batch.from_table(t, spec), cfg.train.eval_batch_size, torch.device("cpu")))
+        parts.append(t.select(keep))
+    table = pa.concat_tables(parts)
+    p = np.concatenate(preds) if preds else np.zeros(0, np.float32)
+    y = table[spec.label_column].to_numpy().astype(np.float32)
+    scen = table[spec.scenario_column].to_numpy().astype(np.int64)
     out = binary_metrics(y, p, scen, spec.scenario_names)
     users = table[spec.user_key].to_numpy(zero_copy_only=False)
     out["overall"]["gauc"] = gauc(y, p, users)
     for s, name in enumerate(spec.scenario_names):
         out["by_scenario"][name]["gauc"] = gauc(y[scen == s], p[scen == s], users[scen == s])
-    if cfg.evaluate.ranking_users > 0 and spec.users_table and spec.items_table:
+    # top-K needs ids to rank by; users/items tables are optional (the vocabularies list the ids)
+    if cfg.evaluate.ranking_users > 0 and {"user_id", "item_id"} <= {f.name for f in spec.categorical}:
         seen = read_pairs(prepare_dir, spec, [s for s in ("train", "valid") if s != split])
         out["ranking"] = ranking(model, spec, cfg, prepare_dir, table, seen)
     out.update(split=split, backbone=cfg.model.backbone, seed=cfg.train.seed)

@@ -75,6 +75,13 @@ class EncodeStage(Stage[EncodeResult]):
         self.spec = FeatureSpec.load(prepare_dir)
         if not self.spec.text:
             raise EncoderError("the feature spec names no text fields (prepare.text is null); nothing to encode")
+        # Only the texts the model reads (model.text.fields): user texts can outnumber item texts
+        # 10:1, and encoding them for an item-text model is minutes for nothing.
+        used = cfg.model.text.fields if cfg.model.text.mode != "off" else list(self.spec.text)
+        self.fields = [f for f in self.spec.text if f in used]
+        if not self.fields:
+            raise EncoderError(f"model.text.fields {used} names no text field of the prepared data "
+                               f"(it has {sorted(self.spec.text)})")
         self.encoder_fp = encoder_fingerprint(self.model_path)
 
     @property
@@ -87,13 +94,13 @@ class EncodeStage(Stage[EncodeResult]):
     def fingerprint(self) -> str:
         ec = self.cfg.encode
         return fingerprint(self.encoder_fp, self.spec.data_fingerprint, ec.scope, ec.max_length,
-                           sorted(self.spec.text), files=[self.prepare_dir / tf.table for tf in self.spec.text.values()])
+                           sorted(self.fields), files=[self.prepare_dir / self.spec.text[f].table for f in self.fields])
 
     def load_cached(self) -> EncodeResult:
-        if any(tf.embedding is None for tf in self.spec.text.values()):  # spec rewritten by a new prepare
+        if any(self.spec.text[f].embedding is None for f in self.fields):  # spec rewritten by a new prepare
             return self.compute(self.fingerprint())
         out = self.prepare_dir / "embeddings"
-        stats = {f: {**json.loads((out / f"{f}.json").read_text()), "encoded": 0} for f in self.spec.text}
+        stats = {f: {**json.loads((out / f"{f}.json").read_text()), "encoded": 0} for f in self.fields}
         for s in stats.values():
             s["reused"], s["texts_per_s"] = s["rows"], None
         return EncodeResult(stats, 0.0, cached=True)
@@ -104,7 +111,8 @@ class EncodeStage(Stage[EncodeResult]):
         out_dir = self.prepare_dir / "embeddings"
         out_dir.mkdir(exist_ok=True)
         stats = {}
-        for field, tf in spec.text.items():
+        for field in self.fields:
+            tf = spec.text[field]
             stats[field] = self._encode_field(field, tf, vocabs, out_dir)
             spec.text[field].embedding = stats[field]["file"]
             # the data contract: one text_embedding feature per encoded field (models/text.py reads it)

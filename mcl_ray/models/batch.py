@@ -72,23 +72,25 @@ class Batch:
         )
 
     @classmethod
-    def candidates(cls, cat_names: list[str], num_features: int, item_cols: dict[str, np.ndarray],
-                   queries: list[tuple[dict[str, int], np.ndarray, int]]) -> "Batch":
-        """(query, candidate item) pairs of several queries in one batch. A query is (ids of its
-        user/context features, candidate item positions, scenario index): item-side features come
-        from `item_cols` at those positions, every other categorical feature from the query (0 when
-        it has none). Numeric features are 0 (the train mean after z-scoring)."""
+    def candidates(cls, cat_names: list[str], num_names: list[str], item_cols: dict[str, np.ndarray],
+                   queries: list[tuple[dict[str, float], np.ndarray, int]]) -> "Batch":
+        """(query, candidate item) pairs of several queries in one batch. A query is (its user,
+        interaction and context features: categorical ids and numeric z-scores by name, candidate
+        item positions, scenario index): item-side features come from `item_cols` at those
+        positions, every other feature from the query (0 when it has none: OOV, or the train mean)."""
         total = sum(len(idx) for _, idx, _ in queries)
         cat = np.zeros((total, len(cat_names)), np.int64)
+        num = np.zeros((total, len(num_names)), np.float32)
         scen = np.zeros(total, np.int64)
         off = 0
         for feats, idx, s in queries:
             rows = slice(off, off + len(idx))
-            for j, name in enumerate(cat_names):
-                cat[rows, j] = item_cols[name][idx] if name in item_cols else feats.get(name, 0)
+            for names, out in ((cat_names, cat), (num_names, num)):
+                for j, name in enumerate(names):
+                    out[rows, j] = item_cols[name][idx] if name in item_cols else feats.get(name, 0)
             scen[rows] = s
             off += len(idx)
-        return cls(cat=torch.from_numpy(cat), num=torch.zeros(total, num_features), scenario=torch.from_numpy(scen))
+        return cls(cat=torch.from_numpy(cat), num=torch.from_numpy(num), scenario=torch.from_numpy(scen))
 
 
 def load_split(prepare_dir: str | Path, spec: FeatureSpec, split: str, sample: int | None = None,

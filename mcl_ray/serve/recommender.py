@@ -18,7 +18,7 @@ import torch
 
 from mcl_ray.artifact import Artifact, ArtifactError, load_model, open_artifact
 from mcl_ray.core.feature_spec import FeatureSpec
-from mcl_ray.data.vocab import Vocabularies, encode_entities
+from mcl_ray.data.vocab import Vocabularies, encode_entities, entity_table, zscore
 from mcl_ray.models.batch import Batch
 from mcl_ray.models.blocks import InputLayer
 from mcl_ray.serve.ranking import exclude, mmr, top_k
@@ -63,10 +63,11 @@ class ItemCatalog:
 
     def _vectors(self, model: torch.nn.Module) -> torch.Tensor:
         inp = next((m for m in model.modules() if isinstance(m, InputLayer)), None)
-        if inp is None or not self.cols:  # llm_ranker has no id embeddings: every item unlike every other
+        cat = {n: v for n, v in self.cols.items() if inp is not None and n in inp.cat_names}
+        if not cat:  # llm_ranker has no id embeddings: every item unlike every other
             return torch.eye(len(self.keys))
         with torch.no_grad():
-            parts = [inp.embeddings[inp.cat_names.index(n)](torch.from_numpy(v)) for n, v in self.cols.items()]
+            parts = [inp.embeddings[inp.cat_names.index(n)](torch.from_numpy(v)) for n, v in cat.items()]
         return torch.nn.functional.normalize(torch.cat(parts, 1), dim=1)
 
 
@@ -74,23 +75,21 @@ class KnownUsers:
     """Users of the training data: their encoded user-side features and the candidate positions
     they already interacted with (for exclude_seen)."""
 
-    def __init__(self, users: pa.Table | None, seen: pa.Table, spec: FeatureSpec, vocabs: Vocabularies,
+    def __init__(self, users: pa.Table, seen: pa.Table, spec: FeatureSpec, vocabs: Vocabularies,
                  catalog: ItemCatalog):
-        self.row: dict[str, int] = {}
-        self.cols: dict[str, np.ndarray] = {}
-        if users is not None:
-            keys, self.cols = encode_entities(users, "user_id", spec, vocabs, "user")
-            self.row = {k: i for i, k in enumerate(keys)}
-        self.profile_fields = [f.name for f in spec.categorical if f.source == "user" and f.name != "user_id"]
+        keys, self.cols = encode_entities(users, "user_id", spec, vocabs, "user")
+        self.row = {k: i for i, k in enumerate(keys)}
+        self.profile_fields = [f.name for f in spec.features
+                               if f.source == "user" and f.kind in ("categorical", "numeric") and f.name != "user_id"]
         acc: dict[str, list[int]] = {}
         for a, b in zip(seen[spec.user_key].to_pylist(), seen[spec.item_key].to_pylist()):
             if b in catalog.pos:
                 acc.setdefault(a, []).append(catalog.pos[b])
         self.seen = {a: np.unique(np.array(v, np.int64)) for a, v in acc.items()}
 
-    def features(self, user_id: str) -> dict[str, int] | None:
+    def features(self, user_id: str) -> dict[str, float] | None:
         row = self.row.get(user_id)
-        return None if row is None else {n: int(v[row]) for n, v in self.cols.items()}
+        return None if row is None else {n: v[row] for n, v in self.cols.items()}
 
 
 class Recommender:
@@ -101,19 +100,39 @@ class Recommender:
         torch.set_num_threads(torch_threads)
         self.art = art = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
         self.spec = spec = art.spec
-        if spec.numeric:  # numeric features need per-item values the artifact does not carry yet
-            raise ArtifactError("serving supports categorical and text features only in this version")
-        if not spec.items_table:
-            raise ArtifactError(f"{art.path}: the data had no items table, so there are no candidates to serve")
         self.model = load_model(art)
         self.version = art.manifest["version"]
         self.scenarios = spec.scenario_names
         self.vocabs = Vocabularies.load(art.path, spec)
         # text features need nothing here: the model looks them up by user/item id (tables in its weights)
-        self.context_names = [f.name for f in spec.categorical if f.source == "context"]
-        self.items = ItemCatalog(pq.read_table(art.file(spec.items_table)), spec, self.vocabs, self.model)
-        users = pq.read_table(art.file(spec.users_table)) if spec.users_table else None
-        self.users = KnownUsers(users, pq.read_table(art.file("seen.parquet")), spec, self.vocabs, self.items)
+        # what a request may send in `context`: interaction-level and context features (omitted: the
+        # training default, OOV for categorical, the train mean for numeric)
+        self.feature = {f.name: f for f in spec.features}
+        self.context_names = [f.name for f in spec.features if f.source in ("context", "interaction")
+                              and f.kind in ("categorical", "numeric")]
+        if not spec.items_table and "item_id" not in self.vocabs.values and "item_id" not in self.vocabs.hashed:
+            raise ArtifactError(f"{art.path}: no items table and no item_id feature, so no candidates to serve")
+        seen = pq.read_table(art.file("seen.parquet"))
+        self.items = ItemCatalog(self._table(spec.items_table, "item_id", seen[spec.item_key]), spec, self.vocabs,
+                                 self.model)
+        self.users = KnownUsers(self._table(spec.users_table, "user_id", seen[spec.user_key]), seen, spec,
+                                self.vocabs, self.items)
+
+    def _table(self, name: str | None, key: str, seen_keys) -> pa.Table:
+        """The users/items table; without one (interactions only), every id the model knows."""
+        return entity_table(pq.read_table(self.art.file(name)) if name else None, key, self.vocabs, seen_keys)
+
+    def _value(self, field: str, value, where: str) -> float:
+        """A request value -> the model's input: a categorical id (unseen: OOV) or a z-score."""
+        f = self.feature[field]
+        if f.kind == "categorical":
+            return self.vocabs.id(field, value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise RequestError(422, f"{where}.{field} must be a number (got {value!r})") from None
+        return float(zscore(f, [value])[0])
 
     # ------------------------------------------------------------------ validation
 
@@ -122,10 +141,16 @@ class Recommender:
                 "scenarios": self.scenarios, "items": len(self.items), "users": len(self.users.row),
                 "features": [{"name": f.name, "kind": f.kind, "source": f.source} for f in self.spec.features],
                 "profile_fields": self.users.profile_fields, "context_fields": self.context_names,
+                # what a request may send, and what an omitted field becomes
+                "request_fields": {where: {n: {"kind": self.feature[n].kind,
+                                               "when_omitted": "OOV id" if self.feature[n].kind == "categorical"
+                                               else f"train mean {self.feature[n].mean:.4g}"} for n in names}
+                                   for where, names in (("profile", self.users.profile_fields),
+                                                        ("context", self.context_names))},
                 "metrics": self.art.metrics, "created": self.art.manifest.get("created"),
                 "data_fingerprint": self.art.manifest.get("data_fingerprint")}
 
-    def _user_features(self, q: Query) -> dict[str, int]:
+    def _user_features(self, q: Query) -> dict[str, float]:
         if q.scenario not in self.scenarios:
             raise RequestError(422, f"unknown scenario {q.scenario!r}; this model serves {self.scenarios}")
         feats = self.users.features(q.user_id)
@@ -139,21 +164,22 @@ class Recommender:
             if bad:
                 raise RequestError(422, f"unknown profile field(s) {bad}; allowed: {self.users.profile_fields}")
             for n, v in q.profile.items():
-                feats[n] = self.vocabs.id(n, v)  # an unseen value is the OOV id, like in training
+                feats[n] = self._value(n, v, "profile")  # an unseen value is the OOV id, like in training
         if q.context:
             bad = sorted(set(q.context) - set(self.context_names))
             if bad:
                 raise RequestError(422, f"unknown context field(s) {bad}; this model uses {self.context_names or 'none'}")
             for n, v in q.context.items():
-                feats[n] = self.vocabs.id(n, v)
+                feats[n] = self._value(n, v, "context")
         return feats
 
     # ------------------------------------------------------------------ scoring
 
     @torch.no_grad()
-    def _scores(self, qs: list[Query], feats: list[dict[str, int]], idx: list[np.ndarray]) -> list[torch.Tensor]:
+    def _scores(self, qs: list[Query], feats: list[dict[str, float]], idx: list[np.ndarray]) -> list[torch.Tensor]:
         """One forward pass over all (request, candidate) pairs of the batch."""
-        batch = Batch.candidates([f.name for f in self.spec.categorical], len(self.spec.numeric), self.items.cols,
+        batch = Batch.candidates([f.name for f in self.spec.categorical], [f.name for f in self.spec.numeric],
+                                 self.items.cols,
                                  [(f, ii, self.scenarios.index(q.scenario)) for q, f, ii in zip(qs, feats, idx)])
         p = torch.sigmoid(self.model(batch).float())
         return list(torch.split(p, [len(i) for i in idx]))

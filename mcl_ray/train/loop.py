@@ -9,8 +9,11 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
@@ -59,6 +62,8 @@ class LoopArgs(BaseModel):
     seed: int
     start_epoch: int = 0  # epochs done when this run was started (tells a worker failure from a rerun)
     run_name: str | None = None  # the MLflow run name
+    data_mode: Literal["memory", "stream"] = "memory"  # train.data_mode, resolved by the driver
+    train_rows: int = 0  # rows of the train dataset (stream: every rank's step count comes from it)
 
 
 def train_loop_per_worker(loop_cfg: dict) -> None:
@@ -76,28 +81,41 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
 
     t_load = time.perf_counter()
-    train = shard_to_batch(ray.train.get_dataset_shard("train"), spec)
-    valid = shard_to_batch(ray.train.get_dataset_shard("valid"), spec)
+    stream = args.data_mode == "stream"
+    train_it, valid_it = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("valid")
+    # memory: tensors once, shuffled slices every epoch; stream: the shard batch by batch, never whole
+    train = None if stream else shard_to_batch(train_it, spec)
+    valid = None if stream else shard_to_batch(valid_it, spec)
     load_s = time.perf_counter() - t_load
     model, opt, sched = build(args, spec, world, device)
     state = resume(args, model, opt, sched)
     if rank == 0:  # lets operators (and the failure test) find the worker process
         (out_dir / f"worker_rank{rank}.pid").write_text(str(os.getpid()))
+    # where each rank ran (node, process, data mode): placement on a cluster can be checked
+    _write_json(out_dir / f"worker_rank{rank}.json", {"rank": rank, "world": world, "pid": os.getpid(),
+                                                     "node_id": ray.get_runtime_context().get_node_id(),
+                                                     "data_mode": args.data_mode})
     log = EpochLog(args, spec, rank)
 
-    # Every rank must run the same number of steps or DDP's all-reduce hangs.
-    n = torch.tensor([len(train)])
+    # Every rank must run the same number of steps or DDP's all-reduce hangs. Streamed shards are
+    # equal by construction (Ray Train splits with equal=True): train_rows // world rows each.
+    n = torch.tensor([args.train_rows // max(world, 1) if stream else len(train)])
     if world > 1:
         torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
     n = int(n)
     for epoch in range(state["epoch"], tc.epochs):
         t0 = time.perf_counter()
-        loss = train_epoch(model, opt, train, n, epoch, args, rank, world, device)
+        batches = (stream_batches(train_it, spec, n, epoch, args, rank, world) if stream
+                   else memory_batches(train, n, epoch, args, rank, world))
+        loss = train_epoch(model, opt, batches, n, epoch, args, rank, world, device)
         if sched is not None:
             sched.step()
         train_s = time.perf_counter() - t0
-        val = binary_metrics(valid.label.numpy(), predict(model, valid, tc.eval_batch_size, device),
-                             valid.scenario.numpy(), spec.scenario_names)
+        if stream:
+            y, p, scen = predict_stream(model, valid_it, spec, tc.eval_batch_size, device)
+        else:
+            y, p, scen = valid.label.numpy(), predict(model, valid, tc.eval_batch_size, device), valid.scenario.numpy()
+        val = binary_metrics(y, p, scen, spec.scenario_names)
         auc = val["overall"]["auc"]
         improved = auc > state["best_auc"]
         if improved:
@@ -157,23 +175,63 @@ def resume(args: LoopArgs, model, opt, sched) -> dict:
     return state
 
 
-def train_epoch(model, opt, train: Batch, n: int, epoch: int, args: LoopArgs, rank: int, world: int,
+def _per_rank(args: LoopArgs, world: int) -> int:
+    return max(1, args.config.train.batch_size // max(world, 1))
+
+
+def memory_batches(train: Batch, n: int, epoch: int, args: LoopArgs, rank: int, world: int) -> Iterator[Batch]:
+    """This rank's first n rows in a seeded shuffle, batch by batch (slices of the tensors in memory)."""
+    per_rank = _per_rank(args, world)
+    g = torch.Generator().manual_seed(args.seed * 100_003 + epoch * 101 + rank)
+    perm = torch.randperm(len(train), generator=g)[:n]
+    for i in range(0, n, per_rank):
+        yield train.take(perm[i:i + per_rank])
+
+
+def stream_batches(shard, spec: FeatureSpec, n: int, epoch: int, args: LoopArgs, rank: int,
+                   world: int) -> Iterator[Batch]:
+    """This rank's Ray Data shard, streamed through a seeded local shuffle buffer: n rows at most,
+    so every rank takes the same number of steps."""
+    per_rank = _per_rank(args, world)
+    left = n
+    for table in shard.iter_batches(batch_size=per_rank, batch_format="pyarrow",
+                                    local_shuffle_buffer_size=args.config.train.shuffle_buffer_rows,
+                                    local_shuffle_seed=args.seed * 100_003 + epoch * 101 + rank):
+        if left <= 0:
+            return
+        table = table.slice(0, left)
+        left -= table.num_rows
+        yield Batch.from_table(table, spec)
+
+
+@torch.no_grad()
+def predict_stream(model, shard, spec: FeatureSpec, batch_size: int, device: torch.device):
+    """(labels, probabilities, scenarios) of a dataset iterated batch by batch."""
+    ys, ps, ss = [], [], []
+    for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+        b = Batch.from_table(table, spec)
+        ys.append(b.label.numpy())
+        ps.append(predict(model, b, batch_size, device))
+        ss.append(b.scenario.numpy())
+    cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
+    return cat(ys, np.float32), cat(ps, np.float32), cat(ss, np.int64)
+
+
+def train_epoch(model, opt, batches: Iterable[Batch], n: int, epoch: int, args: LoopArgs, rank: int, world: int,
                 device: torch.device) -> float:
-    """One pass over this rank's first n shuffled rows; returns the mean batch loss."""
+    """One pass over this rank's n rows (from memory or a stream); returns the mean batch loss."""
     cfg, tc = args.config, args.config.train
     model.train()
-    per_rank = max(1, tc.batch_size // max(world, 1))
+    per_rank = _per_rank(args, world)
     steps = max(1, math.ceil(n / per_rank))
     report_every = max(1, steps // 20)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if tc.precision == "bf16" else torch.float16)
                 if tc.use_gpu and tc.precision != "fp32" else torch.autocast("cpu", enabled=False))
     scaler = torch.amp.GradScaler("cuda") if tc.use_gpu and tc.precision == "fp16" else None
     aug_w = cfg.augment.weight if cfg.augment.enabled else 0.0
-    g = torch.Generator().manual_seed(args.seed * 100_003 + epoch * 101 + rank)
-    perm = torch.randperm(len(train), generator=g)[:n]
-    loss_sum = 0.0
-    for i in range(steps):
-        b = train.take(perm[i * per_rank:(i + 1) * per_rank])
+    loss_sum, done = 0.0, 0
+    for i, b in enumerate(batches):
+        done += 1
         if tc.use_gpu:
             b = b.to(device, non_blocking=True)
         # synthetic (augment) rows count augment.weight times a real row (0: not at all)
@@ -193,7 +251,7 @@ def train_epoch(model, opt, train: Batch, n: int, epoch: int, args: LoopArgs, ra
         loss_sum += float(loss.detach())
         if rank == 0 and (i + 1) % report_every == 0:  # the driver's progress bar reads it
             _write_json(Path(args.out_dir) / "progress.json", {"epoch": epoch, "step": i + 1, "steps": steps})
-    return loss_sum / steps
+    return loss_sum / max(done, 1)
 
 
 def save_and_report(model, opt, sched, state: dict, metrics: dict, improved: bool, out_dir: Path, rank: int) -> None:

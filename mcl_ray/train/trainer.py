@@ -111,8 +111,10 @@ class TrainSeed(Stage[TrainResult]):
             self.say(f"[yellow]train seed {self.seed}: resuming from {d / 'checkpoint'} at epoch {start_epoch + 1}")
         trainer = build_trainer(self.cfg, self.spec, self.prepare_dir, d, self.seed, start_epoch,
                                 run_name=f"{self.cfg.name}-seed{self.seed}")
+        mode = data_mode(self.cfg, self.spec)
         self.say(f"[bold cyan]train[/] {self.cfg.model.backbone} seed {self.seed}: {tc.num_workers} worker(s), "
-                 f"{self.spec.num_rows['train']:,} train rows, up to {tc.epochs} epochs")
+                 f"{self.spec.num_rows['train']:,} train rows, up to {tc.epochs} epochs, data in {mode} "
+                 f"(~{shard_mib(self.cfg, self.spec):,.0f} MiB per worker in memory)")
         with self.progress(f"seed {self.seed}", tc.epochs, "epochs") as bar:
             with EpochWatcher(d, bar, start_epoch):
                 trainer.fit()
@@ -187,14 +189,19 @@ def build_trainer(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path, o
     from ray.train.torch import TorchConfig, TorchTrainer
 
     tc = cfg.train
+    mode = data_mode(cfg, spec)
+    datasets = datasets or materialized_splits(spec, prepare_dir, tc.sample_rows, seed, uses_synthetic(cfg),
+                                               stream=mode == "stream")
     args = LoopArgs(config=cfg, prepare_dir=str(prepare_dir.resolve()), out_dir=str(out_dir.resolve()), seed=seed,
-                    start_epoch=start_epoch, run_name=run_name)
+                    start_epoch=start_epoch, run_name=run_name, data_mode=mode,
+                    train_rows=datasets["train"].count())  # parquet metadata or materialised blocks: no read
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=args.model_dump(mode="json"),
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker={"CPU": tc.cpus_per_worker}
-                                               if tc.num_workers else None),
+                                               if tc.num_workers else None,
+                                               placement_strategy=tc.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=str((out_dir / "ray_results").resolve()),
@@ -203,14 +210,29 @@ def build_trainer(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path, o
             callbacks=callbacks,
             # Ray Train logs every report with its full metrics dict at INFO; we print our own epoch lines.
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-        datasets=datasets or materialized_splits(spec, prepare_dir, cfg.train.sample_rows, seed, uses_synthetic(cfg)),
+        datasets=datasets,
         # validation data goes whole to every worker, so all ranks take the same early-stopping decision
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 
 
+def shard_mib(cfg: ExperimentConfig, spec: FeatureSpec) -> float:
+    """What one worker's train shard takes as tensors (MiB), counting the Arrow copy it is made from."""
+    rows = cfg.train.sample_rows.get("train", spec.num_rows.get("train", 0))
+    row_bytes = 8 * len(spec.categorical) + 4 * len(spec.numeric) + 8 + 4 + 4 + 1  # ids, values, scenario, label...
+    return 2 * rows / max(cfg.train.num_workers, 1) * row_bytes / 2**20
+
+
+def data_mode(cfg: ExperimentConfig, spec: FeatureSpec) -> str:
+    """train.data_mode resolved: auto streams when a worker's shard would not fit memory_budget_mb."""
+    tc = cfg.train
+    if tc.data_mode != "auto":
+        return tc.data_mode
+    return "stream" if shard_mib(cfg, spec) > tc.memory_budget_mb else "memory"
+
+
 def materialized_splits(spec: FeatureSpec, prepare_dir: Path, sample: dict | None = None, seed: int = 0,
-                        synthetic: bool = False) -> dict:
+                        synthetic: bool = False, stream: bool = False) -> dict:
     """train/valid as materialised Ray Datasets: workers that take every CPU would otherwise starve
     the read tasks (a sweep reads them once and hands the same blocks to every trial). A split
     named in `sample` (train.sample_rows) is a seeded row sample, read in the driver. With
@@ -227,7 +249,9 @@ def materialized_splits(spec: FeatureSpec, prepare_dir: Path, sample: dict | Non
         if s == "train" and synthetic and spec.synthetic is not None:  # the training split only, ever
             ds = ds.union(ray.data.read_parquet(str((prepare_dir / spec.synthetic.table).resolve()))
                           .select_columns(cols))
-        out[s] = ds.materialize()
+        # stream: the train split stays lazy (workers read it block by block; the object store never
+        # holds it whole); validation is small and read by every worker each epoch
+        out[s] = ds if stream and s == "train" and s not in (sample or {}) else ds.materialize()
     return out
 
 
