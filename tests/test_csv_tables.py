@@ -58,7 +58,7 @@ def _ratings(folder, bad_line=2500):
     lines = ["user_id,item_id,rating,timestamp"] + [f"u{i % 7},i{i % 5},{1 + i % 5},2001-09-09 {i % 24:02d}:00:00"
                                                     for i in range(3000)]
     lines[bad_line] = "u1,i2,five,1000"
-    lines[bad_line + 100] = 'u2,"i3,4,1000'  # broken quoting: the parser cannot split this line
+    lines[bad_line + 100] = "u2,i3,4,1000,extra"  # a field too many: the parser cannot split this line
     (folder / "r.csv").write_text("\n".join(lines) + "\n")
     return folder
 

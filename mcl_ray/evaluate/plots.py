@@ -30,14 +30,18 @@ def plot_run(train_dir: Path, metrics: dict) -> list[Path]:
         fig.savefig(train_dir / "learning_curves.png", dpi=100)
         plt.close(fig)
         written.append(train_dir / "learning_curves.png")
-    names = list(metrics["by_scenario"])
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    vals = [metrics["by_scenario"][n]["auc"] for n in names] + [metrics["overall"]["auc"]]
-    ax.bar(names + ["overall"], vals, color=["C0"] * len(names) + ["C1"])
-    ax.set_ylim(min(vals) - 0.02, max(vals) + 0.01)
+    # A scenario whose split holds one label only has no AUC (NaN): its bar is left out, named n/a.
+    names = list(metrics["by_scenario"]) + ["overall"]
+    vals = [metrics["by_scenario"][n]["auc"] for n in names[:-1]] + [metrics["overall"]["auc"]]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 3.5))
+    shown = [v for v in vals if v == v]
+    ax.bar(names, [v if v == v else 0.0 for v in vals], color=["C0"] * (len(names) - 1) + ["C1"])
+    if shown:
+        ax.set_ylim(min(shown) - 0.02, max(shown) + 0.01)
     ax.set(title=f"{metrics['split']} AUC by scenario ({metrics['backbone']})")
     for i, v in enumerate(vals):
-        ax.text(i, v, f"{v:.4f}", ha="center", va="bottom", fontsize=8)
+        ax.text(i, v if v == v else (min(shown) if shown else 0.0), f"{v:.4f}" if v == v else "n/a",
+                ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
     name = "scenario_auc.png" if metrics["split"] == "test" else f"scenario_auc_{metrics['split']}.png"
     fig.savefig(train_dir / name, dpi=100)
