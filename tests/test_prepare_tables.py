@@ -100,7 +100,7 @@ def test_fail_policy_names_file_column_count_examples(tmp_path, ray_cluster):
     msg = str(e.value)
     assert "1 rows with out_of_range in column 'rating'" in msg
     assert "interactions.csv" in msg
-    assert '"rating": 7' in msg  # the example row
+    assert '"rating": "7"' in msg  # the example row, as the file has it (CSV values are read as text)
     assert "policy=quarantine" in msg
 
 

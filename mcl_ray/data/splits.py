@@ -19,16 +19,21 @@ def model_columns(spec: FeatureSpec) -> list[str]:
             + [spec.scenario_column, spec.label_column, spec.weight_column, spec.provenance_column])
 
 
-def read_split(prepare_dir: str | Path, spec: FeatureSpec, split: str, extra: list[str] | None = None,
-               sample: int | None = None, seed: int = 0, columns: list[str] | None = None) -> pa.Table:
-    """One split as an Arrow table: the model columns (or `columns`) plus `extra`; optionally a
-    seeded row sample (train.sample_rows)."""
+def _split_files(prepare_dir: str | Path, spec: FeatureSpec, split: str) -> list[Path]:
     if split not in spec.splits:
         raise SetupError(f"the prepared data has no {split!r} split (it has {sorted(spec.splits)})")
     folder = Path(prepare_dir) / spec.splits[split]
     files = sorted(folder.glob("*.parquet"))
     if not files:
         raise SetupError(f"no parquet files in {folder}; run `mcl-ray prepare` first")
+    return files
+
+
+def read_split(prepare_dir: str | Path, spec: FeatureSpec, split: str, extra: list[str] | None = None,
+               sample: int | None = None, seed: int = 0, columns: list[str] | None = None) -> pa.Table:
+    """One split as an Arrow table: the model columns (or `columns`) plus `extra`; optionally a
+    seeded row sample (train.sample_rows)."""
+    files = _split_files(prepare_dir, spec, split)
     cols = list(columns) if columns is not None else model_columns(spec)
     cols += [c for c in (extra or []) if c not in cols]
     table = pa.concat_tables([pq.read_table(f, columns=cols) for f in files])
@@ -38,12 +43,7 @@ def read_split(prepare_dir: str | Path, spec: FeatureSpec, split: str, extra: li
 def iter_split(prepare_dir: str | Path, spec: FeatureSpec, split: str, extra: list[str] | None = None,
                batch_rows: int = 65_536) -> Iterator[pa.Table]:
     """One split as Arrow tables of at most batch_rows rows, file by file: memory is one batch."""
-    if split not in spec.splits:
-        raise SetupError(f"the prepared data has no {split!r} split (it has {sorted(spec.splits)})")
-    folder = Path(prepare_dir) / spec.splits[split]
-    files = sorted(folder.glob("*.parquet"))
-    if not files:
-        raise SetupError(f"no parquet files in {folder}; run `mcl-ray prepare` first")
+    files = _split_files(prepare_dir, spec, split)
     cols = model_columns(spec) + [c for c in (extra or []) if c not in model_columns(spec)]
     for f in files:
         for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=cols):

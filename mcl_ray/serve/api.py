@@ -11,7 +11,8 @@ MAX_ITEMS = 1000
 MAX_BODY_BYTES = 64 * 1024
 
 Key = Annotated[str, StringConstraints(min_length=1, max_length=256)]
-Attr = Union[Annotated[str, StringConstraints(max_length=256)], int]
+# A feature value in a request: text, an integer, or a finite number (numeric features)
+Attr = Union[Annotated[str, StringConstraints(max_length=256)], int, Annotated[float, Field(allow_inf_nan=False)]]
 
 
 class Strict(BaseModel):
