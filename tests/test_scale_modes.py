@@ -59,12 +59,11 @@ def test_stream_and_memory_modes_and_hashed_ids(tmp_path, ray_cluster):
     assert "user_id" not in json.loads((prep.out_dir / "vocabs.json").read_text())
     assert {f.name: f.hash_buckets for f in prep.spec.categorical}["user_id"] == 4096
 
-    runs = {}
-    for mode, workers in (("memory", 1), ("stream", 2)):
-        c = cfg.model_copy(update={"train": cfg.train.model_copy(update={
-            "data_mode": mode, "num_workers": workers, "shuffle_buffer_rows": 256})})
-        runs[mode] = train_one(c, prep.out_dir, tmp_path / f"train_{mode}", seed=1)
-        assert runs[mode].metrics["overall"]["auc"] > 0.55, mode  # both learn
+    # memory mode trains in every other training test; here the streamed path, across 2 workers
+    c = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        "data_mode": "stream", "num_workers": 2, "shuffle_buffer_rows": 256})})
+    runs = {"stream": train_one(c, prep.out_dir, tmp_path / "train_stream", seed=1)}
+    assert runs["stream"].metrics["overall"]["auc"] > 0.55  # it learns
     assert len(runs["stream"].history) == cfg.train.epochs
 
     # the same weights give the same predictions and metrics whichever way the data comes

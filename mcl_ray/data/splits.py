@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mcl_ray.core.errors import SetupError
+from mcl_ray.core.keys import key_array
 from mcl_ray.core.feature_spec import FeatureSpec
 
 
@@ -50,10 +52,36 @@ def iter_split(prepare_dir: str | Path, spec: FeatureSpec, split: str, extra: li
             yield pa.Table.from_batches([rb])
 
 
-def read_pairs(prepare_dir: str | Path, spec: FeatureSpec, splits) -> pa.Table:
-    """(user_key, item_key) of every row of the given splits: what a user has already seen."""
+def read_pairs(prepare_dir: str | Path, spec: FeatureSpec, splits, users=None) -> pa.Table:
+    """(user_key, item_key) of every row of the given splits: what a user has already seen.
+    With `users`, only those users' rows, filtered batch by batch (memory follows the users asked
+    for, not the split)."""
     cols = [spec.user_key, spec.item_key]
-    return pa.concat_tables([read_split(prepare_dir, spec, s, columns=cols) for s in splits if s in spec.splits])
+    if users is None:
+        return pa.concat_tables([read_split(prepare_dir, spec, s, columns=cols) for s in splits if s in spec.splits])
+    wanted = key_array(pa.array(list(users)))
+    parts = [pa.table({c: pa.array([], pa.string()) for c in cols})]
+    for s in splits:
+        if s not in spec.splits:
+            continue
+        for f in _split_files(prepare_dir, spec, s):
+            for rb in pq.ParquetFile(f).iter_batches(columns=cols):
+                t = pa.table({c: key_array(rb.column(c)) for c in cols})
+                t = t.filter(pc.is_in(t[spec.user_key], value_set=wanted))
+                if t.num_rows:
+                    parts.append(t)
+    return pa.concat_tables(parts)
+
+
+def unique_keys(prepare_dir: str | Path, spec: FeatureSpec, splits, column: str) -> pa.Array:
+    """The distinct values of one column over the given splits, streamed batch by batch."""
+    seen: list[pa.Array] = []
+    for s in splits:
+        if s in spec.splits:
+            for f in _split_files(prepare_dir, spec, s):
+                for rb in pq.ParquetFile(f).iter_batches(columns=[column]):
+                    seen.append(pc.unique(key_array(rb.column(0))))
+    return pc.unique(pa.concat_arrays(seen)) if seen else pa.array([], pa.string())
 
 
 def sample_rows(table: pa.Table, n: int | None, seed: int) -> pa.Table:

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
 from mcl_ray.core.config import ExperimentConfig
 from mcl_ray.core.feature_spec import FeatureSpec
-from mcl_ray.data.splits import iter_split, read_pairs, read_split
+from mcl_ray.core.keys import key_array
+from mcl_ray.data.splits import iter_split, read_pairs, read_split, unique_keys
 from mcl_ray.data.vocab import Vocabularies, encode_entities, entity_table
 from mcl_ray.evaluate.metrics import binary_metrics, gauc, topk_metrics
 from mcl_ray.evaluate.summary import EvalMetrics
@@ -39,16 +41,36 @@ def predict(model: torch.nn.Module, data: Batch, batch_size: int, device: torch.
 
 @torch.no_grad()
 def ranking(model, spec: FeatureSpec, cfg: ExperimentConfig, prepare_dir: Path, test: pa.Table,
-            seen: pa.Table) -> dict:
-    """Score every trainable item for sampled test users in their scenario; rank held-out positives."""
+            seen_splits: list[str]) -> dict:
+    """Score every trainable item for sampled test users in their scenario; rank held-out positives.
+
+    Everything per user (features, seen items, scenario) is read for the sampled users only, so
+    memory follows `evaluate.ranking_users`, not the number of users in the data."""
     ev = cfg.evaluate
     vocabs = Vocabularies.load(prepare_dir, spec)
-    def table(name):
-        return pq.read_table(prepare_dir / name) if name else None
+    t = test.to_pandas()
+    pos = t[t[spec.label_column] > 0]
+    users = np.array(sorted(pos[spec.user_key].unique()))
+    rng = np.random.default_rng(cfg.train.seed)
+    if ev.ranking_users < len(users):
+        users = np.sort(rng.choice(users, ev.ranking_users, replace=False))
+    t = t[t[spec.user_key].isin(set(users))]
+    pos = pos[pos[spec.user_key].isin(set(users))]
+    scen_of = t.groupby(spec.user_key)[spec.scenario_column].agg(lambda s: s.mode().iloc[0])
+    seen = read_pairs(prepare_dir, spec, seen_splits, users=users)
+    seen_of = seen.to_pandas().groupby(spec.user_key)[spec.item_key].apply(set) if ev.exclude_seen else {}
+    pos_items = pos.groupby(spec.user_key)[spec.item_key].apply(set)
 
-    u_keys, u_feats = encode_entities(entity_table(table(spec.users_table), "user_id", vocabs, seen[spec.user_key]),
-                                      "user_id", spec, vocabs, "user")
-    i_keys, i_feats = encode_entities(entity_table(table(spec.items_table), "item_id", vocabs, seen[spec.item_key]),
+    def table(name, key, wanted=None):
+        if not name:
+            return None
+        tab = pq.read_table(prepare_dir / name)
+        return tab.filter(pc.is_in(key_array(tab[key]), value_set=key_array(pa.array(wanted)))) if wanted is not None else tab
+
+    u_keys, u_feats = encode_entities(entity_table(table(spec.users_table, "user_id", users), "user_id", vocabs,
+                                                   pa.array(users)), "user_id", spec, vocabs, "user")
+    item_keys = unique_keys(prepare_dir, spec, ["train"], spec.item_key) if "item_id" in vocabs.hashed else None
+    i_keys, i_feats = encode_entities(entity_table(table(spec.items_table, "item_id"), "item_id", vocabs, item_keys),
                                       "item_id", spec, vocabs, "item")
     # candidates: items the model has an id for (seen in train)
     keep = i_feats["item_id"] > 0 if "item_id" in i_feats else np.ones(len(i_keys), bool)
@@ -56,16 +78,6 @@ def ranking(model, spec: FeatureSpec, cfg: ExperimentConfig, prepare_dir: Path, 
     i_feats = {k: v[keep] for k, v in i_feats.items()}
     item_pos = {k: i for i, k in enumerate(i_keys)}
     user_row = {k: i for i, k in enumerate(u_keys)}
-
-    t = test.to_pandas()
-    pos = t[t[spec.label_column] > 0]
-    users = np.array(sorted(pos[spec.user_key].unique()))
-    rng = np.random.default_rng(cfg.train.seed)
-    if ev.ranking_users < len(users):
-        users = np.sort(rng.choice(users, ev.ranking_users, replace=False))
-    scen_of = t.groupby(spec.user_key)[spec.scenario_column].agg(lambda s: s.mode().iloc[0])
-    seen_of = seen.to_pandas().groupby(spec.user_key)[spec.item_key].apply(set) if ev.exclude_seen else {}
-    pos_items = pos.groupby(spec.user_key)[spec.item_key].apply(set)
 
     n_items = len(i_keys)
     cat_names = [f.name for f in spec.categorical]
@@ -116,8 +128,7 @@ def evaluate_train_dir(train_dir: Path, prepare_dir: Path, split: str = "test") 
         out["by_scenario"][name]["gauc"] = gauc(y[scen == s], p[scen == s], users[scen == s])
     # top-K needs ids to rank by; users/items tables are optional (the vocabularies list the ids)
     if cfg.evaluate.ranking_users > 0 and {"user_id", "item_id"} <= {f.name for f in spec.categorical}:
-        seen = read_pairs(prepare_dir, spec, [s for s in ("train", "valid") if s != split])
-        out["ranking"] = ranking(model, spec, cfg, prepare_dir, table, seen)
+        out["ranking"] = ranking(model, spec, cfg, prepare_dir, table, [s for s in ("train", "valid") if s != split])
     out.update(split=split, backbone=cfg.model.backbone, seed=cfg.train.seed)
     (train_dir / metrics_file(split)).write_text(json.dumps(out, indent=2))
     from mcl_ray.evaluate.plots import plot_run  # matplotlib: only where plots are drawn, not in workers

@@ -4,6 +4,7 @@ ranking metrics (torchmetrics retrieval functions) per scenario."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 from mcl_ray.evaluate.summary import BinaryMetrics, Scores
@@ -28,17 +29,22 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, scenario: np.ndarray, names: li
 
 
 def gauc(y: np.ndarray, p: np.ndarray, users: np.ndarray) -> float:
-    """User-grouped AUC: per-user AUC weighted by the user's rows, over users with both labels."""
-    order = np.argsort(users, kind="stable")
-    u, y, p = users[order], y[order], p[order]
-    bounds = np.flatnonzero(np.r_[True, u[1:] != u[:-1], True])
-    total = weight = 0.0
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        yy = y[a:b]
-        if 0 < yy.sum() < len(yy):
-            total += roc_auc_score(yy, p[a:b]) * (b - a)
-            weight += b - a
-    return float(total / weight) if weight else float("nan")
+    """User-grouped AUC: per-user AUC weighted by the user's rows, over users with both labels.
+
+    Vectorised (one grouped rank, no per-user call): per user, AUC = (sum of the positives' ranks -
+    P(P+1)/2) / (P*N) with tied scores given their average rank, which is what roc_auc_score
+    computes; a test split with millions of users takes seconds, not minutes."""
+    if len(y) == 0:
+        return float("nan")
+    df = pd.DataFrame({"u": pd.factorize(users)[0], "y": np.asarray(y) > 0, "p": np.asarray(p, np.float64)})
+    df["r"] = df.groupby("u")["p"].rank(method="average")
+    df["rp"] = df["r"].where(df["y"], 0.0)
+    g = df.groupby("u").agg(n=("y", "size"), pos=("y", "sum"), rank_pos=("rp", "sum"))
+    g = g[(g["pos"] > 0) & (g["pos"] < g["n"])]
+    if g.empty:
+        return float("nan")
+    auc = (g["rank_pos"] - g["pos"] * (g["pos"] + 1) / 2) / (g["pos"] * (g["n"] - g["pos"]))
+    return float((auc * g["n"]).sum() / g["n"].sum())
 
 
 def topk_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks: list[int]) -> dict[str, float]:
