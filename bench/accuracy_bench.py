@@ -6,6 +6,11 @@ and logloss (mean +- std), next to the published numbers (the SWR paper, KDD'24)
   python bench/accuracy_bench.py --backbones shared_bottom shared_bottom+text m2m m2m+text --epochs 12 \
       --out bench/results/text_ablation.json   # the text ablation (llm_ranker: add it, hours on CPU)
 
+A "+stream" suffix trains in stream mode (the same protocol, data streamed from Ray Data):
+
+  python bench/accuracy_bench.py --backbones shared_bottom shared_bottom+stream \
+      --out bench/results/stream_vs_memory.json
+
 A "+text" suffix adds the LLM text features (model.text.mode=frozen: MiniLM embeddings of item and
 user texts through a learned projection; the encode stage runs once before the jobs).
 llm_ranker (the MiniLM cross-encoder) is far too slow for the full protocol on CPU, so it follows a
@@ -54,8 +59,11 @@ def overrides(variant: str, epochs: int) -> list[str]:
     if backbone in EXPERT_HIDDEN:
         o.append(f"model.hidden={EXPERT_HIDDEN[backbone]}")
     for x in extras:
-        if x not in ("text",) and not x.startswith("aug"):
-            raise SystemExit(f"unknown variant suffix +{x} (known: +text, +aug<weight>)")
+        if x not in ("text", "stream") and not x.startswith("aug"):
+            raise SystemExit(f"unknown variant suffix +{x} (known: +text, +stream, +aug<weight>)")
+    # +stream: workers iterate their Ray Data shard through a local shuffle buffer instead of
+    # holding it as tensors (train.data_mode=stream); the rest of the protocol is unchanged
+    o.append(f"train.data_mode={'stream' if 'stream' in extras else 'memory'}")
     o.append(f"model.text.mode={'frozen' if 'text' in extras else 'off'}")  # explicit: the default experiment has text on
     o += augment_overrides([x for x in extras if x.startswith("aug")])
     if backbone == "llm_ranker":

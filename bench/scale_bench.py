@@ -5,7 +5,7 @@
 
 Per size: synthetic data (users = rows / 10, items = rows / 100, 4 scenarios) through
 `mcl-ray prepare` -> `mcl-ray train` (1 epoch, 1 worker; the stage also evaluates the test split)
--> `mcl-ray evaluate` (again, timed alone) -> `mcl-ray export` -> one /v1/recommend answer from the
+(data_mode auto, as a user gets it) -> `mcl-ray evaluate` (again, timed alone) -> `mcl-ray export` -> one /v1/recommend answer from the
 artifact (the serving core in-process: load + one request). Every command is a separate process
 on one local Ray cluster started for the bench, so the console figures are what a user sees.
 Measured: wall per stage, rows/s, the peak RSS of every process (the CLI drivers, and each Ray
@@ -109,8 +109,11 @@ def one_size(rows: int, env: dict, work: Path, sampler: RssSampler, stream_too: 
               f"worker {stages[name]['worker_peak_rss_mib']:7.0f} MiB", flush=True)
 
     stage("prepare", ["prepare", str(cfg), *flags])
-    stage("train", ["train", str(cfg), *flags, "--set", "train.data_mode=memory"])
+    # what a user gets (auto: stream once a worker's shard exceeds train.memory_budget_mb); memory
+    # at the size where both modes run side by side
+    stage("train", ["train", str(cfg), *flags, "--set", f"train.data_mode={'memory' if stream_too else 'auto'}"])
     hist = json.loads((run / "train/seed_2024/history.json").read_text())[0]
+    stages["train"]["data_mode"] = json.loads((run / "train/seed_2024/worker_rank0.json").read_text())["data_mode"]
     stages["train"]["samples_per_s"] = round(hist["samples_per_s"])
     stages["train"]["epoch_seconds"] = round(hist["epoch_seconds"], 1)
     stage("evaluate", ["evaluate", str(run)])

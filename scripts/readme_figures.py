@@ -108,8 +108,42 @@ def serve() -> str:
             f"(`bench/results/serve.json`).\n")
 
 
+def scale() -> str:
+    """Per size: wall per stage, peak RSS of any process, cost per row; stream vs memory."""
+    d = _load("scale")
+    stages = ["prepare", "train", "evaluate", "export", "serve"]
+    rows = ["| interactions (users / items) | " + " | ".join(stages) + " | µs per row | largest process | test AUC |",
+            "|---|" + "---:|" * (len(stages) + 3)]
+    for r in d["sizes"]:
+        st = r["stages"]
+        cells = [f"{st[s]['seconds']:.0f} s" for s in stages]
+        cells[1] += f" ({st['train'].get('data_mode', 'memory')}, {st['train']['samples_per_s']:,} samples/s)"
+        biggest = max(st.values(), key=lambda x: x["max_process_rss_mib"])["max_process_rss_mib"]
+        rows.append(f"| {r['rows']:,} ({r['users']:,} / {r['items']:,}) | " + " | ".join(cells)
+                    + f" | {r['seconds_total'] / r['rows'] * 1e6:.0f} | {biggest / 1024:.1f} GiB | {r['test_auc']:.3f} |")
+    five = next((r for r in d["sizes"] if "stream_train" in r), None)
+    tail = ""
+    if five:
+        tail = (f"\nAt {five['rows']:,} rows, the same cluster side by side: stream mode trained at "
+                f"{five['stream_train']['samples_per_s']:,} samples/s, memory mode at "
+                f"{five['stages']['train']['samples_per_s']:,} ({five['stream_vs_memory_samples_per_s']:.2f}x).\n")
+    return (f"Measured by `bench/scale_bench.py` on {d['summary']['date']} ({d['summary']['machine']}, one local "
+            "Ray cluster, 1 training worker, 1 epoch, text features off; `bench/results/scale.json`):\n\n"
+            + "\n".join(rows) + "\n" + tail)
+
+
+def stream_vs_memory() -> str:
+    d = _load("stream_vs_memory")
+    t = d["table"]
+    mem, st = t["shared_bottom"]["auc"], t["shared_bottom+stream"]["auc"]
+    return (f"On ML-1M (SWR protocol, shared_bottom, {t['shared_bottom']['seeds']} seeds each, up to "
+            f"{d['epochs_cap']} epochs, `bench/accuracy_bench.py`): test AUC {mem['mean']:.4f} ± {mem['std']:.4f} "
+            f"in memory mode, {st['mean']:.4f} ± {st['std']:.4f} streamed (`bench/results/stream_vs_memory.json`).\n")
+
+
 RENDERERS = {"default-run-output": default_run_output, "default-run-time": default_run_time,
-             "accuracy": accuracy, "tune": tune, "serve": serve}
+             "accuracy": accuracy, "tune": tune, "serve": serve, "scale": scale,
+             "stream-vs-memory": stream_vs_memory}
 
 
 def render(text: str) -> str:

@@ -109,7 +109,7 @@ def prepared(tmp_path_factory, ray_cluster):
 
 def aug_cfg(run, *extra):
     return load_config(QUICK, [f"run_dir={run}", "data.max_interactions=20000", "model.text.mode=off",
-                               "augment.enabled=true", "augment.num_users=12", "augment.batch_size=6",
+                               "augment.enabled=true", "augment.num_users=6", "augment.batch_size=3",
                                "augment.scenarios=[s0_age_under25, s2_age_35plus]", *extra])
 
 
@@ -117,14 +117,14 @@ def check_stage(res, spec, pdir, scen_names):
     import pyarrow.parquet as pq
 
     s = res.stats
-    assert s["requested"] == 12 and s["answered"] + s["invalid"].get("no_answer", 0) == s["requested"]
+    assert s["requested"] == 6 and s["answered"] + s["invalid"].get("no_answer", 0) == s["requested"]
     assert s["valid"] + sum(v for k, v in s["invalid"].items() if k != "no_answer") == s["answered"]
     assert 2 * s["valid"] == s["rows_written"] + s["duplicates_of_real"]
     assert s["positives"] + s["negatives"] == s["rows_written"] == spec.synthetic.rows
     rows = pq.read_table(pdir / spec.synthetic.table).to_pandas()
     assert (rows["is_synthetic"] == 1).all() and set(rows["scenario"]) <= {spec.scenario_names.index(n) for n in scen_names}
     gens = pq.read_table(pdir / "augment/generations.parquet").to_pandas()
-    assert len(gens) == 12 and set(gens["status"]) <= {"valid", *s["invalid"]}  # every answer kept, bad ones too
+    assert len(gens) == 6 and set(gens["status"]) <= {"valid", *s["invalid"]}  # every answer kept, bad ones too
     return rows
 
 
@@ -192,4 +192,4 @@ def test_vllm_stage_through_ray_data_llm(prepared):
     res = augment_stage(aug_cfg(run, "augment.backend=vllm"), pdir, force=True)
     spec = FeatureSpec.load(pdir)
     check_stage(res, spec, pdir, ["s0_age_under25", "s2_age_35plus"])
-    assert res.stats["generator"]["backend"] == "vllm" and res.stats["valid"] == 12  # structured outputs: all parse
+    assert res.stats["generator"]["backend"] == "vllm" and res.stats["valid"] == 6  # structured outputs: all parse

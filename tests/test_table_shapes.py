@@ -163,3 +163,32 @@ def test_every_table_shape_trains_evaluates_exports_and_serves(tmp_path, ray_clu
     assert [i["score"] for i in ctx["items"]] != [i["score"] for i in plain["items"]]  # the request's features count
     bad = rec.recommend_many([Query(user_id="u3", scenario="2", k=5, context={"price_seen": "cheap"})])[0]
     assert bad.status == 422 and "context.price_seen must be a number" in str(bad)
+
+
+@pytest.mark.ray
+def test_augment_on_interactions_only_with_hashed_item_ids(tmp_path, ray_cluster):
+    """The augment stage's data side on the barest shape: no items table (prompts name items by
+    key) and a hashed item_id (candidates come from the train split, not a vocabulary)."""
+    import pandas as pd
+
+    from mcl_ray.llm.augment import build_requests, postprocess, read_train, real_interactions
+
+    raw = clicks_config(clicks(tmp_path / "in", n_users=30, n_items=25, scenarios=2), tmp_path / "run")
+    raw["prepare"]["categorical"][1]["hash_buckets"] = 64
+    raw["augment"] = {"num_users": 4, "max_interactions": 40, "num_candidates": 4, "random_candidates": 1}
+    cfg = validate_config(raw)
+    res = prepare(cfg, force=True)
+    assert res.spec.items_table is None and {f.name: f.hash_buckets for f in res.spec.categorical}["item_id"] == 64
+    train = read_train(res.spec, res.out_dir)
+    reqs, info = build_requests(cfg, res.spec, res.out_dir, train)
+    assert len(reqs) == 4 and info["train_rows"] == len(train)
+    for r in reqs.itertuples():
+        seen = set(train.loc[train["user_key"] == r.user_key, "item_key"])
+        assert len(r.candidates) == 4 and not set(r.candidates) & seen and set(r.candidates) <= set(train["item_key"])
+        assert r.candidates[0] in r.messages_json  # the key stands in for a title
+    answers = pd.DataFrame({"id": reqs["id"], "answer": '{"like": "A", "dislike": "B"}', "generated_tokens": 9})
+    real = real_interactions(res.spec, res.out_dir, set(reqs["user_key"]))
+    rows, log, stats = postprocess(reqs, answers, real, res.spec, train)
+    assert stats["valid"] == 4 and len(rows) == 8 and (rows["is_synthetic"] == 1).all()
+    item_id = train.drop_duplicates("item_key").set_index("item_key")["item_id"]
+    assert (rows["item_id"].to_numpy() == item_id.loc[rows["item_key"]].to_numpy()).all()  # the hashed ids train uses

@@ -98,7 +98,9 @@ def build_requests(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path,
                            f"{sorted(names[s] for s in targets_scen)}; raise augment.max_interactions")
     chosen = sorted(rng.choice(np.array(eligible, dtype=object), min(ac.num_users, len(eligible)), replace=False))
 
-    items = pq.read_table(prepare_dir / spec.items_table).to_pandas()
+    # without an items table (interactions only) the prompt names items by their key
+    items = (pq.read_table(prepare_dir / spec.items_table).to_pandas() if spec.items_table
+             else pd.DataFrame({"item_id": pd.Series(train[i].unique(), dtype=object)}))
     items["_key"] = key_array(pa.array(items["item_id"])).to_pylist()
     title = dict(zip(items["_key"], items["title"] if "title" in items else items["_key"]))
     genres = dict(zip(items["_key"], (items["genres"].astype(str).str.replace("|", ", ", regex=False)
@@ -238,8 +240,8 @@ def synthetic_rows(pairs: list[tuple], spec: FeatureSpec, train: pd.DataFrame) -
 def real_interactions(spec: FeatureSpec, prepare_dir: Path, users: set) -> set:
     """(user, item) of every real interaction of these users, in every split: a synthetic pair that
     repeats one (possibly a held-out test pair with the opposite label) is dropped and counted."""
-    t = read_pairs(prepare_dir, spec, spec.splits)
-    return {(a, b) for a, b in zip(t[spec.user_key].to_pylist(), t[spec.item_key].to_pylist()) if a in users}
+    t = read_pairs(prepare_dir, spec, spec.splits, users=users)
+    return set(zip(t[spec.user_key].to_pylist(), t[spec.item_key].to_pylist()))
 
 
 # ----------------------------------------------------------------------------- the stage
