@@ -6,6 +6,13 @@ and logloss (mean +- std), next to the published numbers (the SWR paper, KDD'24)
   python bench/accuracy_bench.py --backbones shared_bottom shared_bottom+text m2m m2m+text --epochs 12 \
       --out bench/results/text_ablation.json   # the text ablation (llm_ranker: add it, hours on CPU)
 
+"+noise", "+fgm", "+pgd" train with that embedding perturbation (train.perturbation, eps
+PERTURB_EPS); every variant also reports its test AUC with CORRUPT_SHARE of the test rows'
+categorical ids replaced at random (robustness):
+
+  python bench/accuracy_bench.py --backbones shared_bottom shared_bottom+noise shared_bottom+fgm \
+      --out bench/results/perturbation.json
+
 A "+stream" suffix trains in stream mode (the same protocol, data streamed from Ray Data):
 
   python bench/accuracy_bench.py --backbones shared_bottom shared_bottom+stream \
@@ -49,6 +56,11 @@ LLM_RANKER_SAMPLE = {"train": 8000, "valid": 1000, "test": 10000}
 LLM_RANKER_EPOCHS = 1
 
 
+PERTURB = {"noise": "random", "fgm": "fgm", "pgd": "pgd"}
+PERTURB_EPS = 0.05
+CORRUPT_SHARE = 0.2  # robustness: AUC when this share of the test rows' categorical ids is replaced at random
+
+
 AUG_USERS = 400  # thin users (<= 30 train interactions) prompted once, shared by every +aug variant
 THIN = 30
 
@@ -59,8 +71,11 @@ def overrides(variant: str, epochs: int) -> list[str]:
     if backbone in EXPERT_HIDDEN:
         o.append(f"model.hidden={EXPERT_HIDDEN[backbone]}")
     for x in extras:
-        if x not in ("text", "stream") and not x.startswith("aug"):
-            raise SystemExit(f"unknown variant suffix +{x} (known: +text, +stream, +aug<weight>)")
+        if x not in ("text", "stream", *PERTURB) and not x.startswith("aug"):
+            raise SystemExit(f"unknown variant suffix +{x} (known: +text, +stream, +{', +'.join(PERTURB)}, +aug<weight>)")
+    for x in extras:
+        if x in PERTURB:  # embedding perturbation in training (train.perturbation), eps PERTURB_EPS
+            o += [f"train.perturbation={PERTURB[x]}", f"train.perturbation_eps={PERTURB_EPS}"]
     # +stream: workers iterate their Ray Data shard through a local shuffle buffer instead of
     # holding it as tensors (train.data_mode=stream); the rest of the protocol is unchanged
     o.append(f"train.data_mode={'stream' if 'stream' in extras else 'memory'}")
@@ -124,6 +139,32 @@ def auc_on_sample(train_dir: Path, prepare_dir: Path, seed: int) -> float:
     return float(roc_auc_score(data.label.numpy(), p))
 
 
+def auc_corrupted(train_dir: Path, prepare_dir: Path, share: float = CORRUPT_SHARE, seed: int = 0) -> float:
+    """Test AUC after replacing `share` of all (row, categorical feature) ids of the test split by
+    ids drawn uniformly from the feature's vocabulary (seeded: every variant sees the same noise)."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from mcl_ray.core.config import ExperimentConfig
+    from mcl_ray.core.feature_spec import FeatureSpec
+    from mcl_ray.evaluate.evaluate import predict
+    from mcl_ray.models.batch import load_split
+    from mcl_ray.models.weights import MODEL, load_trained
+
+    cfg = ExperimentConfig.model_validate_json((train_dir / "config.json").read_text())
+    spec = FeatureSpec.load(prepare_dir)
+    data = load_split(prepare_dir, spec, "test")
+    rng = np.random.default_rng(seed)
+    cat = data.cat.numpy().copy()
+    sizes = np.array([f.vocab_size for f in spec.categorical])
+    hit = rng.random(cat.shape) < share
+    cat[hit] = (rng.random(cat.shape) * (sizes - 1)).astype(np.int64)[hit] + 1
+    data.cat = torch.from_numpy(cat)
+    p = predict(load_trained(spec, cfg.model, train_dir / MODEL), data, 65536, torch.device("cpu"))
+    return float(roc_auc_score(data.label.numpy(), p))
+
+
 def child(backbone: str, seed: int, epochs: int, run_dir: str) -> None:
     from mcl_ray.core.config import load_config
     from mcl_ray.core.ray_env import init_ray
@@ -136,8 +177,9 @@ def child(backbone: str, seed: int, epochs: int, run_dir: str) -> None:
     m = res.metrics
     ref = auc_on_sample(res.train_dir, Path(run_dir) / "prepare", seed)
     thin = auc_thin(res.train_dir, Path(run_dir) / "prepare")
+    corrupted = auc_corrupted(res.train_dir, Path(run_dir) / "prepare")
     print(json.dumps({"backbone": backbone, "seed": seed, "auc": m["overall"]["auc"], "auc_at_sample": ref,
-                      "auc_thin_users": thin,
+                      "auc_thin_users": thin, "auc_corrupted": corrupted,
                       "logloss": m["overall"]["logloss"], "gauc": m["overall"]["gauc"],
                       "by_scenario": {k: {"auc": v["auc"], "logloss": v["logloss"]} for k, v in m["by_scenario"].items()},
                       "epochs": len(res.history), "best_epoch": max(res.history, key=lambda h: h["val_auc"])["epoch"],
@@ -209,6 +251,7 @@ def main() -> None:
         table[b] = {"auc": agg([r["auc"] for r in rs]), "logloss": agg([r["logloss"] for r in rs]),
                     "auc_at_sample": agg([r["auc_at_sample"] for r in rs]),
                     "auc_thin_users": agg([r["auc_thin_users"] for r in rs]),
+                    "auc_corrupted": agg([r["auc_corrupted"] for r in rs]),
                     "by_scenario": {s: {"auc": agg([r["by_scenario"][s]["auc"] for r in rs]),
                                         "logloss": agg([r["by_scenario"][s]["logloss"] for r in rs])} for s in scen},
                     "seeds": len(rs), "published": PUBLISHED.get(b)}
@@ -217,7 +260,7 @@ def main() -> None:
                                        "wall_seconds": time.time() - t0}, indent=2))
     print(f"\nSWR protocol on ML-1M, test split, {a.seeds} seeds (mean ± std); published in brackets")
     print(f"{'backbone':18s} {'overall AUC':>20s} {'logloss':>16s}   per-scenario AUC (s0 / s1 / s2)   "
-          f"AUC on llm_ranker's test sample   AUC users <= {THIN} train rows")
+          f"AUC on llm_ranker's test sample   AUC users <= {THIN} train rows   AUC {CORRUPT_SHARE:.0%} ids corrupted")
     for b, t in sorted(table.items(), key=lambda kv: -kv[1]["auc"]["mean"]):
         pub = t["published"][0] if t["published"] else None
         ps = t["published"][1] if t["published"] else None
@@ -226,7 +269,8 @@ def main() -> None:
         print(f"{b:18s} {t['auc']['mean']:.4f} ± {t['auc']['std']:.4f}" + (f" [{pub:.4f}]" if pub else " [  -   ]")
               + f" {t['logloss']['mean']:.4f} ± {t['logloss']['std']:.4f}   {sc}   "
               + f"{t['auc_at_sample']['mean']:.4f} ± {t['auc_at_sample']['std']:.4f}   "
-              + f"{t['auc_thin_users']['mean']:.4f} ± {t['auc_thin_users']['std']:.4f}")
+              + f"{t['auc_thin_users']['mean']:.4f} ± {t['auc_thin_users']['std']:.4f}   "
+              + f"{t['auc_corrupted']['mean']:.4f} ± {t['auc_corrupted']['std']:.4f}")
     print(f"results -> {a.out}")
 
 

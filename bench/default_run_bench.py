@@ -48,6 +48,7 @@ def main() -> None:
         "test_auc": summary["overall"]["auc"]["mean"],
         "test_auc_by_scenario": {k: v["auc"]["mean"] for k, v in summary["by_scenario"].items()},
         "backbone": summary["backbone"],
+        "fairness": summary.get("fairness"),  # by user group and item popularity, test split
         "stderr": ANSI.sub("", p.stderr).splitlines(),
         "stdout": ANSI.sub("", p.stdout).splitlines(),
     }

@@ -33,6 +33,7 @@ from mcl_ray.core.files import file_digest, replace_folder
 from mcl_ray.core.provenance import git_commit, library_versions
 from mcl_ray.core.stage import Marker, Stage, fingerprint
 from mcl_ray.data.splits import read_pairs
+from mcl_ray.evaluate.summary import fairness_markdown
 from mcl_ray.models.weights import MODEL, load_trained
 
 ARTIFACT_FORMAT = 1
@@ -140,7 +141,8 @@ def write_model_card(folder: Path, cfg: ExperimentConfig, spec: FeatureSpec, man
         "label": cfg.prepare.label.model_dump(),
         "metrics": {"valid_auc": metrics["valid"]["overall"]["auc"],
                     "test_auc": test.get("overall", {}).get("auc"),
-                    "test_auc_by_scenario": {k: v["auc"] for k, v in test.get("by_scenario", {}).items()}},
+                    "test_auc_by_scenario": {k: v["auc"] for k, v in test.get("by_scenario", {}).items()},
+                    "test_fairness": test.get("fairness")},
         "hyperparameters": {"model": cfg.model.model_dump(), "train": cfg.train.model_dump()},
         "limitations": "Trained offline on the data above; scores are calibrated to its label rate. "
                        "Users and items unseen in training get the OOV embedding (cold start from attributes).",
@@ -156,6 +158,8 @@ def write_model_card(folder: Path, cfg: ExperimentConfig, spec: FeatureSpec, man
         v = by_val.get(s, {}).get("auc")
         lines.append(f"| {s} | {_f(v)} | {_f(t)} |")
     lines.append(f"| **overall** | {_f(metrics['valid']['overall']['auc'])} | {_f(test.get('overall', {}).get('auc'))} |")
+    if test.get("fairness"):
+        lines += ["", "## Fairness by user group (test)", ""] + fairness_markdown(test["fairness"])
     lines += ["", "## Hyperparameters", "", "```json", json.dumps(card["hyperparameters"], indent=1), "```", "",
               "## Limitations", "", card["limitations"], ""]
     (folder / "MODEL_CARD.md").write_text("\n".join(lines))

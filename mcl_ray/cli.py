@@ -217,6 +217,30 @@ def print_metrics(summary: dict, n: int, split: str) -> None:
         for k in next(iter(summary["ranking"].values())):
             r.add_row(k, *[f"{summary['ranking'][n][k]['mean']:.4f}" for n in names])
         out.print(r)
+    if summary.get("fairness"):
+        print_fairness(summary["fairness"], split)
+
+
+def print_fairness(f: dict, split: str) -> None:
+    """Per user group and per popularity bucket (means over seeds; report.md has the ± std)."""
+    from mcl_ray.evaluate.summary import EXPOSURE_HEAD, fairness_tables
+
+    head, rows, ex_rows = fairness_tables(f, means_only=True)
+    if rows:
+        t = Table(title=f"{split} metrics by user group (gap: max - min over the values)")
+        for c in head:
+            t.add_column(c, justify="left" if c in ("attribute", "value") else "right")
+        for r in rows:
+            t.add_row(*r, style="bold" if r[1] == "gap" else None)
+        out.print(t)
+    if ex_rows:
+        k = f["exposure"]["k"]
+        t = Table(title=f"top-{k['mean'] if isinstance(k, dict) else k:.0f} exposure by item popularity")
+        for c in EXPOSURE_HEAD:
+            t.add_column(c, justify="left" if c == "popularity" else "right")
+        for r in ex_rows:
+            t.add_row(*r, style="bold" if r[0] == "gap" else None)
+        out.print(t)
 
 
 @app.command()

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from mcl_ray.evaluate.summary import format_agg
+from mcl_ray.evaluate.summary import fairness_markdown, format_agg
 
 
 def _load(path: Path):
@@ -67,6 +67,11 @@ def write_run_report(run_dir: str | Path) -> Path:
             lines.append(f"| {name} | {format_agg(m['auc'])} | {format_agg(m['logloss'])} |")
         lines.append(f"| **overall** | {format_agg(summary['overall']['auc'])} | {format_agg(summary['overall']['logloss'])} |")
         lines.append("")
+        if summary.get("fairness"):
+            lines += ["### Fairness by user group (test)", "",
+                      "Metrics per value of each user attribute and their max-min gap; top-K exposure of items "
+                      "by popularity (`evaluate.fairness_groups`, `evaluate.popularity_buckets`).", ""]
+            lines += fairness_markdown(summary["fairness"])
         for seed_dir in sorted((root / "train").glob("seed_*")):
             pngs = sorted(seed_dir.glob("*.png"))
             if pngs:

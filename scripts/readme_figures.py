@@ -108,6 +108,16 @@ def serve() -> str:
             f"(`bench/results/serve.json`).\n")
 
 
+def fairness() -> str:
+    """The default run's fairness tables (test split), as `mcl-ray run` writes them in report.md."""
+    sys.path.insert(0, str(ROOT))
+    from mcl_ray.evaluate.summary import fairness_markdown
+
+    d = _load("default_run")
+    return (f"The default run (`{d['command']}`, {d['date']}, `bench/results/default_run.json`), test split:\n\n"
+            + "\n".join(fairness_markdown(d["fairness"])))
+
+
 def scale() -> str:
     """Per size: wall per stage, peak RSS of any process, cost per row; stream vs memory."""
     d = _load("scale")
@@ -142,7 +152,7 @@ def stream_vs_memory() -> str:
 
 
 RENDERERS = {"default-run-output": default_run_output, "default-run-time": default_run_time,
-             "accuracy": accuracy, "tune": tune, "serve": serve, "scale": scale,
+             "accuracy": accuracy, "tune": tune, "serve": serve, "scale": scale, "fairness": fairness,
              "stream-vs-memory": stream_vs_memory}
 
 

@@ -103,8 +103,10 @@ def test_run_blocks_work_as_written(tmp_path):
     assert "Ray's logs: " in quick and (run / "ray.log").exists()
     report = (run / "report.md").read_text()
     for section in ("## Data (prepare)", "## Text features (encode)", "## Training", "## Model artifact",
-                    "learning_curves.png"):
+                    "learning_curves.png", "### Fairness by user group (test)", "| gender | gap |"):
         assert section in report, section
+    card = (run / "artifact/MODEL_CARD.md").read_text()  # the model card carries the fairness tables too
+    assert "## Fairness by user group (test)" in card and "| head |" in card
     assert "ok: experiments/ml1m_swr.yaml" in config and "train.patience" in config
     assert yaml.safe_load((repo / "runs/my_experiment.yaml").read_text())["train"]["epochs"] == 5
     assert json.loads((run / "tune/summary.json").read_text())

@@ -125,6 +125,17 @@ def test_cli_train_with_seeds_and_evaluate(prepared):
         assert m["hitrate@20"]["mean"] >= m["hitrate@10"]["mean"]
     seed_metrics = json.loads((run_dir / "train" / "seed_2024" / "metrics.json").read_text())
     assert seed_metrics["split"] == "test" and all(v["users"] > 0 for v in seed_metrics["ranking"].values())
+    # fairness by user group: gender and age (occupation has 21 values > fairness_max_values, zip is id-like)
+    fair = seed_metrics["fairness"]
+    assert set(fair["groups"]) == {"gender", "age"} and set(fair["groups"]["gender"]["values"]) == {"F", "M"}
+    g = fair["groups"]["gender"]
+    assert sum(v["n"] for v in g["values"].values()) == seed_metrics["overall"]["n"]  # every test row has a gender
+    assert sum(v["users"] for v in g["values"].values()) == sum(v["users"] for v in seed_metrics["ranking"].values())
+    assert g["gap"]["auc"] == abs(g["values"]["F"]["auc"] - g["values"]["M"]["auc"])
+    shares = [b["exposure_share"] for b in fair["exposure"]["buckets"]]
+    assert fair["exposure"]["k"] == 10 and len(shares) == 3 and abs(sum(shares) - 1) < 1e-9
+    assert "metrics by user group" in r.output and "exposure by item popularity" in r.output
+    assert summary["fairness"]["groups"]["gender"]["gap"]["auc"]["n"] == 2  # mean ± std over the seeds
 
     r = CliRunner().invoke(app, ["evaluate", str(run_dir)])
     assert r.exit_code == 0, r.output

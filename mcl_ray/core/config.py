@@ -298,6 +298,13 @@ class TrainConfig(Strict):
     weight_decay: float = Field(1e-5, ge=0, description="Weight decay (L2 for adam, decoupled for adamw).")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="LR schedule over the epochs.")
     patience: int = Field(4, ge=1, description="Early stopping: epochs without a better validation AUC.")
+    perturbation: Literal["none", "random", "fgm", "pgd"] = Field(
+        "none", description="Embedding perturbation in training (robustness): random (Gaussian noise of norm "
+        "perturbation_eps per row), fgm (one step along the loss gradient, norm perturbation_eps; trains on clean + "
+        "adversarial loss) or pgd (perturbation_steps ascent steps projected on the eps ball).")
+    perturbation_eps: float = Field(0.1, gt=0, description="Norm of the perturbation of a row's input embeddings "
+                                                           "(all fields together).")
+    perturbation_steps: int = Field(3, ge=1, le=20, description="pgd: ascent steps (each of size eps / steps * 2, projected).")
     seed: int = Field(2024, description="Seed of initialisation and shuffling.")
     num_workers: int = Field(1, ge=0, description="Ray Train DDP workers (0: run the loop in the driver).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend, autocast per `precision`.")
@@ -331,6 +338,13 @@ class EvaluateConfig(Strict):
     top_k: list[int] = Field([10, 20], min_length=1, description="K for Recall/NDCG/HitRate/Precision/F1@K.")
     ranking_users: int = Field(2000, ge=0, description="Test users sampled per run for top-K ranking (0: skip).")
     exclude_seen: bool = Field(True, description="Ranking excludes items the user interacted with in train/valid.")
+    fairness_groups: list[str] | None = Field(
+        None, description="User attributes (columns of the users table) to report metrics by, with the max-min gap "
+        "between their values. null: every user-side categorical feature with at most fairness_max_values values; "
+        "[]: off.")
+    fairness_max_values: int = Field(20, ge=2, description="Automatic fairness groups: attributes with at most this many values.")
+    popularity_buckets: int = Field(3, ge=1, le=10, description="Item popularity buckets for top-K exposure (equal "
+                                                                "shares of train interactions; 3: head, mid, tail).")
 
 
 class RayConfig(Strict):

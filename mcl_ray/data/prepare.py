@@ -29,7 +29,7 @@ from mcl_ray.core.keys import key_array, keys_of, value_key
 from mcl_ray.core.ray_env import tune_data_context
 from mcl_ray.core.stage import Marker, Stage, fingerprint
 from mcl_ray.data import csv_tables, fuse, package_data, sources
-from mcl_ray.data.vocab import hashed_ids, ids_of
+from mcl_ray.data.vocab import hashed_ids, ids_of, zscores
 from mcl_ray.core.feature_spec import Feature, FeatureSpec, TextField
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,28 @@ def profile_batch(batch: pa.Table, categorical: list[str], numeric: list[str]) -
     return pa.concat_tables(parts)
 
 
+PROFILE_KEYS = ["kind", "reason", "split", "scenario", "feature", "value"]
+
+
+def combine_profiles(ds, compact_rows: int = 2_000_000) -> pd.DataFrame:
+    """Add up the per-batch partial profiles as they stream in: the driver holds one row per
+    distinct (kind, ..., value), not one per batch and value (20M rows of 2M users made 16M
+    partial user_id counts; summed, they are 2M)."""
+    def compact(parts: list[pa.Table]) -> pa.Table:
+        t = pa.concat_tables(parts).group_by(PROFILE_KEYS, use_threads=False).aggregate(
+            [("count", "sum"), ("sum", "sum"), ("sumsq", "sum")])
+        return t.rename_columns({"count_sum": "count", "sum_sum": "sum", "sumsq_sum": "sumsq"}).select(
+            PROFILE_SCHEMA.names)
+
+    acc, pending, held = PROFILE_SCHEMA.empty_table(), [], 0
+    for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        pending.append(b.cast(PROFILE_SCHEMA))
+        held += b.num_rows
+        if held > max(compact_rows, 2 * acc.num_rows):  # amortised: each compaction at least halves what is held
+            acc, pending, held = compact([acc, *pending]), [], 0
+    return compact([acc, *pending]).to_pandas()
+
+
 def fit_vocabs(profile: pd.DataFrame, cfg_cat: dict[str, int]) -> dict[str, list[str]]:
     """Vocabulary per feature: train values with count >= min_count, by count desc then value.
 
@@ -227,8 +249,7 @@ def encode_batch(batch: pa.Table, vocabs: dict[str, pa.Array], numeric: dict[str
     for f, buckets in (hashed or {}).items():
         cols[f] = hashed_ids(batch[f], buckets)
     for f, (mean, std) in numeric.items():
-        z = pc.fill_null(pc.divide(pc.subtract(pc.cast(batch[f], pa.float64()), mean), std), 0.0)
-        cols[f] = pc.cast(pc.if_else(pc.is_nan(z), 0.0, z), pa.float32())  # missing: the train mean
+        cols[f] = zscores(batch[f], mean, std)  # missing: the train mean
     cols[col("scenario_column")] = pc.cast(batch["scenario"], pa.int64())
     cols[col("label_column")] = pc.cast(batch["label"], pa.float32())
     cols[col("weight_column")] = pa.array(np.ones(n, np.float32))
@@ -398,13 +419,13 @@ class PrepareStage(Stage[PrepareResult]):
         # hashed features need no counts: 10M distinct ids never reach the driver
         kwargs = {"categorical": [f for f in self._categorical() if f not in self._hashed()],
                   "numeric": list(self.pc.numeric)}
-        prof = checked.map_batches(profile_batch, batch_format="pyarrow", fn_kwargs=kwargs).to_pandas()
+        prof = combine_profiles(checked.map_batches(profile_batch, batch_format="pyarrow", fn_kwargs=kwargs))
         if self.pc.split.kind != "temporal":
             return checked, prof
         self.step("temporal split", self.pc.split.temporal_mode)
         rows = assign_temporal(checked.map_batches(_good_rows, batch_format="pyarrow"), self.pc).materialize()
         prof = pd.concat([prof[prof["kind"] == "reason"],
-                          rows.map_batches(profile_batch, batch_format="pyarrow", fn_kwargs=kwargs).to_pandas()])
+                          combine_profiles(rows.map_batches(profile_batch, batch_format="pyarrow", fn_kwargs=kwargs))])
         return rows, prof
 
     def _write_quarantine(self, bad_ds, quarantine, reason_counts) -> dict[str, int]:

@@ -84,6 +84,17 @@ def unique_keys(prepare_dir: str | Path, spec: FeatureSpec, splits, column: str)
     return pc.unique(pa.concat_arrays(seen)) if seen else pa.array([], pa.string())
 
 
+def value_counts(prepare_dir: str | Path, spec: FeatureSpec, split: str, column: str) -> dict[str, int]:
+    """Rows per value of one column of a split, streamed batch by batch."""
+    parts = [pa.table({"values": pa.array([], pa.string()), "counts": pa.array([], pa.int64())})]
+    for f in _split_files(prepare_dir, spec, split):
+        for rb in pq.ParquetFile(f).iter_batches(columns=[column]):
+            vc = pc.value_counts(key_array(rb.column(0)))
+            parts.append(pa.table({"values": vc.field("values"), "counts": vc.field("counts")}))
+    t = pa.concat_tables(parts).group_by("values").aggregate([("counts", "sum")])
+    return dict(zip(t["values"].to_pylist(), t["counts_sum"].to_pylist()))
+
+
 def sample_rows(table: pa.Table, n: int | None, seed: int) -> pa.Table:
     """A seeded random sample of n rows (kept in file order); all rows when n is None or >= the rows."""
     if n is None or n >= table.num_rows:

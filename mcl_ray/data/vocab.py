@@ -86,12 +86,21 @@ def encode_entities(table: pa.Table, key: str, spec: FeatureSpec, vocabs: Vocabu
     return key_array(table[key]).to_pylist(), cols
 
 
+def zscores(values: pa.Array | pa.ChunkedArray, mean: float, std: float) -> pa.Array:
+    """Numeric values -> the model's input: (x - train mean) / train std as float32; null or NaN
+    -> 0, the train mean. The one definition prepare (training data) and serving/evaluation
+    (entity and request values, through `zscore`) share."""
+    z = pc.fill_null(pc.divide(pc.subtract(pc.cast(values, pa.float64()), mean), std or 1.0), 0.0)
+    return pc.cast(pc.if_else(pc.is_nan(z), 0.0, z), pa.float32())
+
+
 def zscore(feature, values) -> np.ndarray:
-    """Raw numeric values -> the model's input (train mean/std); null or not a number -> 0."""
+    """Raw values of any type (a table column, request values) -> zscores; not a number -> 0."""
     import pandas as pd
 
     x = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(np.float64, na_value=np.nan)
-    return np.nan_to_num((x - feature.mean) / (feature.std or 1.0)).astype(np.float32)
+    z = zscores(pa.array(x, pa.float64()), feature.mean, feature.std)
+    return z.to_numpy(zero_copy_only=False)
 
 
 def entity_table(table: pa.Table | None, key: str, vocabs: Vocabularies, seen_keys=None) -> pa.Table:

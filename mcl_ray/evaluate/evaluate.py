@@ -10,17 +10,19 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from mcl_ray.core.config import ExperimentConfig
+from mcl_ray.core.config import ConfigError, ExperimentConfig
 from mcl_ray.core.feature_spec import FeatureSpec
 from mcl_ray.core.keys import key_array
-from mcl_ray.data.splits import iter_split, read_pairs, read_split, unique_keys
+from mcl_ray.data.splits import iter_split, read_pairs, read_split, unique_keys, value_counts
 from mcl_ray.data.vocab import Vocabularies, encode_entities, entity_table
-from mcl_ray.evaluate.metrics import binary_metrics, gauc, topk_metrics
+from mcl_ray.evaluate.fairness import by_group, exposure, popularity_buckets
+from mcl_ray.evaluate.metrics import binary_metrics, gauc, topk_per_user
 from mcl_ray.evaluate.summary import EvalMetrics
 from mcl_ray.models.batch import Batch
 from mcl_ray.models.weights import MODEL, load_trained
@@ -41,8 +43,11 @@ def predict(model: torch.nn.Module, data: Batch, batch_size: int, device: torch.
 
 @torch.no_grad()
 def ranking(model, spec: FeatureSpec, cfg: ExperimentConfig, prepare_dir: Path, test: pa.Table,
-            seen_splits: list[str]) -> dict:
+            seen_splits: list[str]) -> tuple[dict, dict, list, list]:
     """Score every trainable item for sampled test users in their scenario; rank held-out positives.
+
+    Returns (per scenario {users, recall@K, ...}, per user {recall@K, ndcg@K}, each ranked user's
+    top-K item keys (K: the first of evaluate.top_k), the candidate item keys).
 
     Everything per user (features, seen items, scenario) is read for the sampled users only, so
     memory follows `evaluate.ranking_users`, not the number of users in the data."""
@@ -83,7 +88,9 @@ def ranking(model, spec: FeatureSpec, cfg: ExperimentConfig, prepare_dir: Path, 
     cat_names = [f.name for f in spec.categorical]
     num_names = [f.name for f in spec.numeric]
     all_items = np.arange(n_items)
-    per_scen: dict[int, tuple[list, list]] = {}
+    per_scen: dict[int, tuple[list, list, list]] = {}
+    k0 = ev.top_k[0]
+    top_items = []
     for u in users:
         if u not in user_row:
             continue
@@ -97,10 +104,67 @@ def ranking(model, spec: FeatureSpec, cfg: ExperimentConfig, prepare_dir: Path, 
         rel = torch.zeros(n_items, dtype=torch.bool)
         rel[[item_pos[it] for it in pos_items.get(u, set()) if it in item_pos]] = True
         if rel.any():
-            per_scen.setdefault(s, ([], []))[0].append(scores)
+            per_scen.setdefault(s, ([], [], []))[0].append(scores)
             per_scen[s][1].append(rel)
-    return {spec.scenario_names[s]: {"users": len(sc), **topk_metrics(torch.stack(sc), torch.stack(rl), ev.top_k)}
-            for s, (sc, rl) in sorted(per_scen.items())}
+            per_scen[s][2].append(u)
+            top_items.append([i_keys[j] for j in torch.topk(scores, min(k0, n_items)).indices.tolist()])
+    by_scen, per_user = {}, {}
+    for s, (sc, rl, us) in sorted(per_scen.items()):
+        pu = topk_per_user(torch.stack(sc), torch.stack(rl), ev.top_k)
+        by_scen[spec.scenario_names[s]] = {"users": len(sc), **{k: float(v.mean()) for k, v in pu.items()}}
+        for j, u in enumerate(us):
+            per_user[u] = {k: float(pu[k][j]) for k in (f"recall@{k0}", f"ndcg@{k0}")}
+    return by_scen, per_user, top_items, i_keys
+
+
+def fairness_groups(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path) -> list[str]:
+    """The user attributes to report fairness by; a configured one the users table lacks is a
+    config error (checked before training starts, not after)."""
+    ev = cfg.evaluate
+    if ev.fairness_groups == [] or (ev.fairness_groups is None and not spec.users_table):
+        return []
+    cols = pq.read_schema(Path(prepare_dir) / spec.users_table).names if spec.users_table else []
+    if ev.fairness_groups is None:
+        return [f.name for f in spec.categorical if f.source == "user" and f.name != "user_id" and f.name in cols]
+    missing = [g for g in ev.fairness_groups if g not in cols or g == "user_id"]
+    if missing:
+        have = sorted(c for c in cols if c not in ("user_id", "text")) if cols else "nothing (no users table)"
+        raise ConfigError(f"evaluate.fairness_groups: {missing} is not a column of the users table; it has {have}")
+    return list(ev.fairness_groups)
+
+
+def user_attributes(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path) -> dict[str, pd.Series]:
+    """attribute -> values indexed by user key, for the fairness groups (evaluate.fairness_groups)."""
+    ev = cfg.evaluate
+    names = fairness_groups(cfg, spec, prepare_dir)
+    if not names:
+        return {}
+    users = pq.read_table(prepare_dir / spec.users_table, columns=["user_id", *names])
+    keys = key_array(users["user_id"]).to_pandas()
+    out = {}
+    for n in names:
+        vals = pd.Series(key_array(users[n]).to_pandas().to_numpy(object), index=keys)
+        if ev.fairness_groups is None and vals.nunique() > ev.fairness_max_values:
+            continue  # an id-like attribute (zip code): not a group
+        out[n] = vals[~vals.index.duplicated()]
+    return out
+
+
+def fairness(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path, y, p, users, rank) -> dict:
+    """Per user group: AUC/logloss/positive rate (test rows) and top-K quality (ranked users), and
+    top-K exposure by item popularity; each with its max-min gap (evaluate/fairness.py)."""
+    attrs = user_attributes(cfg, spec, prepare_dir)
+    per_user = rank[1] if rank else None
+    out: dict = {"groups": {}}
+    for name, of in attrs.items():
+        groups = pd.Series(users, dtype=object).map(of).to_numpy(object)
+        out["groups"][name] = by_group(y, p, groups, per_user, {u: of.get(u) for u in per_user} if per_user else None)
+    if rank:
+        counts = value_counts(prepare_dir, spec, "train", spec.item_key)
+        n = cfg.evaluate.popularity_buckets
+        out["exposure"] = {"k": cfg.evaluate.top_k[0],
+                           **exposure(rank[2], popularity_buckets(counts, n), counts, n, rank[3])}
+    return out
 
 
 def evaluate_train_dir(train_dir: Path, prepare_dir: Path, split: str = "test") -> EvalMetrics:
@@ -128,7 +192,11 @@ def evaluate_train_dir(train_dir: Path, prepare_dir: Path, split: str = "test") 
         out["by_scenario"][name]["gauc"] = gauc(y[scen == s], p[scen == s], users[scen == s])
     # top-K needs ids to rank by; users/items tables are optional (the vocabularies list the ids)
     if cfg.evaluate.ranking_users > 0 and {"user_id", "item_id"} <= {f.name for f in spec.categorical}:
-        out["ranking"] = ranking(model, spec, cfg, prepare_dir, table, [s for s in ("train", "valid") if s != split])
+        rank = ranking(model, spec, cfg, prepare_dir, table, [s for s in ("train", "valid") if s != split])
+        out["ranking"] = rank[0]
+    else:
+        rank = None
+    out["fairness"] = fairness(cfg, spec, prepare_dir, y, p, users, rank)
     out.update(split=split, backbone=cfg.model.backbone, seed=cfg.train.seed)
     (train_dir / metrics_file(split)).write_text(json.dumps(out, indent=2))
     from mcl_ray.evaluate.plots import plot_run  # matplotlib: only where plots are drawn, not in workers

@@ -12,7 +12,7 @@ from torchmetrics.functional.retrieval import (retrieval_hit_rate, retrieval_nor
                                                retrieval_recall)
 
 
-def _auc_logloss(y: np.ndarray, p: np.ndarray) -> Scores:
+def auc_logloss(y: np.ndarray, p: np.ndarray) -> Scores:
     out = {"n": int(len(y)), "positive_rate": float(y.mean()) if len(y) else float("nan")}
     if len(np.unique(y)) == 2:
         out["auc"] = float(roc_auc_score(y, p))
@@ -24,8 +24,8 @@ def _auc_logloss(y: np.ndarray, p: np.ndarray) -> Scores:
 
 def binary_metrics(y: np.ndarray, p: np.ndarray, scenario: np.ndarray, names: list[str]) -> BinaryMetrics:
     """{'overall': {auc, logloss, n, positive_rate}, 'by_scenario': {name: {...}}}."""
-    return {"overall": _auc_logloss(y, p),
-            "by_scenario": {name: _auc_logloss(y[scenario == s], p[scenario == s]) for s, name in enumerate(names)}}
+    return {"overall": auc_logloss(y, p),
+            "by_scenario": {name: auc_logloss(y[scenario == s], p[scenario == s]) for s, name in enumerate(names)}}
 
 
 def gauc(y: np.ndarray, p: np.ndarray, users: np.ndarray) -> float:
@@ -47,11 +47,12 @@ def gauc(y: np.ndarray, p: np.ndarray, users: np.ndarray) -> float:
     return float((auc * g["n"]).sum() / g["n"].sum())
 
 
-def topk_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks: list[int]) -> dict[str, float]:
-    """Mean over users of Recall/NDCG/HitRate/Precision/F1@K.
+def topk_per_user(scores: torch.Tensor, relevant: torch.Tensor, ks: list[int]) -> dict[str, np.ndarray]:
+    """Recall/NDCG/HitRate/Precision/F1@K of each user [U] (torchmetrics' conventions: NDCG gives
+    tied scores their average gain, the others break ties by position).
 
     scores: [U, I] (excluded items already set to -inf), relevant: [U, I] bool held-out positives."""
-    out: dict[str, float] = {}
+    out: dict[str, np.ndarray] = {}
     for k in ks:
         rec, ndcg, hit, prec = [], [], [], []
         for s, r in zip(scores, relevant):
@@ -61,8 +62,11 @@ def topk_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks: list[int]) ->
             prec.append(retrieval_precision(s, r, top_k=k))
         R, P = torch.stack(rec), torch.stack(prec)
         f1 = torch.where(R + P > 0, 2 * R * P / (R + P).clamp_min(1e-12), torch.zeros_like(R))
-        out.update({f"recall@{k}": float(R.mean()), f"ndcg@{k}": float(torch.stack(ndcg).mean()),
-                    f"hitrate@{k}": float(torch.stack(hit).mean()), f"precision@{k}": float(P.mean()),
-                    f"f1@{k}": float(f1.mean())})
+        out.update({f"recall@{k}": R.numpy(), f"ndcg@{k}": torch.stack(ndcg).numpy(),
+                    f"hitrate@{k}": torch.stack(hit).numpy(), f"precision@{k}": P.numpy(), f"f1@{k}": f1.numpy()})
     return out
 
+
+def topk_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks: list[int]) -> dict[str, float]:
+    """Mean over users of Recall/NDCG/HitRate/Precision/F1@K (see topk_per_user)."""
+    return {k: float(v.mean()) for k, v in topk_per_user(scores, relevant, ks).items()}

@@ -55,6 +55,10 @@ class InputLayer(nn.Module):
         self.text_names = [f"{f}_text" for f in self.text.fields] if self.text is not None else []
         self.num_fields = len(self.cat_names) + len(self.num_names) + len(self.text_names)
         self.dim = dim
+        # training-time perturbation (train/perturb.py): the last output, and a delta to add to it
+        self.capture = False
+        self.last: torch.Tensor | None = None
+        self.delta: torch.Tensor | None = None
 
     def forward(self, batch: Batch) -> torch.Tensor:  # -> [B, F, D]
         fields = [emb(batch.cat[:, i]) for i, emb in enumerate(self.embeddings)]  # F_cat x [B, D]
@@ -62,7 +66,10 @@ class InputLayer(nn.Module):
             fields += list((batch.num.unsqueeze(-1) * self.num_w + self.num_b).unbind(1))  # [B, N, D]
         if self.text is not None:
             fields += self.text(batch.cat)  # T x [B, D]
-        return torch.stack(fields, dim=1)
+        x = torch.stack(fields, dim=1)
+        if self.capture:
+            self.last = x
+        return x if self.delta is None else x + self.delta
 
 
 class ScenarioTowers(nn.Module):

@@ -3,6 +3,7 @@ num_workers=0, in the driver. Rank 0 writes checkpoints; every rank reports."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from mcl_ray.models.batch import Batch, shard_to_batch
 from mcl_ray.models.text import attach_texts
 from mcl_ray.models.weights import MODEL, save_weights, weights_digest
 from mcl_ray.train import checkpoint as ck
+from mcl_ray.train.perturb import clear, input_layers, set_deltas
 
 
 def make_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):
@@ -229,6 +231,10 @@ def train_epoch(model, opt, batches: Iterable[Batch], n: int, epoch: int, args: 
                 if tc.use_gpu and tc.precision != "fp32" else torch.autocast("cpu", enabled=False))
     scaler = torch.amp.GradScaler("cuda") if tc.use_gpu and tc.precision == "fp16" else None
     aug_w = cfg.augment.weight if cfg.augment.enabled else 0.0
+    perturb = tc.perturbation != "none"
+    for layer in input_layers(model):
+        layer.capture = perturb
+    backward = (lambda x: scaler.scale(x).backward()) if scaler is not None else (lambda x: x.backward())  # noqa: E731
     loss_sum, done = 0.0, 0
     for i, b in enumerate(batches):
         done += 1
@@ -236,21 +242,39 @@ def train_epoch(model, opt, batches: Iterable[Batch], n: int, epoch: int, args: 
             b = b.to(device, non_blocking=True)
         # synthetic (augment) rows count augment.weight times a real row (0: not at all)
         w = torch.where(b.synthetic, aug_w, 1.0) * b.weight
-        with autocast:
-            logits = model(b)  # [B]
-            loss = (F.binary_cross_entropy_with_logits(logits.float(), b.label, reduction="none")
-                    * w).sum() / w.sum().clamp(min=1e-12)
+
+        def loss_of(b=b, w=w) -> torch.Tensor:
+            with autocast:
+                logits = model(b)  # [B]
+                return (F.binary_cross_entropy_with_logits(logits.float(), b.label, reduction="none")
+                        * w).sum() / w.sum().clamp(min=1e-12)
+
         opt.zero_grad(set_to_none=True)
+        if not perturb:
+            loss = loss_of()
+            backward(loss)
+        else:
+            # clean + perturbed loss: the clean pass's gradients stay local (DDP no_sync) and are
+            # all-reduced together with the perturbed pass's, once per step
+            with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext():
+                loss = loss_of()
+                layers = set_deltas(tc.perturbation, tc.perturbation_eps, tc.perturbation_steps, model, loss_of, loss)
+                backward(loss)
+            try:
+                adv = loss_of()
+            finally:
+                clear(layers)
+            backward(adv)
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
         else:
-            loss.backward()
             opt.step()
         loss_sum += float(loss.detach())
         if rank == 0 and (i + 1) % report_every == 0:  # the driver's progress bar reads it
             _write_json(Path(args.out_dir) / "progress.json", {"epoch": epoch, "step": i + 1, "steps": steps})
+    for layer in input_layers(model):
+        layer.capture = False
     return loss_sum / max(done, 1)
 
 

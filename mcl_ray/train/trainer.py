@@ -15,7 +15,7 @@ from mcl_ray.core.feature_spec import FeatureSpec
 from mcl_ray.core.ray_env import dataset_in_blocks
 from mcl_ray.core.stage import Marker, Stage, fingerprint
 from mcl_ray.data.splits import model_columns, read_split
-from mcl_ray.evaluate.evaluate import evaluate_train_dir
+from mcl_ray.evaluate.evaluate import evaluate_train_dir, fairness_groups
 from mcl_ray.models.text import check_text_inputs
 from mcl_ray.train import checkpoint as ck
 from mcl_ray.train.loop import LoopArgs, train_loop_per_worker
@@ -75,6 +75,8 @@ class TrainSeed(Stage[TrainResult]):
         self.prepare_dir, self.train_dir, self.seed, self.evaluate = Path(prepare_dir), Path(train_dir), seed, evaluate
         self.spec = FeatureSpec.load(prepare_dir)
         check_ready(cfg, self.spec)
+        if evaluate:
+            fairness_groups(cfg, self.spec, self.prepare_dir)  # a misnamed group fails now, not after training
 
     @property
     def marker(self) -> Marker:
