@@ -1,11 +1,12 @@
 """The pipeline at sizes MovieLens never reaches (numbers, not assertions).
 
-  python bench/scale_bench.py                         # 2M, 5M, 20M synthetic interactions (about 25 min here)
-  python bench/scale_bench.py --sizes 2000000         # one size
+  python bench/scale_bench.py                         # 2M, 5M, 20M synthetic interactions (20M: over an hour here)
+  python bench/scale_bench.py --sizes 2000000 5000000 # what bench/results/scale.json holds (about 15 min here)
 
 Per size: synthetic data (users = rows / 10, items = rows / 100, 4 scenarios) through
-`mcl-ray prepare` -> `mcl-ray train` (1 epoch, 1 worker; the stage also evaluates the test split)
-(data_mode auto, as a user gets it) -> `mcl-ray evaluate` (again, timed alone) -> `mcl-ray export` -> one /v1/recommend answer from the
+`mcl-ray prepare` -> `mcl-ray train` (1 epoch, 1 worker, data_mode auto as a user gets it; the
+stage also evaluates the test split) -> `mcl-ray evaluate` (again, timed alone) -> `mcl-ray export`
+-> one /v1/recommend answer from the
 artifact (the serving core in-process: load + one request). Every command is a separate process
 on one local Ray cluster started for the bench, so the console figures are what a user sees.
 Measured: wall per stage, rows/s, the peak RSS of every process (the CLI drivers, and each Ray

@@ -97,7 +97,7 @@ def test_ddp_training_with_pgd(tmp_path, ray_cluster):
     from mcl_ray.train.trainer import train_one
 
     cfg = load_config("experiments/synthetic_quick.yaml", [
-        f"run_dir={tmp_path}", "data.num_interactions=20000", "train.epochs=2", "train.num_workers=2",
+        f"run_dir={tmp_path}", "data.num_interactions=12000", "train.epochs=2", "train.num_workers=2",
         "train.cpus_per_worker=1", "train.perturbation=pgd", "train.perturbation_eps=0.05", "evaluate.ranking_users=0"])
     pdir = prepare(cfg).out_dir
     res = train_one(cfg, pdir, tmp_path / "pgd", seed=1)
