@@ -147,7 +147,7 @@ def write_model_card(folder: Path, cfg: ExperimentConfig, spec: FeatureSpec, man
         "limitations": "Trained offline on the data above; scores are calibrated to its label rate. "
                        "Users and items unseen in training get the OOV embedding (cold start from attributes).",
     }
-    (folder / "model_card.json").write_text(json.dumps(card, indent=2))
+    (folder / "model_card.json").write_text(json.dumps(_no_nan(card), indent=2))  # strict JSON: undefined -> null
     lines = [f"# Model card: {cfg.name}", "", f"- version: `{manifest['version']}`",
              f"- backbone: `{cfg.model.backbone}`", f"- data: `{cfg.data.source}`, rows {spec.num_rows}",
              f"- created: {manifest['created']}, git {manifest['git_commit']}", "",
@@ -163,6 +163,14 @@ def write_model_card(folder: Path, cfg: ExperimentConfig, spec: FeatureSpec, man
     lines += ["", "## Hyperparameters", "", "```json", json.dumps(card["hyperparameters"], indent=1), "```", "",
               "## Limitations", "", card["limitations"], ""]
     (folder / "MODEL_CARD.md").write_text("\n".join(lines))
+
+
+def _no_nan(x):
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_no_nan(v) for v in x]
+    return None if isinstance(x, float) and x != x else x
 
 
 def _f(v) -> str:

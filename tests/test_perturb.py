@@ -74,6 +74,18 @@ def test_random_noise_has_the_norm_and_pgd_stays_in_the_ball():
     assert (model.inputs.delta.flatten(1).norm(dim=1) <= 0.5 + 1e-6).all()
     # for a linear logit the loss's maximum on the ball is FGM's point: PGD's steps reach it
     assert loss_of().item() == pytest.approx(fgm, rel=1e-4)
+    clear([model.inputs])
+    loss = loss_of()
+    set_deltas("pgd", 0.5, 1, model, loss_of, loss)  # one step of size 2 eps: still projected on the ball
+    assert (model.inputs.delta.flatten(1).norm(dim=1) <= 0.5 + 1e-6).all()
+
+
+def test_llm_ranker_has_no_embeddings_to_perturb():
+    from mcl_ray.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="llm_ranker has none"):
+        load_config("experiments/ml1m_swr_quick.yaml", ["model.backbone=llm_ranker", "model.text.mode=off",
+                                                        "train.perturbation=fgm"])
 
 
 def test_perturbation_is_searchable():

@@ -525,6 +525,13 @@ class ExperimentConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _check_perturbation(self) -> "ExperimentConfig":
+        if self.train.perturbation != "none" and self.model.backbone == "llm_ranker":
+            raise ValueError("train.perturbation moves input embeddings, and model.backbone=llm_ranker has none "
+                             "(it reads text tokens): set train.perturbation=none or another backbone")
+        return self
+
+    @model_validator(mode="after")
     def _check_text(self) -> "ExperimentConfig":
         uses = self.model.text.mode != "off" or self.model.backbone == "llm_ranker"
         if not uses:

@@ -7,6 +7,7 @@ other split goes to `metrics_<split>.json`, so evaluating on validation never re
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -72,9 +73,12 @@ def ranking(model, spec: FeatureSpec, cfg: ExperimentConfig, prepare_dir: Path, 
         tab = pq.read_table(prepare_dir / name)
         return tab.filter(pc.is_in(key_array(tab[key]), value_set=key_array(pa.array(wanted)))) if wanted is not None else tab
 
+    # without a users table a hashed user is known by its train/valid rows (as a vocabulary would know it)
+    known = pc.unique(seen[spec.user_key]) if len(seen) else pa.array([], pa.string())
     u_keys, u_feats = encode_entities(entity_table(table(spec.users_table, "user_id", users), "user_id", vocabs,
-                                                   pa.array(users)), "user_id", spec, vocabs, "user")
-    item_keys = unique_keys(prepare_dir, spec, ["train"], spec.item_key) if "item_id" in vocabs.hashed else None
+                                                   known), "user_id", spec, vocabs, "user")
+    item_keys = (unique_keys(prepare_dir, spec, ["train"], spec.item_key)
+                 if "item_id" in vocabs.hashed and not spec.items_table else None)
     i_keys, i_feats = encode_entities(entity_table(table(spec.items_table, "item_id"), "item_id", vocabs, item_keys),
                                       "item_id", spec, vocabs, "item")
     # candidates: items the model has an id for (seen in train)
@@ -107,7 +111,8 @@ def ranking(model, spec: FeatureSpec, cfg: ExperimentConfig, prepare_dir: Path, 
             per_scen.setdefault(s, ([], [], []))[0].append(scores)
             per_scen[s][1].append(rel)
             per_scen[s][2].append(u)
-            top_items.append([i_keys[j] for j in torch.topk(scores, min(k0, n_items)).indices.tolist()])
+            top = torch.topk(scores, min(k0, n_items))
+            top_items.append([i_keys[j] for j, v in zip(top.indices.tolist(), top.values.tolist()) if v > -math.inf])
     by_scen, per_user = {}, {}
     for s, (sc, rl, us) in sorted(per_scen.items()):
         pu = topk_per_user(torch.stack(sc), torch.stack(rl), ev.top_k)
@@ -196,7 +201,9 @@ def evaluate_train_dir(train_dir: Path, prepare_dir: Path, split: str = "test") 
         out["ranking"] = rank[0]
     else:
         rank = None
-    out["fairness"] = fairness(cfg, spec, prepare_dir, y, p, users, rank)
+    fair = fairness(cfg, spec, prepare_dir, y, p, users, rank)
+    if fair["groups"] or fair.get("exposure"):
+        out["fairness"] = fair
     out.update(split=split, backbone=cfg.model.backbone, seed=cfg.train.seed)
     (train_dir / metrics_file(split)).write_text(json.dumps(out, indent=2))
     from mcl_ray.evaluate.plots import plot_run  # matplotlib: only where plots are drawn, not in workers

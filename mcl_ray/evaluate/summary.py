@@ -65,11 +65,14 @@ def summarize(ms: list[EvalMetrics]) -> dict:
 
 
 def _agg_tree(trees: list):
-    """Mean ± std over seeds of every number in same-shaped nested metrics (lists of buckets by
-    their name); strings are kept from the first seed."""
+    """Mean ± std over seeds of every number in nested metrics; a key some seeds lack (a group value
+    only one seed's sampled rows hold) is aggregated over the seeds that have it (its n says how
+    many). A gap is the mean of the per-seed gaps. Lists (popularity buckets) go by position;
+    strings are kept from the first seed."""
     first = trees[0]
     if isinstance(first, dict):
-        return {k: _agg_tree([t[k] for t in trees if isinstance(t, dict) and k in t]) for k in first}
+        keys = list(dict.fromkeys(k for t in trees if isinstance(t, dict) for k in t))
+        return {k: _agg_tree([t[k] for t in trees if isinstance(t, dict) and k in t]) for k in keys}
     if isinstance(first, list):
         return [_agg_tree([t[i] for t in trees if i < len(t)]) for i in range(len(first))]
     if isinstance(first, (int, float)) and not isinstance(first, bool):

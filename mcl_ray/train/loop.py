@@ -256,14 +256,15 @@ def train_epoch(model, opt, batches: Iterable[Batch], n: int, epoch: int, args: 
         else:
             # clean + perturbed loss: the clean pass's gradients stay local (DDP no_sync) and are
             # all-reduced together with the perturbed pass's, once per step
-            with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext():
-                loss = loss_of()
-                layers = set_deltas(tc.perturbation, tc.perturbation_eps, tc.perturbation_steps, model, loss_of, loss)
-                backward(loss)
             try:
+                with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext():
+                    loss = loss_of()
+                    set_deltas(tc.perturbation, tc.perturbation_eps, tc.perturbation_steps, model, loss_of, loss,
+                               scale=scaler.scale if scaler is not None else (lambda x: x))
+                    backward(loss)
                 adv = loss_of()
             finally:
-                clear(layers)
+                clear(input_layers(model))
             backward(adv)
         if scaler is not None:
             scaler.step(opt)
@@ -273,7 +274,7 @@ def train_epoch(model, opt, batches: Iterable[Batch], n: int, epoch: int, args: 
         loss_sum += float(loss.detach())
         if rank == 0 and (i + 1) % report_every == 0:  # the driver's progress bar reads it
             _write_json(Path(args.out_dir) / "progress.json", {"epoch": epoch, "step": i + 1, "steps": steps})
-    for layer in input_layers(model):
+    for layer in input_layers(model):  # (an exception ends the worker: a retry builds a fresh model)
         layer.capture = False
     return loss_sum / max(done, 1)
 

@@ -39,25 +39,27 @@ def random_delta(like: torch.Tensor, eps: float, generator: torch.Generator | No
 
 
 def set_deltas(kind: str, eps: float, steps: int, model: torch.nn.Module, loss_of: Callable[[], torch.Tensor],
-               clean_loss: torch.Tensor) -> list[InputLayer]:
+               clean_loss: torch.Tensor, scale: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+               ) -> list[InputLayer]:
     """Compute the batch's perturbation and set it on every InputLayer (the next forward of the
     same batch is the perturbed one; `clear` removes it). Call after the clean forward, which the
     layers kept (`capture`): its outputs give the shapes and, for fgm/pgd, the gradients.
-    loss_of() runs the model on the batch and returns its loss (pgd's inner steps)."""
+    loss_of() runs the model on the batch and returns its loss (pgd's inner steps); `scale` is the
+    fp16 GradScaler's (gradients of the scaled loss do not underflow; only their direction is used)."""
     layers = input_layers(model)
     outs = [layer.last for layer in layers]
     if kind == "random":
         deltas = [random_delta(o, eps) for o in outs]
     else:
-        grads = torch.autograd.grad(clean_loss, outs, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(scale(clean_loss), outs, retain_graph=True, allow_unused=True)
         deltas = [fgm_delta(g if g is not None else torch.zeros_like(o), eps) for g, o in zip(grads, outs)]
         if kind == "pgd":
             alpha = 2 * eps / steps
-            deltas = [d * (alpha / eps) for d in deltas]  # the first step, of size alpha (inside the ball)
+            deltas = [_project(d * (alpha / eps), eps) for d in deltas]  # the first step, of size alpha
             for _ in range(steps - 1):
                 for layer, d in zip(layers, deltas):
                     layer.delta = d.detach().requires_grad_(True)
-                grads = torch.autograd.grad(loss_of(), [layer.delta for layer in layers], allow_unused=True)
+                grads = torch.autograd.grad(scale(loss_of()), [layer.delta for layer in layers], allow_unused=True)
                 deltas = [_project(layer.delta.detach() + alpha * _unit(g if g is not None else torch.zeros_like(d)),
                                    eps) for layer, g, d in zip(layers, grads, deltas)]
     for layer, d in zip(layers, deltas):

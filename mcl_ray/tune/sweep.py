@@ -28,6 +28,7 @@ from mcl_ray.core.errors import RunError
 from mcl_ray.core.feature_spec import FeatureSpec
 from mcl_ray.core.stage import Marker, Stage, fingerprint
 from mcl_ray.evaluate.evaluate import evaluate_train_dir
+from mcl_ray.evaluate.evaluate import fairness_groups
 from mcl_ray.train.trainer import build_trainer, check_ready, data_mode, materialized_splits, resume_epoch
 from mcl_ray.tune.report import write_report
 from mcl_ray.tune.space import decode_value, default_point, search_space, trial_config
@@ -225,6 +226,7 @@ class TuneStage(Stage[SweepResult]):
         self.spec = FeatureSpec.load(prepare_dir)
         # augment.weight may be searched: synthetic rows are needed whenever augment is enabled
         check_ready(cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"weight": 1.0})}), self.spec)
+        fairness_groups(cfg, self.spec, self.prepare_dir)  # the winner's evaluation needs them: fail now
 
     @property
     def marker(self) -> Marker:
