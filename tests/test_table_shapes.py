@@ -189,6 +189,8 @@ def test_augment_on_interactions_only_with_hashed_item_ids(tmp_path, ray_cluster
     answers = pd.DataFrame({"id": reqs["id"], "answer": '{"like": "A", "dislike": "B"}', "generated_tokens": 9})
     real = real_interactions(res.spec, res.out_dir, set(reqs["user_key"]))
     rows, log, stats = postprocess(reqs, answers, real, res.spec, train)
-    assert stats["valid"] == 4 and len(rows) == 8 and (rows["is_synthetic"] == 1).all()
+    # a pick that repeats a real valid/test interaction is dropped and counted, never written
+    assert stats["valid"] == 4 and len(rows) + stats["duplicates_of_real"] == 8 and (rows["is_synthetic"] == 1).all()
+    assert not any((u, i) in real for u, i in zip(rows["user_key"], rows["item_key"]))
     item_id = train.drop_duplicates("item_key").set_index("item_key")["item_id"]
     assert (rows["item_id"].to_numpy() == item_id.loc[rows["item_key"]].to_numpy()).all()  # the hashed ids train uses
