@@ -42,14 +42,22 @@ def read_split(prepare_dir: str | Path, spec: FeatureSpec, split: str, extra: li
     return sample_rows(table, sample, seed)
 
 
+def _batches(prepare_dir: str | Path, spec: FeatureSpec, splits, columns: list[str],
+             batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+    """The given columns of the given splits (those the data has), batch by batch."""
+    for s in [splits] if isinstance(splits, str) else splits:
+        if s in spec.splits:
+            for f in _split_files(prepare_dir, spec, s):
+                yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns)
+
+
 def iter_split(prepare_dir: str | Path, spec: FeatureSpec, split: str, extra: list[str] | None = None,
                batch_rows: int = 65_536) -> Iterator[pa.Table]:
     """One split as Arrow tables of at most batch_rows rows, file by file: memory is one batch."""
-    files = _split_files(prepare_dir, spec, split)
+    _split_files(prepare_dir, spec, split)  # a missing split is an error here, not an empty iteration
     cols = model_columns(spec) + [c for c in (extra or []) if c not in model_columns(spec)]
-    for f in files:
-        for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=cols):
-            yield pa.Table.from_batches([rb])
+    for rb in _batches(prepare_dir, spec, split, cols, batch_rows):
+        yield pa.Table.from_batches([rb])
 
 
 def read_pairs(prepare_dir: str | Path, spec: FeatureSpec, splits, users=None) -> pa.Table:
@@ -61,36 +69,26 @@ def read_pairs(prepare_dir: str | Path, spec: FeatureSpec, splits, users=None) -
         return pa.concat_tables([read_split(prepare_dir, spec, s, columns=cols) for s in splits if s in spec.splits])
     wanted = key_array(pa.array(list(users)))
     parts = [pa.table({c: pa.array([], pa.string()) for c in cols})]
-    for s in splits:
-        if s not in spec.splits:
-            continue
-        for f in _split_files(prepare_dir, spec, s):
-            for rb in pq.ParquetFile(f).iter_batches(columns=cols):
-                t = pa.table({c: key_array(rb.column(c)) for c in cols})
-                t = t.filter(pc.is_in(t[spec.user_key], value_set=wanted))
-                if t.num_rows:
-                    parts.append(t)
+    for rb in _batches(prepare_dir, spec, splits, cols):
+        t = pa.table({c: key_array(rb.column(c)) for c in cols})
+        t = t.filter(pc.is_in(t[spec.user_key], value_set=wanted))
+        if t.num_rows:
+            parts.append(t)
     return pa.concat_tables(parts)
 
 
 def unique_keys(prepare_dir: str | Path, spec: FeatureSpec, splits, column: str) -> pa.Array:
     """The distinct values of one column over the given splits, streamed batch by batch."""
-    seen: list[pa.Array] = []
-    for s in splits:
-        if s in spec.splits:
-            for f in _split_files(prepare_dir, spec, s):
-                for rb in pq.ParquetFile(f).iter_batches(columns=[column]):
-                    seen.append(pc.unique(key_array(rb.column(0))))
+    seen = [pc.unique(key_array(rb.column(0))) for rb in _batches(prepare_dir, spec, splits, [column])]
     return pc.unique(pa.concat_arrays(seen)) if seen else pa.array([], pa.string())
 
 
 def value_counts(prepare_dir: str | Path, spec: FeatureSpec, split: str, column: str) -> dict[str, int]:
     """Rows per value of one column of a split, streamed batch by batch."""
     parts = [pa.table({"values": pa.array([], pa.string()), "counts": pa.array([], pa.int64())})]
-    for f in _split_files(prepare_dir, spec, split):
-        for rb in pq.ParquetFile(f).iter_batches(columns=[column]):
-            vc = pc.value_counts(key_array(rb.column(0)))
-            parts.append(pa.table({"values": vc.field("values"), "counts": vc.field("counts")}))
+    for rb in _batches(prepare_dir, spec, split, [column]):
+        vc = pc.value_counts(key_array(rb.column(0)))
+        parts.append(pa.table({"values": vc.field("values"), "counts": vc.field("counts")}))
     t = pa.concat_tables(parts).group_by("values").aggregate([("counts", "sum")])
     return dict(zip(t["values"].to_pylist(), t["counts_sum"].to_pylist()))
 
