@@ -91,7 +91,7 @@ def cli(args: list[str], env: dict) -> float:
     return time.perf_counter() - t0
 
 
-def one_size(rows: int, env: dict, work: Path, sampler: RssSampler, stream_too: bool) -> dict:
+def one_size(rows: int, env: dict, work: Path, sampler: RssSampler, stream_too: bool, keep: bool = False) -> dict:
     run = work / f"scale_{rows}"
     sets = [f"run_dir={run}", f"data.num_interactions={rows}", f"data.num_users={rows // 10}",
             f"data.num_items={rows // 100}", "data.num_scenarios=4", "data.num_blocks=64",
@@ -147,7 +147,8 @@ def one_size(rows: int, env: dict, work: Path, sampler: RssSampler, stream_too: 
         out["stream_vs_memory_samples_per_s"] = round(h["samples_per_s"] / stages["train"]["samples_per_s"], 3)
         print(f"  {rows:>11,} train (stream)   {wall:7.1f} s  {h['samples_per_s']:,.0f} samples/s vs memory "
               f"{stages['train']['samples_per_s']:,} ({out['stream_vs_memory_samples_per_s']:.2f}x)", flush=True)
-    shutil.rmtree(run, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(run, ignore_errors=True)
     return out
 
 
@@ -156,6 +157,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="*", default=[2_000_000, 5_000_000, 20_000_000])
     ap.add_argument("--stream-at", type=int, default=5_000_000, help="size at which memory and stream train side by side")
     ap.add_argument("--out", default=str(ROOT / "bench/results/scale.json"))
+    ap.add_argument("--keep", action="store_true", help="keep each size's run folder (under runs/) for inspection")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mcl-scale-", dir=ROOT / "runs" if (ROOT / "runs").is_dir() else None))
     env = {k: v for k, v in os.environ.items()}
@@ -177,11 +179,14 @@ def main() -> None:
         print(f"{'rows':>13} {'stage':<16} {'wall':>9}", flush=True)
         with RssSampler() as sampler:
             for rows in a.sizes:
-                results.append(one_size(rows, env, work, sampler, stream_too=rows == a.stream_at))
+                results.append(one_size(rows, env, work, sampler, stream_too=rows == a.stream_at, keep=a.keep))
     finally:
         os.killpg(head.pid, 15)
         head.wait(120)
-        shutil.rmtree(work, ignore_errors=True)
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"run folders kept under {work}")
     per_row = {r["rows"]: round(r["seconds_total"] / r["rows"] * 1e6, 2) for r in results}
     summary = {"machine": f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}",
                "date": time.strftime("%Y-%m-%d"), "microseconds_per_row_end_to_end": per_row,

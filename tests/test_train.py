@@ -34,9 +34,13 @@ def prepared(tmp_path_factory, ray_cluster):
 
 def test_ddp_two_workers_learns(prepared):
     run_dir, pdir = prepared
-    cfg = cfg_for(run_dir, "train.num_workers=2", "train.cpus_per_worker=1", "train.epochs=3")
+    # the user and item tables train with sparse gradients (gloo all-reduces them) and SparseAdam
+    cfg = cfg_for(run_dir, "train.num_workers=2", "train.cpus_per_worker=1", "train.epochs=3",
+                  "train.sparse_embedding_rows=500")
     res = train_one(cfg, pdir, run_dir / "ddp", seed=1)
     assert [h["world_size"] for h in res.history] == [2, 2, 2]
+    parts = json.loads((res.train_dir / "checkpoint" / "state.json").read_text())["optimizer"]["parts"]
+    assert set(parts) == {"dense", "sparse"}
     assert max(h["val_auc"] for h in res.history) > 0.7
     m = res.metrics
     assert m["overall"]["auc"] > 0.7 and set(m["by_scenario"]) == {"s0_age_under25", "s1_age_25_34", "s2_age_35plus"}
@@ -52,14 +56,16 @@ def test_ddp_two_workers_learns(prepared):
 def test_rerun_resumes_at_next_epoch_with_identical_weights(prepared):
     run_dir, pdir = prepared
     out = run_dir / "resume"
-    first = train_one(cfg_for(run_dir, "train.epochs=2", "train.num_workers=1"), pdir, out, seed=2, evaluate=False)
+    sparse = "train.sparse_embedding_rows=500"  # both optimizers' state must carry over
+    first = train_one(cfg_for(run_dir, "train.epochs=2", "train.num_workers=1", sparse), pdir, out, seed=2,
+                      evaluate=False)
     assert [h["epoch"] for h in first.history] == [0, 1]
     saved = load_file(str(out / "checkpoint" / "model.safetensors"))
     from mcl_ray.models.backbones import build_model
     from mcl_ray.core.feature_spec import FeatureSpec
     from mcl_ray.models import weights as ck
 
-    cfg3 = cfg_for(run_dir, "train.epochs=3", "train.num_workers=1")
+    cfg3 = cfg_for(run_dir, "train.epochs=3", "train.num_workers=1", sparse)
     model = build_model(FeatureSpec.load(pdir), cfg3.model)
     model.load_state_dict(saved)
     digest = ck.weights_digest(model)

@@ -297,6 +297,10 @@ class TrainConfig(Strict):
     lr: float = Field(1e-3, gt=0, description="Learning rate.")
     weight_decay: float = Field(1e-5, ge=0, description="Weight decay (L2 for adam, decoupled for adamw).")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="LR schedule over the epochs.")
+    sparse_embedding_rows: int = Field(
+        100_000, ge=0, description="Id tables with at least this many rows get sparse gradients and a lazy Adam "
+        "(SparseAdam: a step updates only the rows in the batch, so its cost does not grow with the table; no weight "
+        "decay on them). CPU training only (NCCL has no sparse all-reduce). 0: every table dense.")
     patience: int = Field(4, ge=1, description="Early stopping: epochs without a better validation AUC.")
     perturbation: Literal["none", "random", "fgm", "pgd"] = Field(
         "none", description="Embedding perturbation in training (robustness): random (Gaussian noise of norm "

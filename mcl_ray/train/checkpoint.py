@@ -16,24 +16,34 @@ OPTIM = "optimizer.safetensors"
 STATE = "state.json"
 
 
-def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+def optimizer_to_flat(opt) -> tuple[dict[str, torch.Tensor], dict]:
+    """An OptimizerSet as safetensors-ready tensors ("<part>/<param>.<key>") + JSON metadata."""
+    tensors, parts = {}, {}
+    for name, sd in opt.state_dict().items():
+        scalars = {}
+        for idx, st in sd["state"].items():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"{name}/{idx}.{k}"] = v.detach().cpu().contiguous()
+                else:
+                    scalars[f"{idx}.{k}"] = v
+        parts[name] = {"param_groups": sd["param_groups"], "scalars": scalars}
+    return tensors, {"parts": parts}
 
 
-def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, k = key.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+def optimizer_from_flat(opt, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    if "parts" not in meta:  # a checkpoint from before sparse tables: one dense optimizer
+        meta = {"parts": {"dense": meta}}
+        tensors = {f"dense/{k}": v for k, v in tensors.items()}
+    sd = {}
+    for name, part in meta["parts"].items():
+        state: dict[int, dict] = {}
+        own = [(k.split("/", 1)[1], v) for k, v in tensors.items() if k.split("/", 1)[0] == name]
+        for key, v in own + list(part["scalars"].items()):
+            idx, k = key.split(".", 1)
+            state.setdefault(int(idx), {})[k] = v
+        sd[name] = {"state": state, "param_groups": part["param_groups"]}
+    opt.load_state_dict(sd)
 
 
 def save_checkpoint(folder: str | Path, model, opt, sched, state: dict) -> None:
@@ -55,8 +65,9 @@ def load_checkpoint(folder: str | Path, model, opt, sched) -> dict:
     load_weights(model, folder / MODEL)
     blob = json.loads((folder / STATE).read_text())
     optimizer_from_flat(opt, load_file(str(folder / OPTIM)), blob["optimizer"])
-    if sched is not None and blob["optimizer"].get("scheduler"):
-        sched.load_state_dict(blob["optimizer"]["scheduler"])
+    saved = blob["optimizer"].get("scheduler")
+    if sched is not None and saved:
+        sched.load_state_dict(saved if "parts" in blob["optimizer"] else {"dense": saved})
     return blob["state"]
 
 

@@ -29,16 +29,8 @@ from mcl_ray.models.batch import Batch, shard_to_batch
 from mcl_ray.models.text import attach_texts
 from mcl_ray.models.weights import MODEL, save_weights, weights_digest
 from mcl_ray.train import checkpoint as ck
+from mcl_ray.train.optim import make_optimizer, make_sparse
 from mcl_ray.train.perturb import clear, input_layers, set_deltas
-
-
-def make_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):
-    tc = cfg.train
-    cls = torch.optim.Adam if tc.optimizer == "adam" else torch.optim.AdamW
-    params = [p for p in model.parameters() if p.requires_grad]  # frozen text tables/encoder layers stay out
-    opt = cls(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs) if tc.lr_schedule == "cosine" else None
-    return opt, sched
 
 
 def _quiet_report_logs() -> None:
@@ -145,6 +137,9 @@ def build(args: LoopArgs, spec: FeatureSpec, world: int, device: torch.device):
     torch.manual_seed(args.seed)
     model = build_model(spec, args.config.model)
     attach_texts(model, PreparedTexts(args.prepare_dir, spec))  # text tables / token ids (no-op without texts)
+    tc = args.config.train
+    if not tc.use_gpu:  # big id tables: sparse gradients + lazy Adam (NCCL cannot all-reduce them)
+        make_sparse(model, tc.sparse_embedding_rows)
     if world > 1:
         # DDP: gloo on CPU, NCCL on GPU. Scenario-specific blocks run even on zero rows, so every
         # parameter gets a gradient each step and DDP can skip the unused-parameter search. Buffers
@@ -152,7 +147,7 @@ def build(args: LoopArgs, spec: FeatureSpec, world: int, device: torch.device):
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     else:
         model = model.to(device)
-    return (model, *make_optimizer(args.config, model))
+    return (model, *make_optimizer(tc, model))
 
 
 def resume(args: LoopArgs, model, opt, sched) -> dict:
