@@ -92,9 +92,12 @@ def ranking(model, spec: FeatureSpec, cfg: ExperimentConfig, prepare_dir: Path, 
     cat_names = [f.name for f in spec.categorical]
     num_names = [f.name for f in spec.numeric]
     all_items = np.arange(n_items)
-    per_scen: dict[int, tuple[list, list, list]] = {}
+    # metrics per user as soon as it is scored: no [users x catalogue] score matrix is kept (a
+    # steady trickle of such rows between big model temporaries fragments the heap, too)
+    per_scen: dict[int, dict[str, list]] = {}
     k0 = ev.top_k[0]
     top_items = []
+    per_user = {}
     for u in users:
         if u not in user_row:
             continue
@@ -108,17 +111,14 @@ def ranking(model, spec: FeatureSpec, cfg: ExperimentConfig, prepare_dir: Path, 
         rel = torch.zeros(n_items, dtype=torch.bool)
         rel[[item_pos[it] for it in pos_items.get(u, set()) if it in item_pos]] = True
         if rel.any():
-            per_scen.setdefault(s, ([], [], []))[0].append(scores)
-            per_scen[s][1].append(rel)
-            per_scen[s][2].append(u)
+            pu = {k: float(v[0]) for k, v in topk_per_user(scores[None], rel[None], ev.top_k).items()}
+            for k, v in pu.items():
+                per_scen.setdefault(s, {}).setdefault(k, []).append(v)
+            per_user[u] = {k: pu[k] for k in (f"recall@{k0}", f"ndcg@{k0}")}
             top = torch.topk(scores, min(k0, n_items))
             top_items.append([i_keys[j] for j, v in zip(top.indices.tolist(), top.values.tolist()) if v > -math.inf])
-    by_scen, per_user = {}, {}
-    for s, (sc, rl, us) in sorted(per_scen.items()):
-        pu = topk_per_user(torch.stack(sc), torch.stack(rl), ev.top_k)
-        by_scen[spec.scenario_names[s]] = {"users": len(sc), **{k: float(v.mean()) for k, v in pu.items()}}
-        for j, u in enumerate(us):
-            per_user[u] = {k: float(pu[k][j]) for k in (f"recall@{k0}", f"ndcg@{k0}")}
+    by_scen = {spec.scenario_names[s]: {"users": len(next(iter(m.values()))), **{k: float(np.mean(v)) for k, v in m.items()}}
+               for s, m in sorted(per_scen.items())}
     return by_scen, per_user, top_items, i_keys
 
 
