@@ -8,6 +8,9 @@
       items.parquet          item attributes and titles (candidates)
       seen.parquet           known (user_key, item_key) interactions, for exclude_seen
       metrics.json           validation (and test) metrics, overall and per scenario
+      retrieval/             (retrieval.enabled) the two-tower model: model.safetensors, config.json,
+                             metrics.json, items.faiss (index of item vectors), item_keys.parquet
+                             (index position -> item key)
       manifest.json          version, weights digest, data fingerprint, library versions, git commit
       model_card.json, MODEL_CARD.md
 
@@ -24,7 +27,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from mcl_ray.core.config import ExperimentConfig
 from mcl_ray.core.errors import McrError
@@ -33,11 +39,16 @@ from mcl_ray.core.files import file_digest, replace_folder
 from mcl_ray.core.provenance import git_commit, library_versions
 from mcl_ray.core.stage import Marker, Stage, fingerprint
 from mcl_ray.data.splits import read_pairs
+from mcl_ray.data.vocab import Vocabularies, encode_entities, entity_table
 from mcl_ray.evaluate.summary import fairness_markdown
+from mcl_ray.models.batch import Batch
+from mcl_ray.models.item_index import INDEX, ItemIndex
 from mcl_ray.models.weights import MODEL, load_trained
 
 ARTIFACT_FORMAT = 1
 MANIFEST = "manifest.json"
+RETRIEVAL = "retrieval"
+ITEM_KEYS = "item_keys.parquet"
 
 
 class ArtifactError(McrError):
@@ -60,6 +71,12 @@ class ExportStage(Stage[Path]):
         super().__init__(ExperimentConfig.model_validate_json((self.train_dir / "config.json").read_text()), force, quiet)
         self.spec = FeatureSpec.load(self.prepare_dir)
         self.source = source or {}
+        # the run's retrieval model (mcl-ray train with retrieval.enabled) travels with the ranker
+        rdir = self.run_root() / RETRIEVAL
+        self.retrieval_dir = rdir if self.cfg.retrieval.enabled and (rdir / MODEL).exists() else None
+        if self.cfg.retrieval.enabled and self.retrieval_dir is None:
+            self.say(f"[yellow]retrieval.enabled but no retrieval model in {rdir}: the artifact ranks the whole "
+                     "catalogue (train it with `mcl-ray train`)")
 
     @property
     def marker(self) -> Marker:
@@ -73,6 +90,8 @@ class ExportStage(Stage[Path]):
 
     def fingerprint(self) -> str:
         files = [self.train_dir / n for n in (MODEL, "metrics.json", "history.json")]
+        if self.retrieval_dir is not None:
+            files.append(self.retrieval_dir / MODEL)
         return fingerprint(ARTIFACT_FORMAT, self.spec.data_fingerprint, self.source,
                            [file_digest(f) if f.exists() else None for f in files])
 
@@ -80,7 +99,8 @@ class ExportStage(Stage[Path]):
         return self.out_dir
 
     def compute(self, fp: str) -> Path:
-        return _export(self.train_dir, self.prepare_dir, self.out_dir, self.cfg, self.spec, self.source)
+        return _export(self.train_dir, self.prepare_dir, self.out_dir, self.cfg, self.spec, self.source,
+                       self.retrieval_dir, say=self.say)
 
 
 def export_artifact(train_dir: Path, prepare_dir: Path, out_dir: Path, source: dict | None = None,
@@ -89,7 +109,7 @@ def export_artifact(train_dir: Path, prepare_dir: Path, out_dir: Path, source: d
 
 
 def _export(train_dir: Path, prepare_dir: Path, out_dir: Path, cfg: ExperimentConfig, spec: FeatureSpec,
-            source: dict) -> Path:
+            source: dict, retrieval_dir: Path | None = None, say=print) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -98,7 +118,11 @@ def _export(train_dir: Path, prepare_dir: Path, out_dir: Path, cfg: ExperimentCo
     for name in ("feature_spec.json", spec.vocabularies, spec.users_table, spec.items_table):
         if name and (prepare_dir / name).exists():
             shutil.copy2(prepare_dir / name, tmp / name)
-    pq.write_table(read_pairs(prepare_dir, spec, spec.splits), tmp / "seen.parquet")
+    seen = read_pairs(prepare_dir, spec, spec.splits)
+    pq.write_table(seen, tmp / "seen.parquet")
+    if retrieval_dir is not None:
+        index = export_retrieval(retrieval_dir, prepare_dir, tmp / RETRIEVAL, cfg, spec, seen[spec.item_key])
+        say(f"retrieval index: {len(index):,} items, {index.kind} ({tmp.name}/{RETRIEVAL}/{INDEX})")
 
     history = json.loads((train_dir / "history.json").read_text()) if (train_dir / "history.json").exists() else []
     best = max(history, key=lambda h: h["val_auc"]) if history else {}
@@ -118,6 +142,7 @@ def _export(train_dir: Path, prepare_dir: Path, out_dir: Path, cfg: ExperimentCo
         "weights_sha256": digest,
         "data_fingerprint": spec.data_fingerprint,
         "backbone": cfg.model.backbone,
+        "retrieval": (retrieval_dir is not None),
         "source": {"train_dir": str(train_dir.resolve()), **(source or {})},
         "libraries": library_versions(),
         "git_commit": git_commit(Path(__file__).parent),
@@ -128,6 +153,36 @@ def _export(train_dir: Path, prepare_dir: Path, out_dir: Path, cfg: ExperimentCo
     return out_dir
 
 
+def export_retrieval(rdir: Path, prepare_dir: Path, out: Path, cfg: ExperimentConfig, spec: FeatureSpec,
+                     seen_items: pa.ChunkedArray, chunk: int = 65_536) -> ItemIndex:
+    """The retrieval model's weights and config, and the index of its item vectors over the serving
+    catalogue (the items the ranking model has an id for), built in chunks of `chunk` items."""
+    out.mkdir(parents=True)
+    rcfg = ExperimentConfig.model_validate_json((rdir / "config.json").read_text())
+    shutil.copy2(rdir / MODEL, out / MODEL)
+    (out / "config.json").write_text(rcfg.model_dump_json(indent=2))
+    if (rdir / "metrics.json").exists():
+        shutil.copy2(rdir / "metrics.json", out / "metrics.json")
+    model = load_trained(spec, rcfg.model, rdir / MODEL)
+    vocabs = Vocabularies.load(prepare_dir, spec)
+    items = entity_table(pq.read_table(prepare_dir / spec.items_table) if spec.items_table else None, "item_id",
+                         vocabs, seen_items)
+    keys, cols = encode_entities(items, "item_id", spec, vocabs, "item")
+    keep = cols["item_id"] > 0
+    cols = {n: v[keep] for n, v in cols.items()}
+    keys = [k for k, m in zip(keys, keep) if m]
+    cat, num = [f.name for f in spec.categorical], [f.name for f in spec.numeric]
+    with torch.no_grad():
+        vecs = [model.item_vectors(Batch.candidates(cat, num, cols, [({}, np.arange(a, min(a + chunk, len(keys))), 0)]))
+                for a in range(0, len(keys), chunk)]
+    vectors = torch.cat(vecs).numpy() if vecs else np.zeros((0, model.dim), np.float32)
+    r = cfg.retrieval
+    index = ItemIndex.build(vectors, r.exact_below, r.hnsw_m, r.hnsw_ef_construction, r.hnsw_ef_search)
+    index.save(out / INDEX)
+    pq.write_table(pa.table({"item_key": pa.array(keys)}), out / ITEM_KEYS)
+    return index
+
+
 def write_model_card(folder: Path, cfg: ExperimentConfig, spec: FeatureSpec, manifest: dict, metrics: dict) -> None:
     test = metrics.get("test", {})
     card = {
@@ -135,6 +190,7 @@ def write_model_card(folder: Path, cfg: ExperimentConfig, spec: FeatureSpec, man
         "version": manifest["version"],
         "task": "binary click/like prediction per scenario, used for top-K recommendation",
         "backbone": cfg.model.backbone,
+        "retrieval": manifest.get("retrieval", False),
         "scenarios": spec.scenario_names,
         "features": [{"name": f.name, "kind": f.kind, "source": f.source} for f in spec.features],
         "data": {"source": cfg.data.source, "rows": spec.num_rows, "fingerprint": spec.data_fingerprint},

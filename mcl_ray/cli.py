@@ -186,14 +186,28 @@ def _train(cfg: ExperimentConfig, prepare_dir: Path, seeds: int, force: bool):
     from mcl_ray.train.trainer import TrainSeed
 
     run_dir = Path(cfg.resolved_run_dir())
+    if cfg.retrieval.enabled:  # first: the ranking runs' evaluation measures two-stage serving with it
+        _train_retrieval(cfg, prepare_dir, force)
     results = [execute(TrainSeed(cfg, prepare_dir, run_dir / "train" / f"seed_{cfg.train.seed + i}",
                                  cfg.train.seed + i, force)) for i in range(seeds)]
     summary = summarize([r.metrics for r in results])
     (run_dir / "train" / "summary.json").write_text(json.dumps(summary, indent=2))
     print_metrics(summary, len(results), "test")
+    print_two_stage([r.metrics for r in results])
     out.print(f"metrics: {run_dir / 'train'}/seed_*/metrics.json, summary.json; plots: learning_curves.png, "
               f"scenario_auc.png")
     return results, summary
+
+
+def _train_retrieval(cfg: ExperimentConfig, prepare_dir: Path, force: bool):
+    """The two-tower retrieval model of two-stage serving (one seed, the first): same data, own folder."""
+    from mcl_ray.train.trainer import TrainSeed, retrieval_config
+
+    rdir = Path(cfg.resolved_run_dir()) / "retrieval"
+    res = execute(TrainSeed(retrieval_config(cfg), prepare_dir, rdir, cfg.train.seed, force))
+    print_metrics(summarize([res.metrics]), 1, "test (retrieval alone)")
+    out.print(f"retrieval metrics: {rdir / 'metrics.json'}")
+    return res
 
 
 def print_metrics(summary: dict, n: int, split: str) -> None:
@@ -219,6 +233,23 @@ def print_metrics(summary: dict, n: int, split: str) -> None:
         out.print(r)
     if summary.get("fairness"):
         print_fairness(summary["fairness"], split)
+
+
+def print_two_stage(ms: list[dict]) -> None:
+    """Two-stage serving (retrieve N, rank those) against ranking the whole catalogue, same users."""
+    ms = [m for m in ms if m.get("ranking_two_stage")]
+    if not ms:
+        return
+    n = ms[0]["ranking_two_stage"]["candidates"]
+    key = next(k for k in next(iter(ms[0]["ranking"].values())) if k.startswith("ndcg@"))
+    t = Table(title=f"two-stage (retrieve {n}, rank) vs the whole catalogue ranked: {key}, same users")
+    for c in ("scenario", "full catalogue", "two-stage", "ratio"):
+        t.add_column(c, justify="right" if c != "scenario" else "left")
+    for name in ms[0]["ranking"]:
+        full = sum(m["ranking"][name][key] for m in ms) / len(ms)
+        two = sum(m["ranking_two_stage"]["by_scenario"][name][key] for m in ms) / len(ms)
+        t.add_row(name, f"{full:.4f}", f"{two:.4f}", f"{two / full:.3f}" if full else "n/a")
+    out.print(t)
 
 
 def print_fairness(f: dict, split: str) -> None:
@@ -281,6 +312,7 @@ def evaluate(
     root = run_dir.parent.parent if single else run_dir
     ms = [evaluate_train_dir(d, root / "prepare", split) for d in dirs]
     print_metrics(summarize(ms), len(ms), split)
+    print_two_stage(ms)
     out.print(f"metrics: {', '.join(str(d / ('metrics.json' if split == 'test' else f'metrics_{split}.json')) for d in dirs)}")
 
 

@@ -16,7 +16,7 @@ import asyncio
 import logging
 from typing import Optional
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -125,8 +125,12 @@ class RecommenderModel:
 @serve.deployment(name="RecommenderAPI", max_ongoing_requests=64, max_queued_requests=256)
 @serve.ingress(api)
 class RecommenderAPI:
-    def __init__(self, model: DeploymentHandle):
+    def __init__(self, model: DeploymentHandle, scenarios: list[str] | None = None):
         self.model = model
+        if scenarios:  # schema-driven clients see the model's scenario names as an enum
+            schemas = api.openapi()["components"]["schemas"]  # FastAPI caches this dict: patched once, served as is
+            for name in ("RecommendRequest", "ScoreRequest"):
+                schemas[name]["properties"]["scenario"]["enum"] = list(scenarios)
 
     async def _call(self, method: str, payload: dict) -> dict:
         try:
@@ -139,9 +143,13 @@ class RecommenderAPI:
         return result
 
     @api.post("/v1/recommend", response_model=RecommendResponse, responses=ERRORS)
-    async def recommend(self, req: RecommendRequest) -> dict:
-        """Top-k items for a user in a scenario (all candidate items scored in one pass)."""
-        return await self._call("recommend", req.model_dump())
+    async def recommend(self, req: RecommendRequest, response: Response) -> dict:
+        """Top-k items for a user in a scenario: the retrieval index's N candidates (two-stage models)
+        or every item, ranked by the multi-scenario model; stage timings in `timings_ms` and the
+        Server-Timing header."""
+        result = await self._call("recommend", req.model_dump())
+        response.headers["Server-Timing"] = ", ".join(f"{k};dur={v}" for k, v in result["timings_ms"].items())
+        return result
 
     @api.post("/v1/score", response_model=ScoreResponse, responses=ERRORS)
     async def score(self, req: ScoreRequest) -> dict:
@@ -176,7 +184,7 @@ def build_app(args: dict) -> serve.Application:
     a = AppArgs.model_validate(args)
     from mcl_ray.artifact import open_artifact
 
-    open_artifact(a.artifact)  # fail fast, in the caller, with a clear message
+    art = open_artifact(a.artifact)  # fail fast, in the caller, with a clear message
     opts: dict = {}
     if a.max_ongoing_requests is not None:
         opts["max_ongoing_requests"] = a.max_ongoing_requests
@@ -187,4 +195,4 @@ def build_app(args: dict) -> serve.Application:
     if a.num_cpus is not None:
         opts["ray_actor_options"] = {"num_cpus": a.num_cpus}
     model = RecommenderModel.options(user_config={"artifact": a.artifact}, **opts).bind(a.batch_max_size, a.batch_wait_ms)
-    return RecommenderAPI.bind(model)
+    return RecommenderAPI.bind(model, art.spec.scenario_names)

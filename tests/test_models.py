@@ -12,8 +12,8 @@ from mcl_ray.models.backbones import BACKBONES, build_model
 from mcl_ray.models.text import TextFields
 
 S = 3
-# llm_ranker reads real texts with a real tokenizer: tests/test_text_features.py
-ID_BACKBONES = sorted(set(BACKBONES) - {"llm_ranker"})
+# llm_ranker reads real texts with a real tokenizer: tests/test_text_features.py; two_tower is no ranker
+ID_BACKBONES = sorted(set(BACKBONES) - {"llm_ranker", "two_tower"})  # two_tower: tests/test_retrieval.py
 
 
 def make_spec(text_dim: int | None = None, numeric: bool = True) -> FeatureSpec:

@@ -39,7 +39,7 @@ def artifacts(tmp_path_factory, ray_cluster):
     from mcl_ray.artifact import export_artifact
     from mcl_ray.data.prepare import prepare
     from mcl_ray.llm.encode import encode_stage
-    from mcl_ray.train.trainer import train_one
+    from mcl_ray.train.trainer import retrieval_config, train_one
 
     run = tmp_path_factory.mktemp("serve")
     cfg = load_config(ROOT / "experiments/ml1m_swr_quick.yaml", [
@@ -47,9 +47,14 @@ def artifacts(tmp_path_factory, ray_cluster):
         "model.hidden=[64,32]", "evaluate.ranking_users=0"])
     prep = prepare(cfg)
     encode_stage(cfg, prep.out_dir)  # the quick experiment uses text features: serve them too
+    # the first artifact is two-stage (a retrieval model and its index; N above the catalogue size,
+    # so by default every item is retrieved), the second ranks the whole catalogue
+    two_stage = cfg.model_copy(update={"retrieval": cfg.retrieval.model_copy(update={"enabled": True,
+                                                                                  "candidates": 5000})})
+    train_one(retrieval_config(two_stage), prep.out_dir, run / "retrieval", seed=1, evaluate=False)
     out = []
-    for seed in (1, 2):
-        r = train_one(cfg, prep.out_dir, run / f"seed{seed}", seed=seed)
+    for seed, c in ((1, two_stage), (2, cfg)):
+        r = train_one(c, prep.out_dir, run / f"seed{seed}", seed=seed)
         out.append(export_artifact(r.train_dir, prep.out_dir, run / f"artifact{seed}"))
     return out
 
@@ -93,6 +98,49 @@ def test_recommend_score_model_health(base, known, artifacts):
     assert call(base, "/healthz")[:2] == (200, {"status": "ok", "model_version": info["version"]})
     st, spec, _ = call(base, "/openapi.json")
     assert st == 200 and {"/v1/recommend", "/v1/score", "/v1/model", "/healthz"} <= set(spec["paths"])
+    for req in ("RecommendRequest", "ScoreRequest"):  # the schema names the scenarios this model serves
+        assert spec["components"]["schemas"][req]["properties"]["scenario"]["enum"] == info["scenarios"]
+
+
+def test_two_stage_answer_says_what_ran_and_agrees_with_score(base, known, artifacts):
+    user, _ = known
+    st, info, _ = call(base, "/v1/model")
+    assert info["retrieval"] == {"index": "exact", "candidates": 5000} and info["items"] < 5000
+    st, body, headers = call(base, "/v1/recommend", {"user_id": user, "scenario": SCEN, "k": 10})
+    # a catalogue smaller than N: every item not seen (left out at retrieval) is a candidate
+    assert st == 200 and body["retrieval"] == "index" and body["excluded_seen"] > 0
+    assert body["candidates"] == info["items"] - body["excluded_seen"]
+    assert set(body["timings_ms"]) == {"retrieve", "rank", "select"} and all(v >= 0 for v in body["timings_ms"].values())
+    assert headers["server-timing"].startswith("retrieve;dur=")
+    st, few, _ = call(base, "/v1/recommend", {"user_id": user, "scenario": SCEN, "k": 10, "candidates": 30,
+                                                "exclude_seen": False})
+    assert st == 200 and few["candidates"] == 30 and len(few["items"]) == 10
+    ids = [i["item_id"] for i in few["items"]]
+    st, sc, _ = call(base, "/v1/score", {"user_id": user, "scenario": SCEN, "item_ids": ids})
+    assert [s["score"] for s in sc["scores"]] == pytest.approx([i["score"] for i in few["items"]], abs=1e-5)
+    # the 30 retrieved are the index's nearest 30 for this user, and the ranker's top 10 of them
+    from mcl_ray.serve.recommender import Query, Recommender
+
+    rec = Recommender(artifacts[0])
+    feats = rec._user_features(Query(user_id=user, scenario=SCEN))
+    cand = rec.retriever.candidates([feats], [0], [30], [None])[0][0]
+    scores = rec._scores([Query(user_id=user, scenario=SCEN)], [feats], [cand])[0]
+    assert ids == [rec.items.keys[cand[j]] for j in scores.argsort(descending=True)[:10].tolist()]
+    # exclude_seen: seen items are left out at retrieval, so N unseen candidates remain
+    seen_pos = rec.users.seen[user]
+    fresh, removed = rec.retriever.candidates([feats], [0], [30], [seen_pos])
+    assert len(fresh[0]) == 30 and not set(fresh[0]) & set(seen_pos) and removed[0] > 0
+    assert call(base, "/v1/recommend", {"user_id": user, "scenario": SCEN, "candidates": 10_001})[0] == 422
+
+
+def test_an_artifact_without_a_retrieval_model_ranks_everything(artifacts, known):
+    from mcl_ray.serve.recommender import Query, Recommender
+
+    rec = Recommender(artifacts[1])
+    assert rec.retriever is None and rec.info()["retrieval"] is None
+    out = rec.recommend_many([Query(user_id=known[0], scenario=SCEN, k=5, candidates=30)])[0]
+    assert out["retrieval"] == "full_catalogue" and out["candidates"] == len(rec.items)
+    assert set(out["timings_ms"]) == {"rank", "select"} and len(out["items"]) == 5
 
 
 @pytest.mark.parametrize("path, body, status, text", [

@@ -108,9 +108,14 @@ def test_cli_train_with_seeds_and_evaluate(prepared):
     cfgs = ["--set", f"run_dir={run_dir}", "--set", "data.max_interactions=150000", "--set", "train.epochs=1",
             "--set", "model.hidden=[32]", "--set", "evaluate.ranking_users=20", "--set", "train.batch_size=2048",
             "--set", "model.text.mode=off", "--set", f"tracking.mlflow_uri=sqlite:///{run_dir / 'mlflow.db'}",
-            "--set", "tracking.mlflow_experiment=cli-seeds"]
+            "--set", "tracking.mlflow_experiment=cli-seeds",
+            # two-stage: a retrieval model trains first, each seed's evaluation measures retrieve-then-rank
+            "--set", "retrieval.enabled=true", "--set", "retrieval.candidates=200"]
     r = CliRunner().invoke(app, ["train", str(ROOT / "experiments/ml1m_swr_quick.yaml"), "--seeds", "2", *cfgs])
     assert r.exit_code == 0, r.output
+    assert "two_tower seed 2024" in r.output and "two-stage (retrieve 200, rank)" in r.output
+    retrieval = json.loads((run_dir / "retrieval" / "metrics.json").read_text())
+    assert all(0 < m["recall@200"] <= 1 and m["recall@200"] >= m["recall@10"] for m in retrieval["ranking"].values())
     assert "2 seeds (mean ± std)" in r.output and "±" in r.output
     summary = json.loads((run_dir / "train" / "summary.json").read_text())
     assert summary["overall"]["auc"]["n"] == 2 and summary["seeds"] == [2024, 2025]
@@ -119,7 +124,8 @@ def test_cli_train_with_seeds_and_evaluate(prepared):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("cli-seeds").experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["ml1m_swr_quick-seed2024", "ml1m_swr_quick-seed2025"]
+    assert sorted(r.info.run_name for r in runs) == ["ml1m_swr_quick-retrieval-seed2024", "ml1m_swr_quick-seed2024",
+                                                     "ml1m_swr_quick-seed2025"]
     assert all(r.data.params["train.epochs"] == "1" and "val_auc" in r.data.metrics for r in runs)
     assert len(client.get_metric_history(runs[0].info.run_id, "val_auc")) == 1
     # top-K ranking: every scenario, bounded metrics, held-out positives of sampled users
@@ -142,6 +148,15 @@ def test_cli_train_with_seeds_and_evaluate(prepared):
     assert fair["exposure"]["k"] == 10 and len(shares) == 3 and abs(sum(shares) - 1) < 1e-9
     assert "metrics by user group" in r.output and "exposure by item popularity" in r.output
     assert summary["fairness"]["groups"]["gender"]["gap"]["auc"]["n"] == 2  # mean ± std over the seeds
+
+    two = seed_metrics["ranking_two_stage"]
+    assert two["candidates"] == 200 and set(two["by_scenario"]) == set(scenarios)
+    for name, m in two["by_scenario"].items():  # the same users; ranking 200 items can only lose recall@10 ...
+        assert m["users"] == seed_metrics["ranking"][name]["users"] and 0 <= m["ndcg@10"] <= 1
+    r = CliRunner().invoke(app, ["export", str(run_dir)])  # ... and the artifact carries model and index
+    assert r.exit_code == 0, r.output
+    art = run_dir / "artifact"
+    assert (art / "retrieval" / "items.faiss").exists() and json.loads((art / "manifest.json").read_text())["retrieval"]
 
     r = CliRunner().invoke(app, ["evaluate", str(run_dir)])
     assert r.exit_code == 0, r.output

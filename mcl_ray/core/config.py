@@ -241,7 +241,7 @@ class PrepareConfig(Strict):
 
 # ----------------------------------------------------------------------------- model / train / evaluate
 
-BackboneName = Literal["single", "shared_bottom", "mmoe", "ple", "star", "pepnet", "m2m", "llm_ranker"]
+BackboneName = Literal["single", "shared_bottom", "mmoe", "ple", "star", "pepnet", "m2m", "llm_ranker", "two_tower"]
 
 
 class TextFeatureConfig(Strict):
@@ -267,7 +267,8 @@ class TextFeatureConfig(Strict):
 class ModelConfig(Strict):
     backbone: BackboneName = Field(
         "shared_bottom",
-        description="single (one model per scenario), shared_bottom, mmoe, ple, star, pepnet or m2m.")
+        description="single (one model per scenario), shared_bottom, mmoe, ple, star, pepnet or m2m; two_tower is the "
+        "retrieval model (retrieval.model).")
     embedding_dim: int = Field(16, ge=1, le=1024, description="Width of every feature embedding (SWR: 16).")
     hidden: list[int] = Field([256, 128], min_length=1, description="Bottom / expert / shared MLP widths.")
     tower_hidden: list[int] = Field([64], description="Per-scenario tower widths (after the shared part).")
@@ -276,6 +277,7 @@ class ModelConfig(Strict):
     specific_experts: int = Field(1, ge=1, le=16, description="ple: experts per scenario.")
     scenario_embedding_dim: int = Field(16, ge=1, description="star aux net / pepnet / m2m: scenario embedding width.")
     attention_heads: int = Field(2, ge=1, description="m2m: heads of the within-sample field attention.")
+    temperature: float = Field(0.05, gt=0, le=10, description="two_tower: softmax temperature of the cosine scores.")
     text: TextFeatureConfig = Field(default_factory=TextFeatureConfig,
                                     description="LLM semantic features (text embeddings of items and users).")
 
@@ -496,6 +498,36 @@ class TuneConfig(Strict):
         return self
 
 
+def _retrieval_model() -> ModelConfig:
+    return ModelConfig(backbone="two_tower", embedding_dim=16, hidden=[128], tower_hidden=[64], dropout=0.0)
+
+
+class RetrievalConfig(Strict):
+    """The first stage of two-stage serving: a two-tower model and a nearest-neighbour index of its
+    item vectors; the ranking model then scores only the retrieved candidates."""
+
+    enabled: bool = Field(False, description="Train, evaluate and export a retrieval model next to the ranking model.")
+    model: ModelConfig = Field(default_factory=_retrieval_model, description="The two-tower model (backbone two_tower).")
+    epochs: int | None = Field(None, ge=1, description="Training epochs (null: train.epochs).")
+    lr: float | None = Field(None, gt=0, description="Learning rate (null: train.lr).")
+    batch_size: int | None = Field(None, ge=2, description="Global batch size; larger means more in-batch negatives "
+                                                           "(null: train.batch_size).")
+    candidates: int = Field(500, ge=1, description="N: items retrieved per request and ranked (a request may ask "
+                                                   "for fewer).")
+    exact_below: int = Field(200_000, ge=0, description="Catalogues smaller than this get an exact index "
+                                                        "(faiss IndexFlatIP); larger ones HNSW.")
+    hnsw_m: int = Field(32, ge=4, le=128, description="HNSW: links per vector (memory vs recall).")
+    hnsw_ef_construction: int = Field(200, ge=8, description="HNSW: candidate list while building.")
+    hnsw_ef_search: int = Field(512, ge=8, description="HNSW: candidate list while searching (recall vs latency; "
+                                                       "at least `candidates` is used).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RetrievalConfig":
+        if self.model.backbone != "two_tower":
+            raise ValueError(f"retrieval.model.backbone must be two_tower (got {self.model.backbone})")
+        return self
+
+
 class ExperimentConfig(Strict):
     name: str = Field(description="Experiment name; the default run directory is runs/<name>.")
     run_dir: str | None = Field(None, description="Run directory (local path or pyarrow URI); null: runs/<name>.")
@@ -504,6 +536,8 @@ class ExperimentConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model architecture.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training on Ray Train.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation metrics.")
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig, description="Retrieval stage of two-stage "
+                                                                                    "serving.")
     encode: EncodeConfig = Field(default_factory=EncodeConfig, description="Text encoder for semantic features.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="LLM data augmentation (synthetic rows).")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyperparameter sweep (Ray Tune + Optuna).")

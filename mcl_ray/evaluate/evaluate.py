@@ -44,11 +44,13 @@ def predict(model: torch.nn.Module, data: Batch, batch_size: int, device: torch.
 
 @torch.no_grad()
 def ranking(model, spec: FeatureSpec, cfg: ExperimentConfig, prepare_dir: Path, test: pa.Table,
-            seen_splits: list[str]) -> tuple[dict, dict, list, list]:
+            seen_splits: list[str], retriever: torch.nn.Module | None = None) -> tuple[dict, dict, list, list, dict]:
     """Score every trainable item for sampled test users in their scenario; rank held-out positives.
 
     Returns (per scenario {users, recall@K, ...}, per user {recall@K, ndcg@K}, each ranked user's
-    top-K item keys (K: the first of evaluate.top_k), the candidate item keys).
+    top-K item keys (K: the first of evaluate.top_k), the candidate item keys, and with a retrieval
+    model the same per-scenario metrics of two-stage serving: the ranking model's scores kept for
+    the retrieval model's top retrieval.candidates items only, the same users).
 
     Everything per user (features, seen items, scenario) is read for the sampled users only, so
     memory follows `evaluate.ranking_users`, not the number of users in the data."""
@@ -95,9 +97,12 @@ def ranking(model, spec: FeatureSpec, cfg: ExperimentConfig, prepare_dir: Path, 
     # metrics per user as soon as it is scored: no [users x catalogue] score matrix is kept (a
     # steady trickle of such rows between big model temporaries fragments the heap, too)
     per_scen: dict[int, dict[str, list]] = {}
+    two_stage: dict[int, dict[str, list]] = {}
     k0 = ev.top_k[0]
     top_items = []
     per_user = {}
+    if retriever is not None:  # the retrieval model's item vectors, once (exact search: what the exact index returns)
+        item_vecs = retriever.item_vectors(Batch.candidates(cat_names, num_names, i_feats, [({}, all_items, 0)]))
     for u in users:
         if u not in user_row:
             continue
@@ -114,12 +119,23 @@ def ranking(model, spec: FeatureSpec, cfg: ExperimentConfig, prepare_dir: Path, 
             pu = {k: float(v[0]) for k, v in topk_per_user(scores[None], rel[None], ev.top_k).items()}
             for k, v in pu.items():
                 per_scen.setdefault(s, {}).setdefault(k, []).append(v)
+            if retriever is not None:
+                u_vec = retriever.user_vectors(batch.slice(0, 1))  # [1, E]
+                near = (item_vecs @ u_vec.T).squeeze(1)
+                near[scores == -torch.inf] = -torch.inf  # seen items are dropped before the top N, as in serving
+                kept = torch.topk(near, min(cfg.retrieval.candidates, n_items)).indices
+                two = torch.full_like(scores, -torch.inf)
+                two[kept] = scores[kept]
+                for k, v in topk_per_user(two[None], rel[None], ev.top_k).items():
+                    two_stage.setdefault(s, {}).setdefault(k, []).append(float(v[0]))
             per_user[u] = {k: pu[k] for k in (f"recall@{k0}", f"ndcg@{k0}")}
             top = torch.topk(scores, min(k0, n_items))
             top_items.append([i_keys[j] for j, v in zip(top.indices.tolist(), top.values.tolist()) if v > -math.inf])
-    by_scen = {spec.scenario_names[s]: {"users": len(next(iter(m.values()))), **{k: float(np.mean(v)) for k, v in m.items()}}
-               for s, m in sorted(per_scen.items())}
-    return by_scen, per_user, top_items, i_keys
+    def means(acc: dict[int, dict[str, list]]) -> dict:
+        return {spec.scenario_names[s]: {"users": len(next(iter(m.values()))), **{k: float(np.mean(v)) for k, v in m.items()}}
+                for s, m in sorted(acc.items())}
+    by_scen = means(per_scen)
+    return by_scen, per_user, top_items, i_keys, means(two_stage)
 
 
 def fairness_groups(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path) -> list[str]:
@@ -172,6 +188,15 @@ def fairness(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path, y, p, 
     return out
 
 
+def retrieval_model(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path) -> torch.nn.Module | None:
+    """The run's retrieval model (<run>/retrieval, next to prepare/) when the experiment has one."""
+    rdir = prepare_dir.parent / "retrieval"
+    if not cfg.retrieval.enabled or not (rdir / MODEL).exists():
+        return None
+    rcfg = ExperimentConfig.model_validate_json((rdir / "config.json").read_text())
+    return load_trained(spec, rcfg.model, rdir / MODEL)
+
+
 def evaluate_train_dir(train_dir: Path, prepare_dir: Path, split: str = "test") -> EvalMetrics:
     cfg = ExperimentConfig.model_validate_json((train_dir / "config.json").read_text())
     spec = FeatureSpec.load(prepare_dir)
@@ -197,8 +222,11 @@ def evaluate_train_dir(train_dir: Path, prepare_dir: Path, split: str = "test") 
         out["by_scenario"][name]["gauc"] = gauc(y[scen == s], p[scen == s], users[scen == s])
     # top-K needs ids to rank by; users/items tables are optional (the vocabularies list the ids)
     if cfg.evaluate.ranking_users > 0 and {"user_id", "item_id"} <= {f.name for f in spec.categorical}:
-        rank = ranking(model, spec, cfg, prepare_dir, table, [s for s in ("train", "valid") if s != split])
+        retriever = retrieval_model(cfg, spec, prepare_dir)
+        rank = ranking(model, spec, cfg, prepare_dir, table, [s for s in ("train", "valid") if s != split], retriever)
         out["ranking"] = rank[0]
+        if retriever is not None:
+            out["ranking_two_stage"] = {"candidates": cfg.retrieval.candidates, "by_scenario": rank[4]}
     else:
         rank = None
     fair = fairness(cfg, spec, prepare_dir, y, p, users, rank)

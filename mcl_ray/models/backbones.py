@@ -14,6 +14,7 @@ from mcl_ray.core.feature_spec import FeatureSpec
 from mcl_ray.models.batch import Batch
 from mcl_ray.models.blocks import (MLP, Experts, Gate, GateNU, InputLayer, MetaLinear, PartitionedNorm,
                                    ScenarioTowers, StarLinear)
+from mcl_ray.models.retrieval import TwoTower
 from mcl_ray.models.text import LLMRanker
 
 
@@ -201,6 +202,7 @@ BACKBONES: dict[str, type[nn.Module]] = {
     "pepnet": PEPNet,
     "m2m": M2M,
     "llm_ranker": LLMRanker,
+    "two_tower": TwoTower,  # retrieval (two-stage serving), not a ranker
 }
 
 

@@ -7,6 +7,7 @@ from typing import Annotated, Union
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 MAX_K = 100
+MAX_CANDIDATES = 10_000
 MAX_ITEMS = 1000
 MAX_BODY_BYTES = 64 * 1024
 
@@ -29,6 +30,9 @@ class RecommendRequest(Strict):
         None, max_length=32, description="User attributes (e.g. gender, age): override the stored ones; "
                                          "required for users unknown to the model (cold start).")
     context: dict[Key, Attr] | None = Field(None, max_length=32, description="Context features the model uses (e.g. hour).")
+    candidates: int | None = Field(None, ge=1, le=MAX_CANDIDATES,
+                                   description="Two-stage models: retrieve at most this many items to rank (default "
+                                               "and ceiling: the model's retrieval.candidates; GET /v1/model).")
 
 
 class ScoreRequest(Strict):
@@ -52,6 +56,11 @@ class RecommendResponse(BaseModel):
     model_version: str
     excluded_seen: int
     cold_start: bool
+    retrieval: str = Field(description="index: the retrieval model's index chose the candidates; full_catalogue: "
+                                       "every item was ranked (the artifact has no retrieval model).")
+    candidates: int = Field(description="Items the ranking model scored.")
+    timings_ms: dict[str, float] = Field(description="Milliseconds per stage (retrieve, rank, select) of the batch "
+                                                     "this request was served in; also in the Server-Timing header.")
 
 
 class Scored(BaseModel):

@@ -1,14 +1,18 @@
 """The serving core, without Ray Serve: an artifact loaded for scoring.
 
 `Recommender` holds the candidates (`ItemCatalog`: encoded item features, titles, MMR vectors) and
-the known users (`KnownUsers`: encoded user features, seen items) in memory and scores every
-candidate for one or many requests in one vectorised forward pass (features encoded as in
-evaluation: data.vocab + models.batch.Batch.candidates); serve.ranking turns scores into lists.
+the known users (`KnownUsers`: encoded user features, seen items) in memory. With a retrieval model
+in the artifact (`Retriever`), a request's user tower vector fetches the N nearest items from the
+item index and the ranking model scores those N; without one it scores the whole catalogue. Either
+way one vectorised forward pass serves a batch of requests (features encoded as in evaluation:
+data.vocab + models.batch.Batch.candidates); serve.ranking turns scores into lists, and every
+answer says which stages ran and how long each took.
 Bad input raises `RequestError` with an HTTP status (the Serve app maps it to a 4xx).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,11 +20,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mcl_ray.artifact import Artifact, ArtifactError, load_model, open_artifact
+from mcl_ray.artifact import ITEM_KEYS, RETRIEVAL, Artifact, ArtifactError, load_model, open_artifact
+from mcl_ray.core.config import ExperimentConfig
 from mcl_ray.core.feature_spec import FeatureSpec
 from mcl_ray.data.vocab import Vocabularies, encode_entities, entity_table, zscore
 from mcl_ray.models.batch import Batch
 from mcl_ray.models.blocks import InputLayer
+from mcl_ray.models.item_index import INDEX, ItemIndex
+from mcl_ray.models.weights import MODEL, load_trained
 from mcl_ray.serve.ranking import exclude, mmr, top_k
 
 
@@ -42,6 +49,7 @@ class Query:
     profile: dict | None = None
     context: dict | None = None
     item_ids: list[str] | None = None  # score: the candidates
+    candidates: int | None = None  # recommend: retrieve at most this many (None: the artifact's N)
 
 
 class ItemCatalog:
@@ -92,6 +100,41 @@ class KnownUsers:
         return None if row is None else {n: v[row] for n, v in self.cols.items()}
 
 
+class Retriever:
+    """Stage one: a request's user-tower vector -> the N nearest items of the index, as catalogue
+    positions (the index was built at export over the same catalogue; keys map it back)."""
+
+    def __init__(self, art: Artifact, catalog: ItemCatalog, threads: int):
+        folder = art.file(RETRIEVAL)
+        cfg = ExperimentConfig.model_validate_json((folder / "config.json").read_text())
+        self.model = load_trained(art.spec, cfg.model, folder / MODEL)
+        self.index = ItemIndex.load(folder / INDEX, threads=threads)
+        keys = pq.read_table(folder / ITEM_KEYS)["item_key"].to_pylist()
+        self.to_catalog = np.array([catalog.pos.get(k, -1) for k in keys], np.int64)
+        self.n = art.cfg.retrieval.candidates
+        self.cat = [f.name for f in art.spec.categorical]
+        self.num = [f.name for f in art.spec.numeric]
+
+    @torch.no_grad()
+    def candidates(self, feats: list[dict[str, float]], scenarios: list[int], ns: list[int],
+                   drop: list[np.ndarray | None]) -> tuple[list[np.ndarray], list[int]]:
+        """Catalogue positions of each request's n nearest items, best first, leaving out the positions
+        in `drop` (seen items: the index is asked for n + their number, so n remain), and how many
+        dropped items the index returned."""
+        # one row per request: user-side features from the request, the item side OOV (the user tower ignores it)
+        batch = Batch.candidates(self.cat, self.num, {}, [(f, np.zeros(1, np.int64), s) for f, s in zip(feats, scenarios)])
+        _, pos = self.index.search(self.model.user_vectors(batch).numpy(),
+                                   max(n + (len(d) if d is not None else 0) for n, d in zip(ns, drop)))
+        out, removed = [], []
+        for row, n, d in zip(pos, ns, drop):
+            cat = self.to_catalog[row[row >= 0]]  # HNSW may return fewer than asked (-1)
+            cat = cat[cat >= 0]
+            gone = np.isin(cat, d) if d is not None else np.zeros(len(cat), bool)
+            out.append(cat[~gone][:n])
+            removed.append(int(gone.sum()))
+        return out, removed
+
+
 class Recommender:
     """An artifact loaded for serving: request features -> one batched forward pass over the
     candidates -> exclude seen -> top-k or MMR."""
@@ -117,6 +160,8 @@ class Recommender:
                                  self.model)
         self.users = KnownUsers(self._table(spec.users_table, "user_id", seen[spec.user_key]), seen, spec,
                                 self.vocabs, self.items)
+        self.retriever = (Retriever(art, self.items, torch_threads) if (art.file(RETRIEVAL) / INDEX).exists()
+                          else None)
 
     def _table(self, name: str | None, key: str, seen_keys) -> pa.Table:
         """The users/items table; without one (interactions only), every id the model knows."""
@@ -139,6 +184,9 @@ class Recommender:
     def info(self) -> dict:
         return {"version": self.version, "backbone": self.art.cfg.model.backbone,
                 "scenarios": self.scenarios, "items": len(self.items), "users": len(self.users.row),
+                # two-stage (an index of the retrieval model's item vectors) or the whole catalogue ranked
+                "retrieval": ({"index": self.retriever.index.kind, "candidates": self.retriever.n}
+                              if self.retriever is not None else None),
                 "features": [{"name": f.name, "kind": f.kind, "source": f.source} for f in self.spec.features],
                 "profile_fields": self.users.profile_fields, "context_fields": self.context_names,
                 # what a request may send, and what an omitted field becomes
@@ -185,7 +233,8 @@ class Recommender:
         return list(torch.split(p, [len(i) for i in idx]))
 
     def recommend_many(self, qs: list[Query]) -> list[dict | RequestError]:
-        """Top-k per request; a bad request yields its RequestError without failing the others."""
+        """Top-k per request; a bad request yields its RequestError without failing the others.
+        retrieve (two-stage artifacts) -> rank the candidates -> exclude seen -> top-k or MMR."""
         out: list = [None] * len(qs)
         ok, feats = [], []
         for i, q in enumerate(qs):
@@ -194,19 +243,49 @@ class Recommender:
                 ok.append(i)
             except RequestError as e:
                 out[i] = e
-        all_items = np.arange(len(self.items))
-        if ok:
-            scores = self._scores([qs[i] for i in ok], feats, [all_items] * len(ok))
-            for i, s in zip(ok, scores):
-                out[i] = self._top_k(qs[i], s.clone())
+        if not ok:
+            return out
+        t0 = time.perf_counter()
+        scen = [self.scenarios.index(qs[i].scenario) for i in ok]
+        if self.retriever is not None:
+            ns = [min(qs[i].candidates or self.retriever.n, self.retriever.n) for i in ok]
+            drop = [self.users.seen.get(qs[i].user_id) if qs[i].exclude_seen else None for i in ok]
+            cands, removed = self.retriever.candidates(feats, scen, ns, drop)
+        else:
+            cands, removed = [np.arange(len(self.items))] * len(ok), None
+        t1 = time.perf_counter()
+        scores = self._scores([qs[i] for i in ok], feats, cands)
+        t2 = time.perf_counter()
+        for j, (i, s, c) in enumerate(zip(ok, scores, cands)):
+            out[i] = self._select(qs[i], s.clone(), c if self.retriever is not None else None)
+            if removed is not None:  # seen items left out at retrieval
+                out[i]["excluded_seen"] = removed[j]
+        t3 = time.perf_counter()
+        stages = {"retrieve": round((t1 - t0) * 1000, 3), "rank": round((t2 - t1) * 1000, 3),
+                  "select": round((t3 - t2) * 1000, 3)}
+        if self.retriever is None:
+            del stages["retrieve"]
+        for i, c in zip(ok, cands):  # the stages ran once for the whole batch
+            out[i].update(retrieval="index" if self.retriever is not None else "full_catalogue",
+                          candidates=len(c), timings_ms=stages)
         return out
 
-    def _top_k(self, q: Query, s: torch.Tensor) -> dict:
-        removed = exclude(s, self.users.seen.get(q.user_id)) if q.exclude_seen else 0
-        k = min(q.k, len(self.items) - removed)
-        chosen = mmr(s, self.items.vecs, k, q.diversity) if q.diversity > 0 else top_k(s, k)
-        items = [{"item_id": self.items.keys[i], "title": self.items.titles[i], "score": round(float(s[i]), 6)}
-                 for i in chosen]
+    def _select(self, q: Query, s: torch.Tensor, cand: np.ndarray | None) -> dict:
+        """Scores s of the candidates (catalogue positions `cand`; None: the whole catalogue, in order)
+        -> exclude seen -> top-k or MMR."""
+        seen = self.users.seen.get(q.user_id) if q.exclude_seen else None
+        if cand is None:
+            removed = exclude(s, seen)
+            vecs, cand = self.items.vecs, None
+        else:
+            mask = np.isin(cand, seen) if seen is not None else np.zeros(len(cand), bool)
+            removed = exclude(s, np.flatnonzero(mask))
+            vecs = self.items.vecs[torch.from_numpy(cand)]
+        k = min(q.k, len(s) - removed)
+        chosen = mmr(s, vecs, k, q.diversity) if q.diversity > 0 else top_k(s, k)
+        pos = chosen if cand is None else cand[chosen].tolist()
+        items = [{"item_id": self.items.keys[p], "title": self.items.titles[p], "score": round(float(s[j]), 6)}
+                 for j, p in zip(chosen, pos)]
         return {"user_id": q.user_id, "scenario": q.scenario, "items": items, "model_version": self.version,
                 "excluded_seen": removed, "cold_start": q.user_id not in self.users.row}
 

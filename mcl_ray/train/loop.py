@@ -240,9 +240,14 @@ def train_epoch(model, opt, batches: Iterable[Batch], n: int, epoch: int, args: 
 
         def loss_of(b=b, w=w) -> torch.Tensor:
             with autocast:
-                logits = model(b)  # [B]
-                return (F.binary_cross_entropy_with_logits(logits.float(), b.label, reduction="none")
-                        * w).sum() / w.sum().clamp(min=1e-12)
+                logits = model(b)  # [B]; a retrieval model: [P, P] in-batch logits of the positive rows
+                if logits.dim() == 2:  # softmax with each row's own item (the diagonal) the target
+                    w = w[b.label > 0]
+                    loss = F.cross_entropy(logits.float(), torch.arange(len(logits), device=logits.device),
+                                           reduction="none")
+                else:
+                    loss = F.binary_cross_entropy_with_logits(logits.float(), b.label, reduction="none")
+                return (loss * w).sum() / w.sum().clamp(min=1e-12)
 
         opt.zero_grad(set_to_none=True)
         if not perturb:

@@ -112,7 +112,8 @@ class TrainSeed(Stage[TrainResult]):
         if start_epoch:
             self.say(f"[yellow]train seed {self.seed}: resuming from {d / 'checkpoint'} at epoch {start_epoch + 1}")
         trainer = build_trainer(self.cfg, self.spec, self.prepare_dir, d, self.seed, start_epoch,
-                                run_name=f"{self.cfg.name}-seed{self.seed}")
+                                run_name=f"{self.cfg.name}-{'retrieval-' * (self.cfg.model.backbone == 'two_tower')}"
+                                         f"seed{self.seed}")
         mode = data_mode(self.cfg, self.spec)
         self.say(f"[bold cyan]train[/] {self.cfg.model.backbone} seed {self.seed}: {tc.num_workers} worker(s), "
                  f"{self.spec.num_rows['train']:,} train rows, up to {tc.epochs} epochs, data in {mode} "
@@ -123,6 +124,20 @@ class TrainSeed(Stage[TrainResult]):
         history = json.loads((d / "history.json").read_text())
         metrics = evaluate_train_dir(d, self.prepare_dir) if self.evaluate else {}
         return TrainResult(d, metrics, history, False, time.perf_counter() - self.t0)
+
+
+def retrieval_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The experiment as its retrieval model trains and is evaluated: the two-tower model, the
+    retrieval section's epochs / lr / batch size, no perturbation, and top-K metrics up to N (how
+    often a held-out positive is among the N candidates the ranking model will see)."""
+    r = cfg.retrieval
+    over = {k: v for k, v in (("epochs", r.epochs), ("lr", r.lr), ("batch_size", r.batch_size)) if v is not None}
+    return cfg.model_copy(update={
+        "model": r.model,
+        "train": cfg.train.model_copy(update={**over, "perturbation": "none"}),
+        "evaluate": cfg.evaluate.model_copy(update={"top_k": sorted({10, 100, r.candidates})}),
+        "retrieval": r.model_copy(update={"enabled": False}),  # no two-stage evaluation of itself
+    })
 
 
 def train_one(cfg: ExperimentConfig, prepare_dir: Path, train_dir: Path, seed: int, force: bool = False,
