@@ -142,6 +142,34 @@ def scale() -> str:
             + "\n".join(rows) + "\n" + tail)
 
 
+def two_stage() -> str:
+    """Two-stage serving: quality against ranking every item (ML-1M), latency (ML-1M, 1M items)."""
+    d = _load("two_stage")
+    m = d["ml1m"]
+    n = m["candidates"]
+    rows = ["| scenario | NDCG@10, all items ranked | NDCG@10, two-stage | ratio | retrieval alone: Recall@" + f"{n} |",
+            "|---|---:|---:|---:|---:|"]
+    for name, q in m["by_scenario"].items():
+        rows.append(f"| {name} | {q['full_ndcg@10']:.4f} | {q['two_stage_ndcg@10']:.4f} | {q['ratio_ndcg@10']:.2f} "
+                    f"| {q[f'retrieval_recall@{n}']:.3f} |")
+    lat = ["| data | catalogue | index | two-stage p50 / p99 | stages (p50) | all items ranked p50 / p99 |",
+           "|---|---:|---|---:|---|---:|"]
+    # the catalogue: items with a trained id (synthetic: 2M interactions leave about half of 1M items unseen)
+    for label, part in (("ML-1M", m), ("synthetic, 1,000,000 items, 2M interactions", d.get("items_1m"))):
+        if not part:
+            continue
+        x = part["latency"]
+        st = ", ".join(f"{k} {v:.2f}" for k, v in x["two_stage"]["stage_p50_ms"].items())
+        lat.append(f"| {label} | {x['items']:,} | {x['index']} | {x['two_stage']['p50_ms']:.1f} / "
+                   f"{x['two_stage']['p99_ms']:.1f} ms | {st} ms | {x['full_catalogue']['p50_ms']:.1f} / "
+                   f"{x['full_catalogue']['p99_ms']:.1f} ms |")
+    return (f"Measured by `bench/two_stage_bench.py` on {d['date']} ({d['machine']}; `bench/results/two_stage.json`). "
+            f"ML-1M, SWR protocol, text features off, both models capped at {m['epochs_cap']} epochs, one seed, "
+            f"retrieve {n}; the same sampled test users in both columns:\n\n" + "\n".join(rows)
+            + f"\n\nServing core in-process, one request at a time on one thread (k=10, exclude seen; "
+            f"{d['requests']} requests, fewer for the 1M-item full ranking):\n\n" + "\n".join(lat) + "\n")
+
+
 def stream_vs_memory() -> str:
     d = _load("stream_vs_memory")
     t = d["table"]
@@ -153,6 +181,7 @@ def stream_vs_memory() -> str:
 
 RENDERERS = {"default-run-output": default_run_output, "default-run-time": default_run_time,
              "accuracy": accuracy, "tune": tune, "serve": serve, "scale": scale, "fairness": fairness,
+             "two-stage": two_stage,
              "stream-vs-memory": stream_vs_memory}
 
 
