@@ -3,9 +3,13 @@ FastAPI + uvicorn app with the same scoring function, same artifact, same run.
 
 For each concurrency level (1, 8, 32, 64 requests in flight) a bounded closed-loop generator sends
 --requests requests (random known users, their own scenario, k=10, exclude_seen) and records
-latency per request and status codes. Prints a table and writes bench/results/serve.json.
+latency per request and status codes. Prints a table and writes bench/results/serve.json (--out).
+With --noop, a third target: the same Serve topology and shapes with a model that does no work
+(bench/noop_app.py), the framework's ceiling on this machine. The model replica's peak RSS is
+recorded. A two-stage artifact (retrieval.enabled) is served two-stage by every target.
 
   python bench/serve_bench.py --artifact runs/ml1m_swr/artifact
+  python bench/serve_bench.py --artifact runs/x/artifact --noop --out bench/results/serve_two_stage_ml1m.json
 """
 
 from __future__ import annotations
@@ -86,6 +90,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=400, help="per level")
     ap.add_argument("--skip-bare", action="store_true")
     ap.add_argument("--serve-args", default="{}", help="JSON of extra build_app args, e.g. '{\"max_ongoing_requests\": 64}'")
+    ap.add_argument("--noop", action="store_true", help="also measure a no-op Serve app of the same shapes")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/serve.json")
     args = ap.parse_args()
     reqs = bodies(args.artifact, args.requests)
     results: dict = {"artifact": str(args.artifact), "requests_per_level": args.requests, "serve": {}, "bare": {}}
@@ -117,12 +123,39 @@ def main() -> None:
     port = free_port()
     base = start_serve(args.artifact, "127.0.0.1", port, num_replicas=1, **json.loads(args.serve_args))
     try:
+        wait_ready(f"{base}/healthz")
         for c in args.levels:
             asyncio.run(load(f"{base}/v1/recommend", reqs[:50], c))
             results["serve"][c] = asyncio.run(load(f"{base}/v1/recommend", reqs, c))
             print("serve", c, results["serve"][c], flush=True)
+        results["model_replica_rss_mib"] = replica_rss_mib()
+        print(f"model replica RSS {results['model_replica_rss_mib']:.0f} MiB", flush=True)
     finally:
         serve.shutdown()
+    if args.noop:
+        from ray import cloudpickle
+
+        sys.path.insert(0, str(ROOT))
+        import bench.noop_app as noop_app
+        from mcl_ray.artifact import open_artifact
+
+        cloudpickle.register_pickle_by_value(noop_app)  # the replicas need not import bench/
+        build_noop_app = noop_app.build_noop_app
+
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_noop_app(open_artifact(args.artifact).spec.scenario_names), name="noop", route_prefix="/",
+                  blocking=False)
+        base = f"http://127.0.0.1:{port}"
+        results["noop"] = {}
+        try:
+            wait_ready(f"{base}/healthz")
+            for c in args.levels:
+                asyncio.run(load(f"{base}/v1/recommend", reqs[:50], c))
+                results["noop"][c] = asyncio.run(load(f"{base}/v1/recommend", reqs, c))
+                print("noop ", c, results["noop"][c], flush=True)
+        finally:
+            serve.shutdown()
 
     if args.skip_bare:
         return
@@ -130,10 +163,27 @@ def main() -> None:
     for c in args.levels:
         s, b = results["serve"][c], results["bare"][c]
         print(f"{c:>9} | {s['p50_ms']:6.1f} {s['p95_ms']:6.1f} {s['p99_ms']:7.1f} {s['rps']:7.1f} | "
-              f"{b['p50_ms']:6.1f} {b['p95_ms']:6.1f} {b['p99_ms']:7.1f} {b['rps']:7.1f} | {s['rps'] / b['rps']:.2f}x")
-    dest = ROOT / "bench/results/serve.json"
-    dest.write_text(json.dumps(results, indent=1))
-    print(f"wrote {dest}")
+              f"{b['p50_ms']:6.1f} {b['p95_ms']:6.1f} {b['p99_ms']:7.1f} {b['rps']:7.1f} | {s['rps'] / b['rps']:.2f}x"
+              + (f" | no-op Serve p99 {results['noop'][c]['p99_ms']:.1f} ms, {results['noop'][c]['rps']:.1f} rps, "
+                 f"serve / no-op {s['rps'] / results['noop'][c]['rps']:.2f}x" if args.noop else ""))
+    args.out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}")
+
+
+def replica_rss_mib() -> float:
+    """Peak-now RSS of the model deployment's replica process(es), found by their process title."""
+    best = 0.0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            if "RecommenderModel" not in cmd:
+                continue
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    best = max(best, int(line.split()[1]) / 1024)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return best
 
 
 if __name__ == "__main__":

@@ -108,6 +108,28 @@ def serve() -> str:
             f"(`bench/results/serve.json`).\n")
 
 
+def serve_two_stage() -> str:
+    """Two-stage artifacts over HTTP: Serve, bare FastAPI and a no-op Serve app, per in-flight level."""
+    out = []
+    for name, label in (("serve_two_stage_ml1m", "ML-1M"), ("serve_two_stage_1m", "synthetic, 1M items")):
+        try:
+            d = _load(name)
+        except FileNotFoundError:
+            continue
+        rows = ["| in flight | Serve p50 / p99 ms | Serve req/s | bare FastAPI req/s | no-op Serve p99 ms | no-op Serve req/s "
+                "| Serve / no-op |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for k in sorted(d["serve"], key=int):
+            s_, b, n = d["serve"][k], d["bare"][k], d["noop"][k]
+            rows.append(f"| {k} | {s_['p50_ms']:.1f} / {s_['p99_ms']:.1f} | {s_['rps']:.0f} | {b['rps']:.0f} | "
+                        f"{n['p99_ms']:.1f} | {n['rps']:.0f} | {s_['rps'] / n['rps']:.2f}x |")
+        errors = sum(c_n for lv in ("serve", "bare", "noop") for k in d[lv] for c, c_n in d[lv][k]["codes"].items()
+                     if c != "200")
+        out.append(f"{label} (`bench/results/{name}.json`, {d['requests_per_level']} requests per level, "
+                   f"model replica {d['model_replica_rss_mib']:,.0f} MiB RSS, {errors} non-200 answers):\n\n"
+                   + "\n".join(rows) + "\n")
+    return "\n".join(out)
+
+
 def fairness() -> str:
     """The default run's fairness tables (test split), as `mcl-ray run` writes them in report.md."""
     sys.path.insert(0, str(ROOT))
@@ -181,7 +203,7 @@ def stream_vs_memory() -> str:
 
 RENDERERS = {"default-run-output": default_run_output, "default-run-time": default_run_time,
              "accuracy": accuracy, "tune": tune, "serve": serve, "scale": scale, "fairness": fairness,
-             "two-stage": two_stage,
+             "two-stage": two_stage, "serve-two-stage": serve_two_stage,
              "stream-vs-memory": stream_vs_memory}
 
 

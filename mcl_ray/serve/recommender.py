@@ -276,7 +276,7 @@ class Recommender:
         seen = self.users.seen.get(q.user_id) if q.exclude_seen else None
         if cand is None:
             removed = exclude(s, seen)
-            vecs, cand = self.items.vecs, None
+            vecs = self.items.vecs
         else:
             mask = np.isin(cand, seen) if seen is not None else np.zeros(len(cand), bool)
             removed = exclude(s, np.flatnonzero(mask))
