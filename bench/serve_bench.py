@@ -123,11 +123,7 @@ def main() -> None:
     port = free_port()
     base = start_serve(args.artifact, "127.0.0.1", port, num_replicas=1, **json.loads(args.serve_args))
     try:
-        wait_ready(f"{base}/healthz")
-        for c in args.levels:
-            asyncio.run(load(f"{base}/v1/recommend", reqs[:50], c))
-            results["serve"][c] = asyncio.run(load(f"{base}/v1/recommend", reqs, c))
-            print("serve", c, results["serve"][c], flush=True)
+        results["serve"] = levels(base, "serve", reqs, args.levels)
         results["model_replica_rss_mib"] = replica_rss_mib()
         print(f"model replica RSS {results['model_replica_rss_mib']:.0f} MiB", flush=True)
     finally:
@@ -146,14 +142,8 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_noop_app(open_artifact(args.artifact).spec.scenario_names), name="noop", route_prefix="/",
                   blocking=False)
-        base = f"http://127.0.0.1:{port}"
-        results["noop"] = {}
         try:
-            wait_ready(f"{base}/healthz")
-            for c in args.levels:
-                asyncio.run(load(f"{base}/v1/recommend", reqs[:50], c))
-                results["noop"][c] = asyncio.run(load(f"{base}/v1/recommend", reqs, c))
-                print("noop ", c, results["noop"][c], flush=True)
+            results["noop"] = levels(f"http://127.0.0.1:{port}", "noop ", reqs, args.levels)
         finally:
             serve.shutdown()
 
@@ -168,6 +158,17 @@ def main() -> None:
                  f"serve / no-op {s['rps'] / results['noop'][c]['rps']:.2f}x" if args.noop else ""))
     args.out.write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
+
+
+def levels(base: str, name: str, reqs: list[dict], in_flight: list[int]) -> dict:
+    """Once the app answers: per level, a 50-request warm-up, then the measured run."""
+    wait_ready(f"{base}/healthz")
+    out = {}
+    for c in in_flight:
+        asyncio.run(load(f"{base}/v1/recommend", reqs[:50], c))
+        out[c] = asyncio.run(load(f"{base}/v1/recommend", reqs, c))
+        print(name, c, out[c], flush=True)
+    return out
 
 
 def replica_rss_mib() -> float:
