@@ -52,19 +52,23 @@ class TwoTower(nn.Module):
         self.item_col = [f.name for f in spec.categorical].index("item_id")
         self.dim = out
 
+    def _user(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:  # x [B, F, D] -> [B, E], unit norm
+        u = torch.cat([x[:, self.user_fields].flatten(1), self.scen_emb(batch.scenario)], 1)  # [B, Fu*D + Z]
+        return nn.functional.normalize(self.user_tower(u), dim=-1)
+
+    def _item(self, x: torch.Tensor) -> torch.Tensor:  # x [B, F, D] -> [B, E], unit norm
+        return nn.functional.normalize(self.item_tower(x[:, self.item_fields].flatten(1)), dim=-1)
+
     def towers(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (user vectors [B, E], item vectors [B, E]), unit norm."""
         x = self.inputs(batch)  # [B, F, D]
-        u = torch.cat([x[:, self.user_fields].flatten(1), self.scen_emb(batch.scenario)], 1)  # [B, Fu*D + Z]
-        i = x[:, self.item_fields].flatten(1)  # [B, Fi*D]
-        return (nn.functional.normalize(self.user_tower(u), dim=-1),
-                nn.functional.normalize(self.item_tower(i), dim=-1))
+        return self._user(x, batch), self._item(x)
 
     def user_vectors(self, batch: Batch) -> torch.Tensor:  # [B, E]: the item side of the batch is ignored
-        return self.towers(batch)[0]
+        return self._user(self.inputs(batch), batch)
 
     def item_vectors(self, batch: Batch) -> torch.Tensor:  # [B, E]: the user side of the batch is ignored
-        return self.towers(batch)[1]
+        return self._item(self.inputs(batch))
 
     def forward(self, batch: Batch) -> torch.Tensor:
         u, i = self.towers(batch)
