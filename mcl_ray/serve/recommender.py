@@ -257,9 +257,10 @@ class Recommender:
         scores = self._scores([qs[i] for i in ok], feats, cands)
         t2 = time.perf_counter()
         for j, (i, s, c) in enumerate(zip(ok, scores, cands)):
-            out[i] = self._select(qs[i], s.clone(), c if self.retriever is not None else None)
-            if removed is not None:  # seen items left out at retrieval
-                out[i]["excluded_seen"] = removed[j]
+            if removed is None:
+                out[i] = self._select(qs[i], s.clone())
+            else:  # seen items were left out at retrieval: nothing left to exclude
+                out[i] = self._select(qs[i], s.clone(), c, removed[j])
         t3 = time.perf_counter()
         stages = {"retrieve": round((t1 - t0) * 1000, 3), "rank": round((t2 - t1) * 1000, 3),
                   "select": round((t3 - t2) * 1000, 3)}
@@ -270,18 +271,17 @@ class Recommender:
                           candidates=len(c), timings_ms=stages)
         return out
 
-    def _select(self, q: Query, s: torch.Tensor, cand: np.ndarray | None) -> dict:
-        """Scores s of the candidates (catalogue positions `cand`; None: the whole catalogue, in order)
-        -> exclude seen -> top-k or MMR."""
-        seen = self.users.seen.get(q.user_id) if q.exclude_seen else None
+    def _select(self, q: Query, s: torch.Tensor, cand: np.ndarray | None = None, seen_dropped: int = 0) -> dict:
+        """Scores s of the candidates -> top-k or MMR. cand None: s covers the whole catalogue in
+        order, and seen items are excluded here; else s covers the catalogue positions `cand`, from
+        which retrieval already dropped `seen_dropped` seen items."""
         if cand is None:
-            removed = exclude(s, seen)
+            removed = exclude(s, self.users.seen.get(q.user_id) if q.exclude_seen else None)
             vecs = self.items.vecs
         else:
-            mask = np.isin(cand, seen) if seen is not None else np.zeros(len(cand), bool)
-            removed = exclude(s, np.flatnonzero(mask))
+            removed = seen_dropped
             vecs = self.items.vecs[torch.from_numpy(cand)]
-        k = min(q.k, len(s) - removed)
+        k = min(q.k, len(s) - (removed if cand is None else 0))
         chosen = mmr(s, vecs, k, q.diversity) if q.diversity > 0 else top_k(s, k)
         pos = chosen if cand is None else cand[chosen].tolist()
         items = [{"item_id": self.items.keys[p], "title": self.items.titles[p], "score": round(float(s[j]), 6)}
