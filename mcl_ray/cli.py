@@ -22,7 +22,7 @@ from rich.console import Console
 from mcl_ray.core import storage
 from mcl_ray.core.config import ExperimentConfig, config_to_yaml, describe_schema, load_config
 from mcl_ray.core.errors import ConfigError, McrError, SetupError
-from mcl_ray.core.ray_env import free_port, init_ray, route_ray_logs
+from mcl_ray.core.ray_env import apply_serve_env, free_port, init_ray, route_ray_logs
 from mcl_ray.core.progress import console as err
 from mcl_ray.core.stage import execute
 from mcl_ray.data import package_data
@@ -497,6 +497,10 @@ def serve_cmd(
         sys.stdout.write(serve_deploy_config(artifact, host, port, replicas))
         return
     here = artifact.resolve().parent
+    modes = apply_serve_env(host)  # before the cluster starts: Serve reads them at start
+    if not os.environ.get("RAY_ADDRESS"):
+        err.print("Serve mode: " + (", ".join(f"{k}={v}" for k, v in modes.items()) or "Ray's defaults")
+                  + " (set a variable to 0 to turn it off; on an existing cluster, its own environment decides)")
     init_ray(None, Path("runs"), log_dir=here if os.access(here, os.W_OK) else Path("runs"))
 
     def _stop(signum, frame):  # SIGTERM (kill, a process manager) stops as cleanly as Ctrl+C

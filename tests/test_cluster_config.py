@@ -67,3 +67,30 @@ def test_rayservice_matches_the_serve_yaml():
     assert {k: v for k, v in a["args"].items() if k != "artifact"} == {k: v for k, v in b["args"].items() if k != "artifact"}
     model = next(d for d in a["deployments"] if d["name"] == "RecommenderModel")
     assert model["user_config"]["artifact"] == a["args"]["artifact"]
+
+
+def test_serve_throughput_mode_is_carried_into_the_deploy_files():
+    """The measured choice (bench/serve_options_bench.py) reaches every way of deploying."""
+    from mcl_ray.core.ray_env import SERVE_HAPROXY_ENV, SERVE_THROUGHPUT_ENV
+
+    wanted = {**SERVE_THROUGHPUT_ENV, **SERVE_HAPROXY_ENV}
+    svc = yaml.safe_load((ROOT / "k8s/rayservice.yaml").read_text())
+    spec = svc["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+    for pod in pods:  # Serve reads it from the Ray processes' environment on every node
+        env = {e["name"]: e["value"] for e in pod["template"]["spec"]["containers"][0].get("env", [])}
+        assert {k: env.get(k) for k in wanted} == wanted
+    text = (ROOT / "serve_apps/recommender.yaml").read_text()
+    assert " ".join(f"{k}={v}" for k, v in wanted.items()) + " ray start --head" in text
+
+
+def test_mcl_ray_serve_turns_haproxy_on_only_off_loopback(monkeypatch):
+    from mcl_ray.core.ray_env import apply_serve_env
+
+    for k in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY"):
+        monkeypatch.delenv(k, raising=False)
+    assert apply_serve_env("127.0.0.1") == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED")
+    assert apply_serve_env("0.0.0.0") == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # the user's own setting wins
+    assert apply_serve_env("10.0.0.5")["RAY_SERVE_ENABLE_HA_PROXY"] == "0"

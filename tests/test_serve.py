@@ -274,3 +274,58 @@ def test_yaml_deploys_with_serve_deploy(artifacts, base, tmp_path, ray_cluster):
     assert set(status["applications"]["recommender"]["deployments"]) == {"RecommenderModel", "RecommenderAPI"}
     assert call(base, "/healthz")[0] == 200
     assert call(base, "/v1/recommend", {"user_id": "1", "scenario": SCEN, "k": 2})[0] == 200
+
+
+def test_sigterm_under_load_answers_what_is_in_flight_and_exits_0(artifacts, tmp_path):
+    """`mcl-ray serve` (its own local cluster, Serve's throughput mode as it adopts it on loopback)
+    stopped by SIGTERM while requests are in flight: those are answered, it exits 0, no stack dump."""
+    import os
+    import signal
+
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("mcl-ray")), "serve", str(artifacts[1]), "--port",
+                             str(port), "--replicas", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if call(base_url, "/healthz", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        assert proc.poll() is None, proc.communicate()
+        done, stop = [], threading.Event()  # (start time, status or the error)
+
+        def hammer():
+            while not stop.is_set():
+                t = time.time()
+                try:
+                    st = call(base_url, "/v1/recommend", {"user_id": "1", "scenario": SCEN, "k": 3}, timeout=30)[0]
+                except OSError as e:  # once stopped, the port is closed: new requests are refused
+                    st = repr(e)
+                    time.sleep(0.2)
+                done.append((t, st))
+
+        threads = [threading.Thread(target=hammer) for _ in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(3)
+        t_stop = time.time()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        stop.set()
+        for t in threads:
+            t.join()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped" in out
+    for marker in ("logging.cc", "Stack trace", "*** SIG", "Traceback"):
+        assert marker not in err, err[-3000:]
+    before = [st for t, st in done if t < t_stop - 0.05]  # in flight or finished when SIGTERM came
+    assert len(before) > 10 and set(before) == {200}, before
