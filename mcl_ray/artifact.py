@@ -7,6 +7,9 @@
       users.parquet          user attributes (cold start, user features)
       items.parquet          item attributes and titles (candidates)
       seen.parquet           known (user_key, item_key) interactions, for exclude_seen
+      history.parquet        the train split's real (user_key, item_key, label) rows, sorted by user in
+                             small row groups (a reader filters one user without reading the rest):
+                             the evidence of explanations
       metrics.json           validation (and test) metrics, overall and per scenario
       retrieval/             (retrieval.enabled) the two-tower model: model.safetensors, config.json,
                              metrics.json, items.faiss (index of item vectors), item_keys.parquet
@@ -38,7 +41,8 @@ from mcl_ray.core.feature_spec import FeatureSpec
 from mcl_ray.core.files import file_digest, replace_folder
 from mcl_ray.core.provenance import git_commit, library_versions
 from mcl_ray.core.stage import Marker, Stage, fingerprint
-from mcl_ray.data.splits import read_pairs
+from mcl_ray.core.keys import key_array
+from mcl_ray.data.splits import read_pairs, read_split
 from mcl_ray.data.vocab import Vocabularies, encode_entities, entity_table
 from mcl_ray.evaluate.summary import fairness_markdown
 from mcl_ray.models.batch import Batch
@@ -48,6 +52,7 @@ from mcl_ray.models.weights import MODEL, load_trained
 ARTIFACT_FORMAT = 1
 MANIFEST = "manifest.json"
 RETRIEVAL = "retrieval"
+HISTORY = "history.parquet"
 ITEM_KEYS = "item_keys.parquet"
 
 
@@ -108,6 +113,18 @@ def export_artifact(train_dir: Path, prepare_dir: Path, out_dir: Path, source: d
     return ExportStage(train_dir, prepare_dir, out_dir, source, force, quiet).run()
 
 
+def write_history(prepare_dir: Path, spec: FeatureSpec, path: Path, row_group: int = 16_384) -> None:
+    """The train split's real rows (no synthetic ones) as (user_key, item_key, label), sorted by user."""
+    import pyarrow.compute as pc
+
+    t = read_split(prepare_dir, spec, "train", columns=[spec.user_key, spec.item_key, spec.label_column,
+                                                       spec.provenance_column])
+    t = t.filter(pc.equal(t[spec.provenance_column], 0)).drop_columns([spec.provenance_column])
+    t = pa.table({spec.user_key: key_array(t[spec.user_key]), spec.item_key: key_array(t[spec.item_key]),
+                  "label": t[spec.label_column].cast(pa.float32())})
+    pq.write_table(t.sort_by(spec.user_key), path, row_group_size=row_group)
+
+
 def _export(train_dir: Path, prepare_dir: Path, out_dir: Path, cfg: ExperimentConfig, spec: FeatureSpec,
             source: dict, retrieval_dir: Path | None = None, say=print) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -120,6 +137,7 @@ def _export(train_dir: Path, prepare_dir: Path, out_dir: Path, cfg: ExperimentCo
             shutil.copy2(prepare_dir / name, tmp / name)
     seen = read_pairs(prepare_dir, spec, spec.splits)
     pq.write_table(seen, tmp / "seen.parquet")
+    write_history(prepare_dir, spec, tmp / HISTORY)
     if retrieval_dir is not None:
         index = export_retrieval(retrieval_dir, prepare_dir, tmp / RETRIEVAL, cfg, spec, seen[spec.item_key])
         say(f"retrieval index: {len(index):,} items, {index.kind} ({tmp.name}/{RETRIEVAL}/{INDEX})")

@@ -439,6 +439,57 @@ def export(
 # ----------------------------------------------------------------------------- serving
 
 
+@app.command()
+@command
+def explain(
+    artifact: Annotated[Path, typer.Argument(help="Model artifact folder (runs/<name>/artifact).")],
+    user: Annotated[str, typer.Option("--user", help="User id as in the training data.")],
+    item: Annotated[str, typer.Option("--item", help="Item id as in the training data.")],
+    scenario: Annotated[str, typer.Option("--scenario", help="Scenario name (the model's).")],
+    sentence: Annotated[bool, typer.Option("--sentence", help="Also write one or two sentences with the generator "
+                                                              "(explain.generator, explain.backend).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON (as /v1/explain returns it).")] = False,
+) -> None:
+    """Why the model scores ITEM for USER in SCENARIO: per-field attributions (integrated gradients),
+    the user's most similar train-history items and, with --sentence, the generator's sentence."""
+    from mcl_ray.serve.explain import Explainer, ExplainQuery
+    from mcl_ray.serve.recommender import Recommender, RequestError
+
+    rec = Recommender(str(artifact))
+    try:
+        res = Explainer(rec).explain(ExplainQuery(user_id=user, scenario=scenario, item_id=item))
+    except RequestError as e:
+        raise McrError(str(e)) from None
+    if sentence:
+        from mcl_ray.llm.explain import SentenceWriter
+
+        err.print(f"writing the sentence ({rec.art.cfg.explain.generator}, backend {rec.art.cfg.explain.backend})")
+        res["explanation"] = SentenceWriter(rec.art.cfg.explain).write(res)
+    if as_json:
+        sys.stdout.write(json.dumps(res, indent=1) + "\n")
+        return
+    out.print(f"user {user} · {res['item']['title']} ({item}) · {scenario}: score {res['score']:.4f} "
+              f"(baseline {res['baseline_score']:.4f}; attributions miss the logit difference by "
+              f"{res['convergence_delta']:+.4f})")
+    t = Table(title="attribution of the logit, per field (integrated gradients)")
+    for c in ("field", "source", "value", "attribution"):
+        t.add_column(c, justify="right" if c == "attribution" else "left")
+    for f in res["fields"]:
+        t.add_row(f["field"], f["source"], str(f["value"]), f"{f['attribution']:+.4f}")
+    out.print(t)
+    if res["similar_history"]:
+        h = Table(title="the user's most similar train-history items")
+        for c in ("item", "title", "similarity", "liked"):
+            h.add_column(c)
+        for x in res["similar_history"]:
+            h.add_row(x["item_id"], x["title"], f"{x['similarity']:.3f}", "yes" if x["liked"] else "no")
+        out.print(h)
+    if sentence:
+        e = res["explanation"]
+        out.print(f"[bold]{e['sentence']}[/]  [dim]({e['backend']}, {e['tokens']} tokens, {e['seconds']:.1f} s"
+                  f"{', cut' if e['cut'] else ''})[/]")
+
+
 def start_serve(artifact: Path, host: str, port: int, app_name: str = "recommender", **args):
     """Deploy the Serve app on the current Ray cluster; returns the base URL once it answers."""
     from ray import serve

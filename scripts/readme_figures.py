@@ -130,6 +130,60 @@ def serve_two_stage() -> str:
     return "\n".join(out)
 
 
+def serve_options() -> str:
+    """Ray Serve's throughput options, with and without, from one run (median over rounds)."""
+    d = _load("serve_options")
+    levels = sorted(next(iter(d["median"].values())), key=int)
+    rows = ["| variant | environment | " + " | ".join(f"{c} in flight: p50 / p99 ms, req/s" for c in levels)
+            + " | non-200 |", "|---|---|" + "---:|" * (len(levels) + 1)]
+    for v, env in d["variants"].items():
+        m = d["median"][v]
+        envs = ", ".join(f"`{k}={x}`" for k, x in env.items()) or "Ray's defaults"
+        rows.append(f"| {v} | {envs} | " + " | ".join(f"{m[c]['p50_ms']:.1f} / {m[c]['p99_ms']:.1f}, {m[c]['rps']:.0f}"
+                                                      for c in levels) + f" | {d['errors'][v]} |")
+    return (f"Measured by `bench/serve_options_bench.py` on {d['date']} ({d['machine']}; "
+            f"`bench/results/serve_options.json`): the two-stage ML-1M artifact, 1 model replica, "
+            f"{d['requests_per_level']} requests per level, median of {d['rounds']} rounds run in alternating order:\n\n"
+            + "\n".join(rows) + "\n")
+
+
+def autoscale() -> str:
+    """The autoscaling ramp: per phase, throughput, p99 and replicas."""
+    d = _load("autoscale")
+    rows = ["| seconds | in flight | req/s | p99 ms | running model replicas (start / max / end) |",
+            "|---|---:|---:|---:|---|"]
+    for p in d["by_phase"]:
+        rows.append(f"| {p['from_s']:.0f}-{p['to_s']:.0f} | {p['in_flight']} | {p['rps']:.0f} | {p['p99_ms']} | "
+                    f"{p['replicas_start']} / {p['replicas_max']} / {p['replicas_end']} |")
+    return (f"Measured by `bench/autoscale_bench.py` on {d['date']} ({d['machine']}; head node told "
+            f"{d['num_cpus_logical']} logical CPUs; `bench/results/autoscale.json`, plot "
+            f"`bench/results/autoscale.png`): {d['requests']:,} requests, {d['errors']} non-200, at most "
+            f"{d['max_running_replicas']} running model replicas.\n\n" + "\n".join(rows) + "\n")
+
+
+def explain() -> str:
+    """Explanation latency without and with the sentence."""
+    d = _load("explain")
+    w = d["without_sentence"]
+    rows = ["| what | requests | p50 ms | p99 ms | generator load |", "|---|---:|---:|---:|---:|",
+            f"| attributions ({d['ig_steps']} IG steps) + history evidence | {w['n']} | {w['p50_ms']:.1f} | "
+            f"{w['p99_ms']:.1f} | |"]
+    for b, r in d["with_sentence"].items():
+        if isinstance(r, dict):
+            rows.append(f"| + sentence, {b} backend | {r['n']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+                        f"{r['load_s']:.1f} s |")
+        else:
+            rows.append(f"| + sentence, {b} backend | {r} | | | |")
+    sample = next((r["samples"][0] for r in d["with_sentence"].values() if isinstance(r, dict) and r["samples"]), None)
+    text = (f"Measured by `bench/explain_bench.py` on {d['date']} ({d['machine']}, one torch thread, in process; "
+            f"`bench/results/explain.json`); the median integration error |delta| / |logit - baseline logit| "
+            f"was {d['relative_convergence_delta_median']:.4f}:\n\n" + "\n".join(rows) + "\n")
+    if sample:
+        text += ("\nA sample: facts given to the generator\n\n" + "\n".join(f"> - {x}" for x in sample["facts"])
+                 + f"\n\nand what it wrote: \"{sample['sentence']}\"\n")
+    return text
+
+
 def fairness() -> str:
     """The default run's fairness tables (test split), as `mcl-ray run` writes them in report.md."""
     sys.path.insert(0, str(ROOT))
@@ -203,7 +257,8 @@ def stream_vs_memory() -> str:
 
 RENDERERS = {"default-run-output": default_run_output, "default-run-time": default_run_time,
              "accuracy": accuracy, "tune": tune, "serve": serve, "scale": scale, "fairness": fairness,
-             "two-stage": two_stage, "serve-two-stage": serve_two_stage,
+             "two-stage": two_stage, "serve-two-stage": serve_two_stage, "serve-options": serve_options,
+             "autoscale": autoscale, "explain": explain,
              "stream-vs-memory": stream_vs_memory}
 
 

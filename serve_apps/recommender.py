@@ -5,7 +5,7 @@
     mcl-ray serve runs/ml1m_swr/artifact             # the same, from the CLI
 
 Endpoints (OpenAPI at /docs and /openapi.json): POST /v1/recommend, POST /v1/score,
-GET /v1/model, GET /healthz. Bad input is a 4xx (422 schema/unknown scenario, 404 unknown
+POST /v1/explain, GET /v1/model, GET /healthz. Bad input is a 4xx (422 schema/unknown scenario, 404 unknown
 user/item, 413 body too large); overload of the model deployment is a 503 with Retry-After.
 A new artifact rolls out in place through `user_config: {artifact: ...}` (reconfigure), so
 requests in flight finish on the old model and none is dropped.
@@ -23,8 +23,8 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from mcl_ray.serve.api import (MAX_BODY_BYTES, ErrorResponse, RecommendRequest, RecommendResponse, ScoreRequest,
-                               ScoreResponse)
+from mcl_ray.serve.api import (MAX_BODY_BYTES, ErrorResponse, ExplainRequest, ExplainResponse, RecommendRequest,
+                               RecommendResponse, ScoreRequest, ScoreResponse)
 
 log = logging.getLogger("mcl_ray.serve")
 RETRY_AFTER_S = 1
@@ -80,6 +80,8 @@ class RecommenderModel:
     def __init__(self, batch_max_size: int = 8, batch_wait_ms: float = 2.0):
         self._rec = None
         self._artifact = None
+        self._explainer = None  # (Recommender, Explainer) and the sentence writer: built on first use
+        self._writer = None
         self._recommend_batch.set_max_batch_size(batch_max_size)
         self._recommend_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
 
@@ -118,6 +120,30 @@ class RecommenderModel:
         except RequestError as e:
             return {"error": e.status, "detail": str(e)}
 
+    async def explain(self, query: dict) -> dict:
+        from mcl_ray.serve.recommender import RequestError
+
+        try:
+            return await asyncio.to_thread(_one_thread, self._explain, query)
+        except RequestError as e:
+            return {"error": e.status, "detail": str(e)}
+
+    def _explain(self, query: dict) -> dict:
+        from mcl_ray.serve.explain import Explainer, ExplainQuery
+
+        rec = self._rec
+        if self._explainer is None or self._explainer[0] is not rec:
+            self._explainer = (rec, Explainer(rec))
+        out = self._explainer[1].explain(ExplainQuery(**query))
+        if query.get("sentence"):
+            from mcl_ray.llm.explain import SentenceWriter
+
+            if self._writer is None or self._writer.cfg != rec.art.cfg.explain:
+                self._writer = SentenceWriter(rec.art.cfg.explain)
+            out["explanation"] = self._writer.write(out)
+            out["timings_ms"]["sentence"] = round(out["explanation"]["seconds"] * 1000, 3)
+        return out
+
     def info(self) -> dict:
         return self._rec.info()
 
@@ -129,7 +155,7 @@ class RecommenderAPI:
         self.model = model
         if scenarios:  # schema-driven clients see the model's scenario names as an enum
             schemas = api.openapi()["components"]["schemas"]  # FastAPI caches this dict: patched once, served as is
-            for name in ("RecommendRequest", "ScoreRequest"):
+            for name in ("RecommendRequest", "ScoreRequest", "ExplainRequest"):
                 schemas[name]["properties"]["scenario"]["enum"] = list(scenarios)
 
     async def _call(self, method: str, payload: dict) -> dict:
@@ -155,6 +181,12 @@ class RecommenderAPI:
     async def score(self, req: ScoreRequest) -> dict:
         """Scores of the given candidate items for a user in a scenario."""
         return await self._call("score", req.model_dump())
+
+    @api.post("/v1/explain", response_model=ExplainResponse, responses=ERRORS)
+    async def explain(self, req: ExplainRequest) -> dict:
+        """Why this score: per-field integrated-gradients attributions, the user's most similar train-history
+        items, and on request (`sentence`) one or two sentences written by the generator from those facts."""
+        return await self._call("explain", req.model_dump())
 
     @api.get("/v1/model")
     async def model_info(self) -> dict:

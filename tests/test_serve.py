@@ -97,8 +97,8 @@ def test_recommend_score_model_health(base, known, artifacts):
     assert info["metrics"]["valid"]["overall"]["auc"] > 0.5
     assert call(base, "/healthz")[:2] == (200, {"status": "ok", "model_version": info["version"]})
     st, spec, _ = call(base, "/openapi.json")
-    assert st == 200 and {"/v1/recommend", "/v1/score", "/v1/model", "/healthz"} <= set(spec["paths"])
-    for req in ("RecommendRequest", "ScoreRequest"):  # the schema names the scenarios this model serves
+    assert st == 200 and {"/v1/recommend", "/v1/score", "/v1/explain", "/v1/model", "/healthz"} <= set(spec["paths"])
+    for req in ("RecommendRequest", "ScoreRequest", "ExplainRequest"):  # the schema names the scenarios this model serves
         assert spec["components"]["schemas"][req]["properties"]["scenario"]["enum"] == info["scenarios"]
 
 
@@ -156,10 +156,106 @@ def test_an_artifact_without_a_retrieval_model_ranks_everything(artifacts, known
     ("/v1/score", {"user_id": "1", "scenario": SCEN, "item_ids": ["Not A Movie (2099)"]}, 404, "unknown item id"),
     ("/v1/score", {"user_id": "1", "scenario": SCEN, "item_ids": []}, 422, "at least 1 item"),
     ("/v1/score", {"user_id": "1", "scenario": SCEN, "item_ids": ["a"] * 1001}, 422, "at most 1000 items"),
+    ("/v1/explain", {"user_id": "1", "scenario": SCEN, "item_id": "Not A Movie (2099)"}, 404, "unknown item"),
+    ("/v1/explain", {"user_id": "no-such-user", "scenario": SCEN, "item_id": "x"}, 404, "send `profile`"),
+    ("/v1/explain", {"user_id": "1", "scenario": "nowhere", "item_id": "x"}, 422, "unknown scenario 'nowhere'"),
+    ("/v1/explain", {"user_id": "1", "scenario": SCEN}, 422, "missing"),
+    ("/v1/explain", {"user_id": "1", "scenario": SCEN, "item_id": "x", "why": 1}, 422, "extra_forbidden"),
 ])
 def test_bad_input_gets_its_4xx(base, path, body, status, text):
     st, resp, _ = call(base, path, body)
     assert st == status and text in json.dumps(resp), resp
+
+
+def test_explain_route_attributes_the_score_it_serves(base, known):
+    user, _ = known
+    st, rec, _ = call(base, "/v1/recommend", {"user_id": user, "scenario": SCEN, "k": 1})
+    item = rec["items"][0]
+    st, ex, _ = call(base, "/v1/explain", {"user_id": user, "scenario": SCEN, "item_id": item["item_id"]})
+    assert st == 200, ex
+    assert ex["score"] == pytest.approx(item["score"], abs=1e-5) and ex["item"]["title"] == item["title"]
+    names = {f["field"] for f in ex["fields"]}
+    assert {"user_id", "item_id", "gender", "age"} <= names
+    mags = [abs(f["attribution"]) for f in ex["fields"]]
+    assert mags == sorted(mags, reverse=True)
+    total = sum(f["attribution"] for f in ex["fields"])
+    assert total - (ex["logit"] - ex["baseline_logit"]) == pytest.approx(ex["convergence_delta"], abs=1e-4)
+    assert set(ex["timings_ms"]) == {"attribute", "history"} and ex["explanation"] is None
+    assert ex["similar_history"] and all(h["item_id"] != item["item_id"] for h in ex["similar_history"])
+
+
+def test_explain_completeness_and_history_from_the_train_split(artifacts, known):
+    """Attributions add up to logit(row) - logit(baseline) (integrated gradients' completeness), and
+    the evidence comes from the user's train rows only, most similar first."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from mcl_ray.artifact import HISTORY
+    from mcl_ray.core.keys import key_array
+    from mcl_ray.data.splits import read_pairs
+    from mcl_ray.serve.explain import Explainer, ExplainQuery
+    from mcl_ray.serve.recommender import Recommender
+
+    rec = Recommender(artifacts[1])
+    rec.art.cfg.explain.steps = 256
+    ex = Explainer(rec)
+    user, seen = known
+    item = sorted(seen)[0]
+    out = ex.explain(ExplainQuery(user_id=user, scenario=SCEN, item_id=item))
+    total = sum(f["attribution"] for f in out["fields"])
+    assert abs(out["logit"] - out["baseline_logit"]) > 0.05  # something to attribute
+    assert total == pytest.approx(out["logit"] - out["baseline_logit"], abs=0.01 * max(1, abs(total)))
+    assert out["fields"][0]["value"] is not None
+    hist = pq.read_table(artifacts[1] / HISTORY)
+    spec = rec.spec
+    train = read_pairs(artifacts[1].parent / "prepare", spec, ["train"])
+    pairs = lambda t: set(zip(key_array(t[spec.user_key]).to_pylist(), key_array(t[spec.item_key]).to_pylist()))  # noqa: E731
+    assert pairs(hist) == pairs(train) and hist.num_rows == train.num_rows  # train rows, nothing else
+    users = hist[spec.user_key].to_pylist()
+    assert users == sorted(users)  # sorted: one user's rows are a few row groups
+    mine = set(hist.filter(pc.equal(hist[spec.user_key], user))[spec.item_key].to_pylist())
+    sims = [h["similarity"] for h in out["similar_history"]]
+    assert {h["item_id"] for h in out["similar_history"]} <= mine and item not in {h["item_id"] for h in out["similar_history"]}
+    assert sims == sorted(sims, reverse=True) and len(sims) == rec.art.cfg.explain.history_items
+
+
+def test_explain_sentence_prompt_holds_only_the_facts_and_smollm2_writes_it(artifacts, known):
+    from mcl_ray.core.config import ExplainConfig
+    from mcl_ray.llm.explain import SentenceWriter, facts, messages
+
+    made = {"item": {"item_id": "i9", "title": "Toy Story (1995)"}, "user_id": "secret-user-42",
+            "fields": [{"field": "first_genre", "value": "Animation", "attribution": 0.8},
+                       {"field": "age", "value": "18", "attribution": -0.3},
+                       {"field": "zip", "value": None, "attribution": 0.1}],
+            "similar_history": [{"item_id": "i1", "title": "Aladdin (1992)", "similarity": 0.9, "liked": True}]}
+    lines = facts(made)
+    assert lines == ["Recommended item: Toy Story (1995).",
+                     "What made the item more likely to suit the user: first_genre = Animation.",
+                     "What made it less likely: age = 18.",
+                     "Similar items the user liked before: Aladdin (1992)."]
+    prompt = json.dumps(messages(lines))
+    assert "secret-user-42" not in prompt and "zip" not in prompt and "0.8" not in prompt
+    # the real packaged SmolLM2 through the transformers backend, bounded
+    w = SentenceWriter(ExplainConfig(backend="transformers", max_new_tokens=40))
+    out = w.write(made)
+    assert out["backend"] == "transformers" and out["facts"] == lines
+    assert 0 < out["tokens"] <= 40 and out["sentence"].strip()
+
+
+def test_explain_cli(artifacts, known):
+    from typer.testing import CliRunner
+
+    from mcl_ray.cli import app
+
+    user, seen = known
+    item = sorted(seen)[0]
+    r = CliRunner().invoke(app, ["explain", str(artifacts[1]), "--user", user, "--item", item, "--scenario", SCEN,
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    body = json.loads(r.stdout)
+    assert body["item"]["item_id"] == item and body["fields"]
+    r = CliRunner().invoke(app, ["explain", str(artifacts[1]), "--user", user, "--item", "nope", "--scenario", SCEN])
+    assert r.exit_code == 1 and "unknown item 'nope'" in r.output
 
 
 def test_malformed_and_oversized_bodies(base):

@@ -528,6 +528,23 @@ class RetrievalConfig(Strict):
         return self
 
 
+class ExplainConfig(Strict):
+    """Explanations of one (user, item, scenario) score: `/v1/explain` and `mcl-ray explain`."""
+
+    steps: int = Field(32, ge=4, le=512, description="Integrated-gradients steps (more: attributions closer to "
+                                                     "complete, slower; time grows linearly).")
+    history_items: int = Field(3, ge=0, le=20, description="The user's train-history items most similar to the "
+                                                           "explained item, shown as evidence.")
+    generator: str = Field("SmolLM2-135M-Instruct", description="Writes the optional sentence: the packaged SmolLM2 "
+                           "or a local instruction-tuned causal LM folder.")
+    backend: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="Sentence backend: vllm (an engine in the serving replica), transformers (HF generate), "
+        "auto: vllm when installed, else transformers.")
+    max_new_tokens: int = Field(60, ge=8, le=256, description="Length cap of the sentence (tokens).")
+    max_seconds: float = Field(10.0, gt=0, le=120, description="Time cap of writing the sentence; the answer says "
+                                                               "when it was cut.")
+
+
 class ExperimentConfig(Strict):
     name: str = Field(description="Experiment name; the default run directory is runs/<name>.")
     run_dir: str | None = Field(None, description="Run directory (local path or pyarrow URI); null: runs/<name>.")
@@ -538,6 +555,8 @@ class ExperimentConfig(Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation metrics.")
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig, description="Retrieval stage of two-stage "
                                                                                     "serving.")
+    explain: ExplainConfig = Field(default_factory=ExplainConfig, description="Explanations of scores (IG "
+                                                                              "attributions, history, sentence).")
     encode: EncodeConfig = Field(default_factory=EncodeConfig, description="Text encoder for semantic features.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="LLM data augmentation (synthetic rows).")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyperparameter sweep (Ray Tune + Optuna).")

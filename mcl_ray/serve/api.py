@@ -43,6 +43,16 @@ class ScoreRequest(Strict):
     context: dict[Key, Attr] | None = Field(None, max_length=32)
 
 
+class ExplainRequest(Strict):
+    user_id: Key
+    scenario: Key
+    item_id: Key = Field(description="The item whose score to explain.")
+    sentence: bool = Field(False, description="Also write one or two sentences with the generator, from the "
+                                              "listed facts only (slower: seconds on CPU).")
+    profile: dict[Key, Attr] | None = Field(None, max_length=32)
+    context: dict[Key, Attr] | None = Field(None, max_length=32)
+
+
 class Item(BaseModel):
     item_id: str
     title: str
@@ -77,3 +87,43 @@ class ScoreResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+class FieldAttribution(BaseModel):
+    field: str
+    source: str = Field(description="user, item, context, interaction or text.")
+    value: str | float | int | None = Field(description="The row's value (null: unknown / OOV).")
+    attribution: float = Field(description="Integrated-gradients share of logit(row) - logit(baseline).")
+
+
+class HistoryItem(BaseModel):
+    item_id: str
+    title: str
+    similarity: float = Field(description="Cosine of the model's item embeddings.")
+    liked: bool
+
+
+class Sentence(BaseModel):
+    sentence: str
+    backend: str
+    prompt_version: str
+    facts: list[str] = Field(description="Everything the generator was told.")
+    tokens: int
+    seconds: float
+    cut: bool = Field(description="The token or time cap ended the sentence.")
+
+
+class ExplainResponse(BaseModel):
+    user_id: str
+    scenario: str
+    model_version: str
+    item: dict[str, str]
+    score: float
+    logit: float
+    baseline_logit: float = Field(description="Every categorical feature OOV, every numeric at its train mean.")
+    baseline_score: float
+    convergence_delta: float = Field(description="sum(attributions) - (logit - baseline_logit): integration error.")
+    fields: list[FieldAttribution] = Field(description="Per-field attributions, largest magnitude first.")
+    similar_history: list[HistoryItem]
+    explanation: Sentence | None = None
+    timings_ms: dict[str, float]
