@@ -34,6 +34,10 @@ class Batch:
     def __len__(self) -> int:
         return int(self.scenario.shape[0])
 
+    @property
+    def device(self) -> torch.device:  # what layer hooks (captum's) ask a module's input for
+        return self.scenario.device
+
     def _map(self, fn) -> "Batch":
         return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
                                 if getattr(self, f.name) is not None})
