@@ -6,7 +6,8 @@ For each concurrency level (1, 8, 32, 64 requests in flight) a bounded closed-lo
 latency per request and status codes. Prints a table and writes bench/results/serve.json (--out).
 With --noop, a third target: the same Serve topology and shapes with a model that does no work
 (bench/noop_app.py), the framework's ceiling on this machine. The model replica's peak RSS is
-recorded. A two-stage artifact (retrieval.enabled) is served two-stage by every target.
+recorded. A two-stage artifact (retrieval.enabled) is served two-stage by every target. The Serve
+targets run in the throughput mode the deploy files adopt (--plain: Ray's defaults).
 
   python bench/serve_bench.py --artifact runs/ml1m_swr/artifact
   python bench/serve_bench.py --artifact runs/x/artifact --noop --out bench/results/serve_two_stage_ml1m.json
@@ -91,10 +92,17 @@ def main() -> None:
     ap.add_argument("--skip-bare", action="store_true")
     ap.add_argument("--serve-args", default="{}", help="JSON of extra build_app args, e.g. '{\"max_ongoing_requests\": 64}'")
     ap.add_argument("--noop", action="store_true", help="also measure a no-op Serve app of the same shapes")
+    ap.add_argument("--plain", action="store_true", help="Ray's default Serve mode, not the throughput mode "
+                                                         "(THROUGHPUT_OPTIMIZED + HAProxy) the deploy files adopt")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/serve.json")
     args = ap.parse_args()
+    from mcl_ray.core.ray_env import SERVE_HAPROXY_ENV, SERVE_THROUGHPUT_ENV
+
+    serve_env = {} if args.plain else {**SERVE_THROUGHPUT_ENV, **SERVE_HAPROXY_ENV}
+    os.environ.update(serve_env)  # before the local cluster starts: Serve reads them at start
     reqs = bodies(args.artifact, args.requests)
-    results: dict = {"artifact": str(args.artifact), "requests_per_level": args.requests, "serve": {}, "bare": {}}
+    results: dict = {"artifact": str(args.artifact), "requests_per_level": args.requests, "serve_env": serve_env,
+                     "serve": {}, "bare": {}}
 
     # bare FastAPI + uvicorn, one process
     port = free_port()
@@ -126,26 +134,22 @@ def main() -> None:
         results["serve"] = levels(base, "serve", reqs, args.levels)
         results["model_replica_rss_mib"] = replica_rss_mib()
         print(f"model replica RSS {results['model_replica_rss_mib']:.0f} MiB", flush=True)
+        if args.noop:
+            # the same Serve instance and port: a restart of Serve right after serve.shutdown() raced with
+            # the old controller's exit in the throughput mode
+            from ray import cloudpickle
+
+            sys.path.insert(0, str(ROOT))
+            import bench.noop_app as noop_app
+            from mcl_ray.artifact import open_artifact
+
+            cloudpickle.register_pickle_by_value(noop_app)  # the replicas need not import bench/
+            serve.delete("recommender")
+            serve.run(noop_app.build_noop_app(open_artifact(args.artifact).spec.scenario_names), name="noop",
+                      route_prefix="/", blocking=False)
+            results["noop"] = levels(base, "noop ", reqs, args.levels)
     finally:
         serve.shutdown()
-    if args.noop:
-        from ray import cloudpickle
-
-        sys.path.insert(0, str(ROOT))
-        import bench.noop_app as noop_app
-        from mcl_ray.artifact import open_artifact
-
-        cloudpickle.register_pickle_by_value(noop_app)  # the replicas need not import bench/
-        build_noop_app = noop_app.build_noop_app
-
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_noop_app(open_artifact(args.artifact).spec.scenario_names), name="noop", route_prefix="/",
-                  blocking=False)
-        try:
-            results["noop"] = levels(f"http://127.0.0.1:{port}", "noop ", reqs, args.levels)
-        finally:
-            serve.shutdown()
 
     if args.skip_bare:
         return

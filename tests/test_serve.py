@@ -219,18 +219,20 @@ def test_explain_completeness_and_history_from_the_train_split(artifacts, known)
     assert sims == sorted(sims, reverse=True) and len(sims) == rec.art.cfg.explain.history_items
 
 
-def test_explain_sentence_prompt_holds_only_the_facts_and_smollm2_writes_it(artifacts, known):
+def test_explain_sentence_prompt_holds_only_the_facts_and_smollm2_writes_it():
     from mcl_ray.core.config import ExplainConfig
     from mcl_ray.llm.explain import SentenceWriter, facts, messages
 
     made = {"item": {"item_id": "i9", "title": "Toy Story (1995)"}, "user_id": "secret-user-42",
             "fields": [{"field": "first_genre", "value": "Animation", "attribution": 0.8},
+                       {"field": "user_id", "value": "secret-user-42", "attribution": 0.5},
                        {"field": "age", "value": "18", "attribution": -0.3},
                        {"field": "zip", "value": None, "attribution": 0.1}],
             "similar_history": [{"item_id": "i1", "title": "Aladdin (1992)", "similarity": 0.9, "liked": True}]}
     lines = facts(made)
     assert lines == ["Recommended item: Toy Story (1995).",
-                     "What made the item more likely to suit the user: first_genre = Animation.",
+                     "What made the item more likely to suit the user: first_genre = Animation; "
+                     "the user's own rating history.",
                      "What made it less likely: age = 18.",
                      "Similar items the user liked before: Aladdin (1992)."]
     prompt = json.dumps(messages(lines))

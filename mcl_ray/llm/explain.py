@@ -23,14 +23,19 @@ SYSTEM = ("You explain to a user why a recommender suggested an item. Use only t
           "facts, numbers or opinions that are not listed. Answer with one or two short sentences.")
 
 
+# The id fields' values mean nothing to a reader (and a user id has no place in a prompt): what
+# their embeddings stand for instead.
+ID_FACTS = {"user_id": "the user's own rating history", "item_id": "how the item is rated by everyone"}
+
+
 def facts(explanation: dict, top: int = 3) -> list[str]:
     """The facts a sentence may use, as lines: the item, the fields that raised and lowered the score
-    most (name and value, no raw numbers), and the similar history items."""
+    most (name and value; no ids, no raw numbers), and the similar history items."""
     item = clean(explanation["item"]["title"])
     fields = [f for f in explanation["fields"] if f["value"] is not None]
     up = [f for f in fields if f["attribution"] > 0][:top]
     down = [f for f in fields if f["attribution"] < 0][:top]
-    show = lambda f: f"{f['field']} = {clean(str(f['value']), 60)}"  # noqa: E731
+    show = lambda f: ID_FACTS.get(f["field"]) or f"{f['field']} = {clean(str(f['value']), 60)}"  # noqa: E731
     out = [f"Recommended item: {item}."]
     if up:
         out.append("What made the item more likely to suit the user: " + "; ".join(show(f) for f in up) + ".")
