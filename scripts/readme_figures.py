@@ -37,16 +37,24 @@ def default_run_output() -> str:
     def rel(line: str) -> str:
         return line.replace(d["run_dir"], f"runs/{name}")
 
-    err = [rel(line) for line in d["stderr"] if line.strip()]
-    epochs = [i for i, line in enumerate(err) if line.startswith("  epoch ")]
-    if len(epochs) > 4:  # first two and last two epochs
-        err = err[:epochs[2]] + ["  ..."] + err[epochs[-2]:]
+    err, run = [], []  # per model trained (retrieval, then ranking): its first two and last two epochs
+    for line in (rel(x) for x in d["stderr"] if x.strip()):
+        if line.startswith("  epoch "):
+            run.append(line)
+            continue
+        err += run if len(run) <= 4 else run[:2] + ["  ..."] + run[-2:]
+        run = []
+        err.append(line)
+    err += run
     out, keep = [], True
     for line in map(rel, d["stdout"]):
+        if keep and "(retrieval alone) metrics:" in line:  # the retrieval model's own tables: its summary line stays
+            out.append("  ... (the retrieval model alone: AUC, top-K up to N, fairness tables)")
+            keep = False
         if keep and line.lstrip().startswith("│ precision@10"):  # the rest of the ranking table
             out.append("  ...")
             keep = False
-        if line.lstrip().startswith(("metrics:", "artifact:")) or "POST /v1/recommend" in line:
+        if line.lstrip().startswith(("metrics:", "artifact:", "retrieval metrics:")) or "POST /v1/recommend" in line:
             keep = True
         if keep:
             out.append(line)

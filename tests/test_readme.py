@@ -113,6 +113,7 @@ def test_run_blocks_work_as_written(tmp_path):
     assert json.loads((run / "prepare/augment/stats.json").read_text())["requested"] == 4
     assert '"status":"ok"' in serve.replace(" ", "") and '"items":[' in serve.replace(" ", "")
     assert "Toy Story (1995)" in serve and "stopped" in serve
+    assert '"fields":[{"field":' in serve.replace(" ", "") and '"convergence_delta":' in serve  # /v1/explain
     assert "succeeded" in cluster and "RUNNING" in cluster
     assert "clicked" in shop and '"items":[' in shop.replace(" ", "")  # your own data, served with context
     assert (repo / "runs/shop_tables/artifact/model.safetensors").exists()

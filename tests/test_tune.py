@@ -140,3 +140,20 @@ def test_augment_weight_is_searchable():
     assert trial_config(cfg.model_dump(mode="json"), {"augment.weight": 2}).augment.weight == 2
     with pytest.raises(ConfigError, match="augment.weight: value -1"):
         load_config(BASE, space('{"augment.weight": {"type": "choice", "values": [-1, 1]}}'))
+
+
+def test_perturbation_is_searchable():
+    """The kind and the size of the embedding perturbation are ordinary sweep keys; a bad value in
+    the space is refused before any trial runs."""
+    from ray.tune.search.sample import Categorical, Float
+
+    from mcl_ray.tune.space import search_space, trial_config
+
+    cfg = load_config(BASE, space('{"train.perturbation": {"type": "choice", "values": ["none", "fgm", "pgd"]}, '
+                                  '"train.perturbation_eps": {"type": "loguniform", "low": 0.01, "high": 1.0}}'))
+    sp = search_space(cfg.tune)
+    assert isinstance(sp["train.perturbation"], Categorical) and isinstance(sp["train.perturbation_eps"], Float)
+    t = trial_config(cfg.model_dump(mode="json"), {"train.perturbation": "pgd", "train.perturbation_eps": 0.3})
+    assert (t.train.perturbation, t.train.perturbation_eps) == ("pgd", 0.3)
+    with pytest.raises(ConfigError, match="train.perturbation"):
+        load_config(BASE, space('{"train.perturbation": {"type": "choice", "values": ["none", "gan"]}}'))
