@@ -58,7 +58,7 @@ class Explainer:
     def _logit(self, cat: torch.Tensor, num: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
         return self.rec.model(Batch(cat=cat, num=num, scenario=scenario)).float()
 
-    def _row(self, q: ExplainQuery) -> tuple[Batch, dict, int]:
+    def _row(self, q: ExplainQuery) -> tuple[Batch, int]:
         rec = self.rec
         feats = rec._user_features(Query(user_id=q.user_id, scenario=q.scenario, profile=q.profile, context=q.context))
         pos = rec.items.pos.get(q.item_id)
@@ -66,7 +66,7 @@ class Explainer:
             raise RequestError(404, f"unknown item {q.item_id!r}")
         batch = Batch.candidates([f.name for f in rec.spec.categorical], [f.name for f in rec.spec.numeric],
                                  rec.items.cols, [(feats, np.array([pos], np.int64), rec.scenarios.index(q.scenario))])
-        return batch, feats, pos
+        return batch, pos
 
     def _value(self, j: int, batch: Batch):
         """The raw value of field j of the row, as the user would recognise it."""
@@ -102,7 +102,7 @@ class Explainer:
                 "convergence_delta": round(float(delta[0]), 6), "fields": rows}
 
     def similar_history(self, user_id: str, pos: int) -> list[dict]:
-        """The user's train-history items closest to the item (liked ones first when labels say so)."""
+        """The user's train-history items closest to the item (only liked ones, when the user has any)."""
         if self.history is None or self.cfg.history_items == 0:
             return []
         spec = self.rec.spec
@@ -124,7 +124,7 @@ class Explainer:
 
     def explain(self, q: ExplainQuery) -> dict:
         t0 = time.perf_counter()
-        batch, _, pos = self._row(q)
+        batch, pos = self._row(q)
         with torch.enable_grad():
             attr = self.attributions(batch)
         t1 = time.perf_counter()
