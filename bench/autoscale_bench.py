@@ -68,6 +68,11 @@ async def ramp(url: str, reqs: list[dict], phases: list[tuple[int, float]], t0: 
     return done
 
 
+def p99_ms(lat: list[float]) -> float | None:
+    """Of sorted latencies in seconds (None: no request)."""
+    return round(lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3, 1) if lat else None
+
+
 def windows(done: list[tuple], width: float, end: float) -> list[dict]:
     out = []
     t = 0.0
@@ -76,7 +81,7 @@ def windows(done: list[tuple], width: float, end: float) -> list[dict]:
         errs = sum(1 for x in done if t <= x[0] < t + width and x[2] != 200)
         out.append({"t": round(t + width / 2, 1), "requests": len(lat), "rps": round(len(lat) / width, 1),
                     "p50_ms": round(lat[len(lat) // 2] * 1e3, 1) if lat else None,
-                    "p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3, 1) if lat else None,
+                    "p99_ms": p99_ms(lat),
                     "errors": errs})
         t += width
     return out
@@ -167,7 +172,7 @@ def main() -> None:
         reps = [x["running"] for x in samples if t <= x["t"] < t + s]
         res["by_phase"].append({"in_flight": c, "from_s": t, "to_s": t + s, "requests": len(lat),
                                 "rps": round(len(lat) / s, 1),
-                                "p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3, 1) if lat else None,
+                                "p99_ms": p99_ms(lat),
                                 "replicas_start": reps[0] if reps else None, "replicas_end": reps[-1] if reps else None,
                                 "replicas_max": max(reps) if reps else None})
         t += s

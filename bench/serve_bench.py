@@ -175,18 +175,26 @@ def levels(base: str, name: str, reqs: list[dict], in_flight: list[int]) -> dict
     return out
 
 
+def processes():
+    """(pid, argv) of every process of this machine we may read."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            yield pid, Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours
+            continue
+
+
 def replica_rss_mib() -> float:
     """Peak-now RSS of the model deployment's replica process(es), found by their process title."""
     best = 0.0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for pid, argv in processes():
+        if not any(b"RecommenderModel" in a for a in argv):
+            continue
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            if "RecommenderModel" not in cmd:
-                continue
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     best = max(best, int(line.split()[1]) / 1024)
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
+        except OSError:
             continue
     return best
 

@@ -19,7 +19,6 @@ level's p50 / p99 / req/s. Writes bench/results/serve_options.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -31,38 +30,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_bench import bodies, load, replica_rss_mib  # noqa: E402
+from bench.serve_bench import bodies, levels, processes, replica_rss_mib  # noqa: E402
 from bench.serve_cluster import serve_cluster  # noqa: E402
+from mcl_ray.core.ray_env import SERVE_HAPROXY_ENV, SERVE_THROUGHPUT_ENV  # noqa: E402
 
-VARIANTS = {
-    "default": {},
-    "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
-    "both": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
-}
+VARIANTS = {"default": {}, "throughput": SERVE_THROUGHPUT_ENV, "haproxy": SERVE_HAPROXY_ENV,
+            "both": {**SERVE_THROUGHPUT_ENV, **SERVE_HAPROXY_ENV}}
 
 
 def measure(artifact: Path, env_vars: dict, reqs: list[dict], in_flight: list[int], log: Path) -> dict:
     t0 = time.time()
     with serve_cluster(artifact, env_vars, num_cpus=os.cpu_count() or 2, replicas=1, log_path=log) as (base, _):
         ready_s = time.time() - t0
-        out = {"ready_s": round(ready_s, 1), "levels": {}}
-        for c in in_flight:
-            asyncio.run(load(f"{base}/v1/recommend", reqs[:50], c))  # warm-up
-            out["levels"][c] = asyncio.run(load(f"{base}/v1/recommend", reqs, c))
+        out = {"ready_s": round(ready_s, 1), "levels": levels(base, "  ", reqs, in_flight)}
         out["model_replica_rss_mib"] = round(replica_rss_mib())
-        out["haproxy_process"] = haproxy_running()  # the variant really ran HAProxy (or really did not)
+        # the variant really ran HAProxy (or really did not)
+        out["haproxy_process"] = any(b"haproxy" in argv[0] for _, argv in processes())
     return out
-
-
-def haproxy_running() -> bool:
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if b"haproxy" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]:
-                return True
-        except OSError:
-            continue
-    return False
 
 
 def main() -> None:

@@ -461,10 +461,10 @@ def explain(
     except RequestError as e:
         raise McrError(str(e)) from None
     if sentence:
-        from mcl_ray.llm.explain import SentenceWriter
+        from mcl_ray.llm.explain import SentenceWriter, add_sentence
 
         err.print(f"writing the sentence ({rec.art.cfg.explain.generator}, backend {rec.art.cfg.explain.backend})")
-        res["explanation"] = SentenceWriter(rec.art.cfg.explain).write(res)
+        add_sentence(res, SentenceWriter(rec.art.cfg.explain))
     if as_json:
         sys.stdout.write(json.dumps(res, indent=1) + "\n")
         return

@@ -136,12 +136,11 @@ class RecommenderModel:
             self._explainer = (rec, Explainer(rec))
         out = self._explainer[1].explain(ExplainQuery(**query))
         if query.get("sentence"):
-            from mcl_ray.llm.explain import SentenceWriter
+            from mcl_ray.llm.explain import SentenceWriter, add_sentence
 
             if self._writer is None or self._writer.cfg != rec.art.cfg.explain:
                 self._writer = SentenceWriter(rec.art.cfg.explain)
-            out["explanation"] = self._writer.write(out)
-            out["timings_ms"]["sentence"] = round(out["explanation"]["seconds"] * 1000, 3)
+            add_sentence(out, self._writer)
         return out
 
     def info(self) -> dict:

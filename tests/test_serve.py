@@ -221,7 +221,7 @@ def test_explain_completeness_and_history_from_the_train_split(artifacts, known)
 
 def test_explain_sentence_prompt_holds_only_the_facts_and_smollm2_writes_it():
     from mcl_ray.core.config import ExplainConfig
-    from mcl_ray.llm.explain import SentenceWriter, facts, messages
+    from mcl_ray.llm.explain import SentenceWriter, add_sentence, facts, messages
 
     made = {"item": {"item_id": "i9", "title": "Toy Story (1995)"}, "user_id": "secret-user-42",
             "fields": [{"field": "first_genre", "value": "Animation", "attribution": 0.8},
@@ -242,6 +242,8 @@ def test_explain_sentence_prompt_holds_only_the_facts_and_smollm2_writes_it():
     out = w.write(made)
     assert out["backend"] == "transformers" and out["facts"] == lines
     assert 0 < out["tokens"] <= 40 and out["sentence"].strip()
+    with_sentence = add_sentence({**made, "timings_ms": {"attribute": 1.0}}, w)
+    assert with_sentence["explanation"]["facts"] == lines and with_sentence["timings_ms"]["sentence"] > 0
 
 
 def test_explain_cli(artifacts, known):

@@ -108,3 +108,10 @@ class SentenceWriter:
         return {"sentence": clean(text, 600), "backend": self.backend, "prompt_version": PROMPT_VERSION,
                 "facts": lines, "tokens": n, "seconds": round(seconds, 3),
                 "cut": n >= self.cfg.max_new_tokens or seconds >= self.cfg.max_seconds}
+
+
+def add_sentence(explanation: dict, writer: SentenceWriter) -> dict:
+    """An explanation (serve.explain) with the writer's sentence and its time among the timings."""
+    explanation["explanation"] = writer.write(explanation)
+    explanation["timings_ms"]["sentence"] = round(explanation["explanation"]["seconds"] * 1000, 3)
+    return explanation
