@@ -424,16 +424,67 @@ def export(
     force: ForceOpt = False,
 ) -> None:
     """Package a trained model as a serving artifact (safetensors + JSON + parquet, model card)."""
+    train_dir, root = _train_folder(run_dir)
+    _export(train_dir, root / "prepare", out_dir or root / "artifact", force)
+
+
+def _train_folder(run_dir: Path) -> tuple[Path, Path]:
+    """(a seed's train folder, the run root) from a run directory or a seed's train folder."""
     from mcl_ray.artifact import ArtifactError
 
     if (run_dir / "config.json").exists() and (run_dir / "model.safetensors").exists():
-        train_dir, root = run_dir, run_dir.parent.parent
-    else:
-        seeds = sorted((run_dir / "train").glob("seed_*/model.safetensors"))
-        if not seeds:
-            raise ArtifactError(f"no trained model under {run_dir} (expected train/seed_*/model.safetensors)")
-        train_dir, root = seeds[0].parent, run_dir
-    _export(train_dir, root / "prepare", out_dir or root / "artifact", force)
+        return run_dir, run_dir.parent.parent
+    seeds = sorted((run_dir / "train").glob("seed_*/model.safetensors"))
+    if not seeds:
+        raise ArtifactError(f"no trained model under {run_dir} (expected train/seed_*/model.safetensors)")
+    return seeds[0].parent, run_dir
+
+
+@app.command()
+@command
+def adapt(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run directory (runs/<name>) or one seed's train folder.")],
+    scenario: Annotated[str, typer.Option("--scenario", help="The scenario to add: declared in prepare.scenario, "
+                                                             "kept out of training by train.holdout_scenarios.")],
+    method: Annotated[Optional[str], typer.Option(help="meta | finetune | scratch (default: adapt.method).")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="Labelled rows of the scenario to use (default: adapt.k).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the row sample and initialisation.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default <run_dir>/adapt/"
+                                                                  "<scenario>-<method>-k<k>).")] = None,
+    no_export: Annotated[bool, typer.Option("--no-export", help="Skip packaging the adapted model.")] = False,
+    force: ForceOpt = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override an adapt key: --set "
+                                                                          "adapt.lr=0.01 (repeatable).")] = None,
+) -> None:
+    """Add a scenario to a trained multi-scenario model from k labelled rows, then package it.
+
+    meta and finetune train the new scenario's own parameters only (every other scenario scores as
+    before); scratch trains a fresh model on the k rows alone, as a baseline."""
+    from mcl_ray.core.config import AdaptConfig, apply_overrides
+    from mcl_ray.train.adapt import AdaptStage
+
+    train_dir, root = _train_folder(run_dir)
+    base = json.loads((train_dir / "config.json").read_text()).get("adapt", {})
+    bad = [x for x in set_ or [] if not x.startswith("adapt.")]
+    if bad:
+        raise ConfigError(f"--set {bad[0]}: adapt takes adapt.* keys only (the base model's other settings are fixed)")
+    raw = apply_overrides({"adapt": base}, set_ or [])["adapt"]
+    raw.update({key: v for key, v in (("method", method), ("k", k), ("seed", seed)) if v is not None})
+    try:
+        ac = AdaptConfig.model_validate(raw)
+    except ValueError as e:
+        raise ConfigError(f"adapt settings: {e}") from None
+    out_dir = out_dir or root / "adapt" / f"{scenario}-{ac.method}-k{ac.k}"
+    res = execute(AdaptStage(train_dir, root / "prepare", out_dir, scenario, ac, force))
+    t = Table(title=f"scenario {scenario!r}: test rows, before and after adapting")
+    for c in ("method", "k", "test AUC (start)", "test AUC", "test logloss", "steps", "changed params", "seconds"):
+        t.add_column(c, justify="right")
+    init = f"{res.init_test['auc']:.4f}" if res.init_test else "-"
+    t.add_row(res.method, f"{res.k:,}", init, f"{res.test['auc']:.4f}", f"{res.test['logloss']:.4f}",
+              str(res.history[-1]["step"]), f"{res.changed:,}", f"{sum(res.seconds.values()):.1f}")
+    out.print(t)
+    if not no_export:
+        _export(out_dir, root / "prepare", out_dir / "artifact", force)
 
 
 # ----------------------------------------------------------------------------- serving

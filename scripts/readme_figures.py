@@ -254,6 +254,33 @@ def two_stage() -> str:
             f"{d['requests']} requests, fewer for the 1M-item full ranking):\n\n" + "\n".join(lat) + "\n")
 
 
+def adaptation() -> str:
+    """A held-out SWR scenario added from k rows: test AUC per method and k, mean +- std over seeds."""
+    d = _load("adaptation")
+    pm = lambda x: f"{x['mean']:.4f} ± {x['std']:.4f}"  # noqa: E731
+    cell = {(r["method"], r["k"]): r for r in d["table"]}
+    methods = ("finetune", "meta", "scratch", "finetune-tower")
+    rows = ["| k rows | finetune | meta | scratch | finetune, tower only | finetune start | meta start |",
+            "|---:|" + "---:|" * (len(methods) + 2)]
+    for k in d["ks"]:
+        rows.append(f"| {k:,} | " + " | ".join(pm(cell[m, k]["test_auc"]) for m in methods)
+                    + f" | {pm(cell['finetune', k]['start_auc'])} | {pm(cell['meta', k]['start_auc'])} |")
+    held = d["held_out"]
+    untrained = [b["test_auc_by_scenario"][held] for b in d["base"]]
+    others = sorted({n for b in d["base"] for n in b["test_auc_by_scenario"] if n != held})
+    other = ", ".join(f"{n} {sum(b['test_auc_by_scenario'][n] for b in d['base']) / len(d['base']):.4f}"
+                      for n in others)
+    meta_s = cell["meta", d["ks"][0]]["meta_seconds"]["mean"]
+    return (f"Measured by `bench/adapt_bench.py` on {d['when']} (2 cores; `bench/results/adaptation.json`): ML-1M, "
+            f"SWR features, `shared_bottom`, `{held}` held out of training, {d['seeds']} seeds, test AUC on all of "
+            f"its test rows. finetune and meta also train the rows of ids no trained scenario uses (`adapt.new_ids`, "
+            f"the age group's own users); \"tower only\" is finetune without them. \"start\" is the initialisation "
+            f"before any step. The base models' test AUC on the "
+            f"trained scenarios: {other}; on `{held}` with its own parameters untrained: "
+            f"{sum(untrained) / len(untrained):.4f}. Meta-learning took {meta_s:.0f} s per seed.\n\n"
+            + "\n".join(rows) + "\n")
+
+
 def stream_vs_memory() -> str:
     d = _load("stream_vs_memory")
     t = d["table"]
@@ -266,7 +293,7 @@ def stream_vs_memory() -> str:
 RENDERERS = {"default-run-output": default_run_output, "default-run-time": default_run_time,
              "accuracy": accuracy, "tune": tune, "serve": serve, "scale": scale, "fairness": fairness,
              "two-stage": two_stage, "serve-two-stage": serve_two_stage, "serve-options": serve_options,
-             "autoscale": autoscale, "explain": explain,
+             "autoscale": autoscale, "explain": explain, "adaptation": adaptation,
              "stream-vs-memory": stream_vs_memory}
 
 

@@ -332,6 +332,9 @@ class TrainConfig(Strict):
     sample_rows: dict[Literal["train", "valid", "test"], Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict, description="Seeded random sample of rows per split (e.g. {train: 20000, valid: 2000, "
         "test: 5000}) for slow backbones such as llm_ranker on CPU; missing split: all rows.")
+    holdout_scenarios: list[str] = Field(
+        default_factory=list, description="Scenarios kept out of training and validation entirely (their "
+        "parameters stay untrained): added later from few rows by `mcl-ray adapt`.")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -454,7 +457,7 @@ SearchParam = Annotated[Union[LogUniform, Uniform, IntRange, Choice], Field(disc
 # Only what a trial may change: the data (prepare) stays fixed across a sweep.
 TUNABLE_SECTIONS = ("model", "train", "augment")
 UNTUNABLE = {"train.num_workers", "train.use_gpu", "train.cpus_per_worker", "train.max_failures",
-             "train.eval_batch_size", "train.epochs", "train.seed"}
+             "train.eval_batch_size", "train.epochs", "train.seed", "train.holdout_scenarios"}
 TUNABLE_AUGMENT = {"augment.weight"}  # the rest of augment changes the generated data, fixed per sweep
 
 
@@ -545,6 +548,37 @@ class ExplainConfig(Strict):
                                                                "when it was cut.")
 
 
+class AdaptConfig(Strict):
+    """Adding a scenario to a trained model from few labelled rows: `mcl-ray adapt`."""
+
+    method: Literal["meta", "finetune", "scratch"] = Field(
+        "meta", description="meta: the new scenario's parameters start from an initialisation meta-learned over the "
+        "trained scenarios (first-order MAML: Reptile), then train on the k rows; finetune: they start from the mean "
+        "of the trained scenarios' parameters, then train; scratch: a fresh model trained on the k rows alone "
+        "(a baseline; it serves only the new scenario). meta and finetune change only the new scenario's parameters.")
+    k: int = Field(1000, ge=2, description="Labelled rows of the new scenario used (a seeded sample of its train "
+                                           "split).")
+    valid_share: float = Field(0.2, gt=0, lt=1, description="Share of the k rows held back for early stopping "
+                                                            "(the scenario's own validation split is not used).")
+    new_ids: bool = Field(True, description="meta / finetune: also train the embedding rows of ids that no trained "
+                          "scenario's train row uses (the new scenario's own users or items: a new user segment "
+                          "brings its users). Only the new scenario's rows look those rows up.")
+    lr: float = Field(3e-3, gt=0, description="Adam learning rate of the adaptation.")
+    batch_size: int = Field(256, ge=1, description="Rows per adaptation step (fewer when k is smaller).")
+    max_steps: int = Field(600, ge=1, description="Most adaptation steps.")
+    eval_every: int = Field(25, ge=1, description="Steps between early-stopping checks on the held-back rows (at "
+                                                  "most one epoch over the fit rows).")
+    patience: int = Field(4, ge=1, description="Checks without a better held-back AUC (logloss when those rows hold "
+                                               "one label) before stopping; the best check's parameters are kept.")
+    meta_steps: int = Field(400, ge=1, description="meta: Reptile outer steps (one trained scenario each).")
+    inner_steps: int = Field(5, ge=1, description="meta: SGD steps per outer step (the adaptation it learns to "
+                                                  "start).")
+    inner_lr: float = Field(0.05, gt=0, description="meta: SGD learning rate of the inner steps.")
+    outer_lr: float = Field(0.5, gt=0, le=1, description="meta: Reptile step size, annealed linearly to 0.")
+    meta_rows: int = Field(20_000, ge=1, description="meta: rows sampled per trained scenario as its task data.")
+    seed: int = Field(0, description="Seed of the row sample, initialisation and meta-learning.")
+
+
 class ExperimentConfig(Strict):
     name: str = Field(description="Experiment name; the default run directory is runs/<name>.")
     run_dir: str | None = Field(None, description="Run directory (local path or pyarrow URI); null: runs/<name>.")
@@ -557,6 +591,8 @@ class ExperimentConfig(Strict):
                                                                                     "serving.")
     explain: ExplainConfig = Field(default_factory=ExplainConfig, description="Explanations of scores (IG "
                                                                               "attributions, history, sentence).")
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig, description="Adding a scenario from few rows "
+                                                                        "(`mcl-ray adapt`).")
     encode: EncodeConfig = Field(default_factory=EncodeConfig, description="Text encoder for semantic features.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="LLM data augmentation (synthetic rows).")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyperparameter sweep (Ray Tune + Optuna).")

@@ -99,3 +99,24 @@ def sample_rows(table: pa.Table, n: int | None, seed: int) -> pa.Table:
         return table
     idx = np.sort(np.random.default_rng(seed).choice(table.num_rows, n, replace=False))
     return table.take(pa.array(idx))
+
+
+def scenario_rows(prepare_dir: str | Path, spec: FeatureSpec, split: str, scenarios: list[int],
+                  n: int | None = None, seed: int = 0, batch_rows: int = 65_536) -> pa.Table:
+    """The rows of the given scenarios in one split; with n, a seeded uniform sample of n of them.
+
+    Streamed batch by batch; a sample keeps the n rows with the smallest seeded random keys, so
+    memory is n rows plus one batch, whatever the split's size."""
+    rng = np.random.default_rng(seed)
+    wanted = pa.array(scenarios, pa.int64())
+    kept: pa.Table | None = None
+    for t in iter_split(prepare_dir, spec, split, batch_rows=batch_rows):
+        t = t.filter(pc.is_in(pc.cast(t[spec.scenario_column], pa.int64()), value_set=wanted))
+        if n is not None:
+            t = t.append_column("_key", pa.array(rng.random(t.num_rows)))
+        kept = t if kept is None else pa.concat_tables([kept, t])
+        if n is not None and kept.num_rows > n:
+            kept = kept.take(pc.select_k_unstable(kept, n, [("_key", "ascending")]))
+    if kept is None:
+        return pa.table({c: [] for c in model_columns(spec)})
+    return kept.drop_columns(["_key"]) if "_key" in kept.column_names else kept

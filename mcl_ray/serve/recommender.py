@@ -145,7 +145,8 @@ class Recommender:
         self.spec = spec = art.spec
         self.model = load_model(art)
         self.version = art.manifest["version"]
-        self.scenarios = spec.scenario_names
+        self.scenarios = spec.scenario_names  # in index order; a held-out one is known but not served
+        self.untrained = [n for n in art.cfg.train.holdout_scenarios if n in self.scenarios]
         self.vocabs = Vocabularies.load(art.path, spec)
         # text features need nothing here: the model looks them up by user/item id (tables in its weights)
         # what a request may send in `context`: interaction-level and context features (omitted: the
@@ -183,7 +184,8 @@ class Recommender:
 
     def info(self) -> dict:
         return {"version": self.version, "backbone": self.art.cfg.model.backbone,
-                "scenarios": self.scenarios, "items": len(self.items), "users": len(self.users.row),
+                "scenarios": [n for n in self.scenarios if n not in self.untrained],
+                "untrained_scenarios": self.untrained, "items": len(self.items), "users": len(self.users.row),
                 # two-stage (an index of the retrieval model's item vectors) or the whole catalogue ranked
                 "retrieval": ({"index": self.retriever.index.kind, "candidates": self.retriever.n}
                               if self.retriever is not None else None),
@@ -201,6 +203,10 @@ class Recommender:
     def _user_features(self, q: Query) -> dict[str, float]:
         if q.scenario not in self.scenarios:
             raise RequestError(422, f"unknown scenario {q.scenario!r}; this model serves {self.scenarios}")
+        if q.scenario in self.untrained:
+            raise RequestError(422, f"scenario {q.scenario!r} was held out of training (train.holdout_scenarios) "
+                                    f"and has not been adapted: add it with `mcl-ray adapt RUN_DIR --scenario "
+                                    f"{q.scenario}` and serve that artifact")
         feats = self.users.features(q.user_id)
         if feats is None:
             if q.profile is None:

@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+
 from mcl_ray.core.config import ExperimentConfig
 from mcl_ray.core.errors import SetupError
 from mcl_ray.core.feature_spec import FeatureSpec
@@ -116,7 +118,9 @@ class TrainSeed(Stage[TrainResult]):
                                          f"seed{self.seed}")
         mode = data_mode(self.cfg, self.spec)
         self.say(f"[bold cyan]train[/] {self.cfg.model.backbone} seed {self.seed}: {tc.num_workers} worker(s), "
-                 f"{self.spec.num_rows['train']:,} train rows, up to {tc.epochs} epochs, data in {mode} "
+                 f"{self.spec.num_rows['train']:,} train rows"
+                 f"{f' less those of {tc.holdout_scenarios} (held out)' if tc.holdout_scenarios else ''}, "
+                 f"up to {tc.epochs} epochs, data in {mode} "
                  f"(~{shard_mib(self.cfg, self.spec):,.0f} MiB per worker in memory)")
         with self.progress(f"seed {self.seed}", tc.epochs, "epochs") as bar:
             with EpochWatcher(d, bar, start_epoch):
@@ -149,6 +153,12 @@ def check_ready(cfg: ExperimentConfig, spec: FeatureSpec) -> None:
     """Before any worker starts: texts/embeddings, MLflow and synthetic rows the config asks for."""
     check_text_inputs(cfg.model, spec)
     check_tracking(cfg)
+    unknown = [n for n in cfg.train.holdout_scenarios if n not in spec.scenario_names]
+    if unknown:
+        raise SetupError(f"train.holdout_scenarios: unknown scenario(s) {unknown}; the prepared data has "
+                         f"{spec.scenario_names}")
+    if len(set(cfg.train.holdout_scenarios)) >= spec.num_scenarios:
+        raise SetupError("train.holdout_scenarios holds every scenario: nothing would be left to train on")
     if uses_synthetic(cfg) and spec.synthetic is None:
         raise SetupError("augment.enabled with augment.weight > 0 but no synthetic rows: run `mcl-ray augment "
                          "CONFIG` first (`mcl-ray run` does it), or set augment.weight=0")
@@ -208,7 +218,7 @@ def build_trainer(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path, o
     tc = cfg.train
     mode = data_mode(cfg, spec)
     datasets = datasets or materialized_splits(spec, prepare_dir, tc.sample_rows, seed, uses_synthetic(cfg),
-                                               stream=mode == "stream")
+                                               stream=mode == "stream", holdout=holdout_ids(cfg, spec))
     args = LoopArgs(config=cfg, prepare_dir=str(prepare_dir.resolve()), out_dir=str(out_dir.resolve()), seed=seed,
                     start_epoch=start_epoch, run_name=run_name, data_mode=mode,
                     train_rows=datasets["train"].count())  # parquet metadata or materialised blocks: no read
@@ -248,13 +258,23 @@ def data_mode(cfg: ExperimentConfig, spec: FeatureSpec) -> str:
     return "stream" if shard_mib(cfg, spec) > tc.memory_budget_mb else "memory"
 
 
+def holdout_ids(cfg: ExperimentConfig, spec: FeatureSpec) -> list[int]:
+    """train.holdout_scenarios as scenario indices (names checked by check_ready)."""
+    return [spec.scenario_names.index(n) for n in cfg.train.holdout_scenarios]
+
+
 def materialized_splits(spec: FeatureSpec, prepare_dir: Path, sample: dict | None = None, seed: int = 0,
-                        synthetic: bool = False, stream: bool = False) -> dict:
+                        synthetic: bool = False, stream: bool = False, holdout: list[int] | None = None) -> dict:
     """train/valid as materialised Ray Datasets: workers that take every CPU would otherwise starve
     the read tasks (a sweep reads them once and hands the same blocks to every trial). A split
     named in `sample` (train.sample_rows) is a seeded row sample, read in the driver. With
-    `synthetic`, the augment stage's rows join the training split (weighted in the loop)."""
+    `synthetic`, the augment stage's rows join the training split (weighted in the loop). Rows of
+    the `holdout` scenarios are dropped from both (train.holdout_scenarios)."""
+    import pyarrow.compute as pc
     import ray.data
+
+    def keep(t, col=spec.scenario_column, out=pa.array(sorted(holdout or []), pa.int64())):
+        return t.filter(pc.invert(pc.is_in(pc.cast(t[col], pa.int64()), value_set=out)))
 
     cols = model_columns(spec)
     out = {}
@@ -266,6 +286,8 @@ def materialized_splits(spec: FeatureSpec, prepare_dir: Path, sample: dict | Non
         if s == "train" and synthetic and spec.synthetic is not None:  # the training split only, ever
             ds = ds.union(ray.data.read_parquet(str((prepare_dir / spec.synthetic.table).resolve()))
                           .select_columns(cols))
+        if holdout:
+            ds = ds.map_batches(keep, batch_format="pyarrow")
         # stream: the train split stays lazy (workers read it block by block; the object store never
         # holds it whole); validation is small and read by every worker each epoch
         out[s] = ds if stream and s == "train" and s not in (sample or {}) else ds.materialize()

@@ -29,7 +29,8 @@ from mcl_ray.core.feature_spec import FeatureSpec
 from mcl_ray.core.stage import Marker, Stage, fingerprint
 from mcl_ray.evaluate.evaluate import evaluate_train_dir
 from mcl_ray.evaluate.evaluate import fairness_groups
-from mcl_ray.train.trainer import build_trainer, check_ready, data_mode, materialized_splits, resume_epoch
+from mcl_ray.train.trainer import (build_trainer, check_ready, data_mode, holdout_ids, materialized_splits,
+                                   resume_epoch)
 from mcl_ray.tune.report import write_report
 from mcl_ray.tune.space import decode_value, default_point, search_space, trial_config
 
@@ -97,7 +98,8 @@ def make_tuner(cfg: ExperimentConfig, prepare_dir: Path, tune_dir: Path, watcher
                                          trials_dir=str((tune_dir / "trials").resolve()),
                                          datasets=materialized_splits(
                                              spec, prepare_dir, cfg.train.sample_rows, cfg.train.seed,
-                                             synthetic=cfg.augment.enabled, stream=data_mode(cfg, spec) == "stream"))
+                                             synthetic=cfg.augment.enabled, stream=data_mode(cfg, spec) == "stream",
+                                             holdout=holdout_ids(cfg, spec)))
     # The trial function only drives its TorchTrainer: the workers hold the CPUs. Any CPU share
     # here would leave N trials x (workers + share) > CPUs and deadlock the last worker, so the
     # request is a token amount of memory (Tune refuses an empty one).
