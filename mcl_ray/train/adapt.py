@@ -222,6 +222,11 @@ class Adapter:
             self.new_id_rows = {f.name: int((~used[i][1:]).sum()) for i, f in enumerate(self.spec.categorical)}
         return self._new_ids
 
+    @staticmethod
+    def extra_numel(model: torch.nn.Module, extra: dict[str, torch.Tensor]) -> int:
+        params = dict(model.named_parameters())
+        return sum(int(m.expand_as(params[n]).sum()) for n, m in extra.items())
+
     def rows(self, ac: AdaptConfig) -> tuple[Batch, Batch]:
         """(fit, held back): a seeded sample of k of the scenario's train rows, split once."""
         t = scenario_rows(self.prepare_dir, self.spec, "train", [self.target], n=ac.k, seed=ac.seed)
@@ -282,7 +287,7 @@ class Adapter:
                    "best_step": best["step"], "steps": history[-1]["step"],
                    "test": test, "init_test": init_test, "seconds": seconds,
                    "changed_elements": changed_elements(self.base_state, model.state_dict()),
-                   "scenario_elements": self.slots.numel(model) + sum(int(m.sum()) for m in extra.values()),
+                   "scenario_elements": self.slots.numel(model) + self.extra_numel(model, extra),
                    "new_id_rows": self.new_id_rows if extra else {}, "history": history}
         return model, summary
 
