@@ -281,6 +281,21 @@ def adaptation() -> str:
             + "\n".join(rows) + "\n")
 
 
+def perturbation() -> str:
+    """Embedding perturbation in training: clean and corrupted-input test AUC, per results file
+    (each file holds its own baseline row, run by the same script version)."""
+    rows = ["| variant | test AUC | AUC, 20 % of test ids corrupted | results file |", "|---|---:|---:|---|"]
+    caps = set()
+    for name in ("perturbation", "perturbation_pgd"):
+        d = _load(name)
+        caps.add(d["epochs_cap"])
+        for v, t in d["table"].items():
+            rows.append(f"| {v} | {t['auc']['mean']:.4f} ± {t['auc']['std']:.4f} | {t['auc_corrupted']['mean']:.4f} ± "
+                        f"{t['auc_corrupted']['std']:.4f} | `{name}.json` |")
+    return (f"Measured by `bench/accuracy_bench.py` (ML-1M, SWR, `shared_bottom`, {'/'.join(map(str, sorted(caps)))}-epoch "
+            f"cap, 3 seeds, eps 0.05; pgd: 3 steps):\n\n" + "\n".join(rows) + "\n")
+
+
 def stream_vs_memory() -> str:
     d = _load("stream_vs_memory")
     t = d["table"]
@@ -294,6 +309,7 @@ RENDERERS = {"default-run-output": default_run_output, "default-run-time": defau
              "accuracy": accuracy, "tune": tune, "serve": serve, "scale": scale, "fairness": fairness,
              "two-stage": two_stage, "serve-two-stage": serve_two_stage, "serve-options": serve_options,
              "autoscale": autoscale, "explain": explain, "adaptation": adaptation,
+             "perturbation": perturbation,
              "stream-vs-memory": stream_vs_memory}
 
 
