@@ -101,6 +101,14 @@ def sample_rows(table: pa.Table, n: int | None, seed: int) -> pa.Table:
     return table.take(pa.array(idx))
 
 
+def iter_scenarios(prepare_dir: str | Path, spec: FeatureSpec, split: str, scenarios: list[int],
+                   batch_rows: int = 65_536) -> Iterator[pa.Table]:
+    """The rows of the given scenarios in one split, batch by batch (filtered before any conversion)."""
+    wanted = pa.array(scenarios, pa.int64())
+    for t in iter_split(prepare_dir, spec, split, batch_rows=batch_rows):
+        yield t.filter(pc.is_in(pc.cast(t[spec.scenario_column], pa.int64()), value_set=wanted))
+
+
 def scenario_rows(prepare_dir: str | Path, spec: FeatureSpec, split: str, scenarios: list[int],
                   n: int | None = None, seed: int = 0, batch_rows: int = 65_536) -> pa.Table:
     """The rows of the given scenarios in one split; with n, a seeded uniform sample of n of them.
@@ -108,10 +116,8 @@ def scenario_rows(prepare_dir: str | Path, spec: FeatureSpec, split: str, scenar
     Streamed batch by batch; a sample keeps the n rows with the smallest seeded random keys, so
     memory is n rows plus one batch, whatever the split's size."""
     rng = np.random.default_rng(seed)
-    wanted = pa.array(scenarios, pa.int64())
     kept: pa.Table | None = None
-    for t in iter_split(prepare_dir, spec, split, batch_rows=batch_rows):
-        t = t.filter(pc.is_in(pc.cast(t[spec.scenario_column], pa.int64()), value_set=wanted))
+    for t in iter_scenarios(prepare_dir, spec, split, scenarios, batch_rows):
         if n is not None:
             t = t.append_column("_key", pa.array(rng.random(t.num_rows)))
         kept = t if kept is None else pa.concat_tables([kept, t])

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +31,7 @@ from mcl_ray.core.errors import SetupError
 from mcl_ray.core.feature_spec import FeatureSpec
 from mcl_ray.core.files import file_digest
 from mcl_ray.core.stage import Marker, Stage, fingerprint
-from mcl_ray.data.splits import iter_split, scenario_rows
+from mcl_ray.data.splits import iter_scenarios, scenario_rows
 from mcl_ray.data.texts import PreparedTexts
 from mcl_ray.evaluate.evaluate import evaluate_train_dir, predict
 from mcl_ray.evaluate.metrics import auc_logloss
@@ -120,8 +118,7 @@ def fit(model: torch.nn.Module, params: list[torch.nn.Parameter], train: Batch, 
 
     history: list[dict] = []
     history.append(check(0, None))
-    best, kept, bad = score(history[0]), [p.detach().clone() for p in params], 0
-    history[0]["kept"] = True
+    best, kept, kept_at, bad = score(history[0]), [p.detach().clone() for p in params], 0, 0
     batch = min(ac.batch_size, len(train))
     every = min(ac.eval_every, -(-len(train) // batch))
     losses = []
@@ -139,8 +136,7 @@ def fit(model: torch.nn.Module, params: list[torch.nn.Parameter], train: Batch, 
         if bar is not None:
             bar.update(done=step, info=f"held-back AUC {history[-1]['val_auc']:.4f}")
         if score(history[-1]) >= best:  # a tie goes on: AUC over few held-back rows often ties
-            best, kept, bad = score(history[-1]), [p.detach().clone() for p in params], 0
-            history[-1]["kept"] = True
+            best, kept, kept_at, bad = score(history[-1]), [p.detach().clone() for p in params], len(history) - 1, 0
         else:
             bad += 1
             if bad >= ac.patience:
@@ -148,9 +144,8 @@ def fit(model: torch.nn.Module, params: list[torch.nn.Parameter], train: Batch, 
     with torch.no_grad():
         for p, v in zip(params, kept):
             p.copy_(v)
-    last = max(i for i, h in enumerate(history) if h.get("kept"))
-    for i, h in enumerate(history):  # only the check whose parameters were kept carries the flag
-        h["kept"] = i == last
+    for i, h in enumerate(history):  # the check whose parameters were kept
+        h["kept"] = i == kept_at
     model.train(False)
     return history
 
@@ -159,11 +154,9 @@ def scenario_metrics(model: torch.nn.Module, prepare_dir: Path, spec: FeatureSpe
                      batch_rows: int = 65_536) -> dict:
     """AUC / logloss of scenario s's rows in a split, streamed batch by batch."""
     ys, ps = [], []
-    for t in iter_split(prepare_dir, spec, split, batch_rows=batch_rows):
-        b = Batch.from_table(t, spec)
-        rows = (b.scenario == s).nonzero(as_tuple=True)[0]
-        if len(rows):
-            b = b.take(rows)
+    for t in iter_scenarios(prepare_dir, spec, split, [s], batch_rows):
+        if t.num_rows:
+            b = Batch.from_table(t, spec)
             ys.append(b.label.numpy())
             ps.append(predict(model, b, batch_rows, torch.device("cpu")))
     if not ys:
@@ -204,9 +197,7 @@ class Adapter:
         id 0, excluded): only the new scenario's rows look them up. One streamed pass, cached."""
         if self._new_ids is None:
             used = [np.zeros(f.vocab_size, bool) for f in self.spec.categorical]
-            wanted = pa.array(self.trained, pa.int64())
-            for t in iter_split(self.prepare_dir, self.spec, "train"):
-                t = t.filter(pc.is_in(pc.cast(t[self.spec.scenario_column], pa.int64()), value_set=wanted))
+            for t in iter_scenarios(self.prepare_dir, self.spec, "train", self.trained):
                 for i, f in enumerate(self.spec.categorical):
                     used[i][t[f.name].to_numpy()] = True
             self._new_ids = {}
