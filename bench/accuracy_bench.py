@@ -18,6 +18,14 @@ A "+stream" suffix trains in stream mode (the same protocol, data streamed from 
   python bench/accuracy_bench.py --backbones shared_bottom shared_bottom+stream \
       --out bench/results/stream_vs_memory.json
 
+A "+hist" suffix adds the behaviour-history fields (model.history.pooling=[din, mean]: DIN target
+attention and the mean over each row's last HISTORY_LEN train interactions). With any +hist variant
+(or --history) the data is prepared with prepare.history once and every variant of the run trains
+on it, so all rows of a results file see the same prepared rows; the others ignore the history:
+
+  python bench/accuracy_bench.py --backbones shared_bottom shared_bottom+text shared_bottom+hist \
+      shared_bottom+hist+text --run-dir runs/bench_history --out bench/results/history.json
+
 A "+text" suffix adds the LLM text features (model.text.mode=frozen: MiniLM embeddings of item and
 user texts through a learned projection; the encode stage runs once before the jobs).
 llm_ranker (the MiniLM cross-encoder) is far too slow for the full protocol on CPU, so it follows a
@@ -61,18 +69,27 @@ PERTURB_EPS = 0.05
 CORRUPT_SHARE = 0.2  # robustness: AUC when this share of the test rows' categorical ids is replaced at random
 
 
+HISTORY_LEN = 20  # prepare.history.length of +hist runs
 AUG_USERS = 400  # thin users (<= 30 train interactions) prompted once, shared by every +aug variant
 THIN = 30
 
 
-def overrides(variant: str, epochs: int) -> list[str]:
+def history_overrides(history: bool) -> list[str]:
+    return [f"prepare.history={{length: {HISTORY_LEN}}}"] if history else []
+
+
+def overrides(variant: str, epochs: int, history: bool = False) -> list[str]:
     backbone, *extras = variant.split("+")
-    o = [f"model.backbone={backbone}", f"train.epochs={epochs}", "train.num_workers=1", "train.torch_threads=1"]
+    o = [f"model.backbone={backbone}", f"train.epochs={epochs}", "train.num_workers=1", "train.torch_threads=1",
+         *history_overrides(history)]
     if backbone in EXPERT_HIDDEN:
         o.append(f"model.hidden={EXPERT_HIDDEN[backbone]}")
     for x in extras:
-        if x not in ("text", "stream", *PERTURB) and not x.startswith("aug"):
-            raise SystemExit(f"unknown variant suffix +{x} (known: +text, +stream, +{', +'.join(PERTURB)}, +aug<weight>)")
+        if x not in ("text", "stream", "hist", *PERTURB) and not x.startswith("aug"):
+            raise SystemExit(f"unknown variant suffix +{x} (known: +text, +hist, +stream, +{', +'.join(PERTURB)}, "
+                             "+aug<weight>)")
+    if "hist" in extras:
+        o.append("model.history.pooling=[din, mean]")
     for x in extras:
         if x in PERTURB:  # embedding perturbation in training (train.perturbation), eps PERTURB_EPS
             o += [f"train.perturbation={PERTURB[x]}", f"train.perturbation_eps={PERTURB_EPS}"]
@@ -167,12 +184,12 @@ def auc_corrupted(train_dir: Path, prepare_dir: Path, share: float = CORRUPT_SHA
     return float(roc_auc_score(data.label.numpy(), p))
 
 
-def child(backbone: str, seed: int, epochs: int, run_dir: str) -> None:
+def child(backbone: str, seed: int, epochs: int, run_dir: str, history: bool) -> None:
     from mcl_ray.core.config import load_config
     from mcl_ray.core.ray_env import init_ray
     from mcl_ray.train.trainer import train_one
 
-    cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={run_dir}", *overrides(backbone, epochs)])
+    cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={run_dir}", *overrides(backbone, epochs, history)])
     init_ray(cfg.ray)
     t0 = time.perf_counter()
     res = train_one(cfg, Path(run_dir) / "prepare", Path(run_dir) / "train" / f"{backbone}_seed{seed}", seed)
@@ -180,11 +197,13 @@ def child(backbone: str, seed: int, epochs: int, run_dir: str) -> None:
     ref = auc_on_sample(res.train_dir, Path(run_dir) / "prepare", seed)
     thin = auc_thin(res.train_dir, Path(run_dir) / "prepare")
     corrupted = auc_corrupted(res.train_dir, Path(run_dir) / "prepare")
+    best = max(res.history, key=lambda h: h["val_auc"])
     print(json.dumps({"backbone": backbone, "seed": seed, "auc": m["overall"]["auc"], "auc_at_sample": ref,
+                      "val_auc": best["val_auc"],
                       "auc_thin_users": thin, "auc_corrupted": corrupted,
                       "logloss": m["overall"]["logloss"], "gauc": m["overall"]["gauc"],
                       "by_scenario": {k: {"auc": v["auc"], "logloss": v["logloss"]} for k, v in m["by_scenario"].items()},
-                      "epochs": len(res.history), "best_epoch": max(res.history, key=lambda h: h["val_auc"])["epoch"],
+                      "epochs": len(res.history), "best_epoch": best["epoch"],
                       "seconds": time.perf_counter() - t0,
                       "epoch_seconds": statistics.median(h["epoch_seconds"] for h in res.history)}))
 
@@ -192,7 +211,8 @@ def child(backbone: str, seed: int, epochs: int, run_dir: str) -> None:
 def run_job(args, backbone: str, seed: int, slot: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=f"/tmp/mclb{slot}", RAY_DATA_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, __file__, "--child", backbone, str(seed), str(args.epochs), args.run_dir],
+    p = subprocess.run([sys.executable, __file__, "--child", backbone, str(seed), str(args.epochs), args.run_dir,
+                        str(int(args.history))],
                        capture_output=True, text=True, env=env, cwd=ROOT)
     if p.returncode != 0:
         return {"backbone": backbone, "seed": seed, "error": p.stderr[-1500:]}
@@ -210,16 +230,18 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--run-dir", default=str(ROOT / "runs" / "bench_accuracy"))
     ap.add_argument("--out", default=str(ROOT / "bench/results/accuracy.json"))
-    ap.add_argument("--child", nargs=4)
+    ap.add_argument("--history", action="store_true", help="prepare with behaviour history (implied by +hist)")
+    ap.add_argument("--child", nargs=5)
     a = ap.parse_args()
     if a.child:
-        child(a.child[0], int(a.child[1]), int(a.child[2]), a.child[3])
+        child(a.child[0], int(a.child[1]), int(a.child[2]), a.child[3], a.child[4] == "1")
         return
+    a.history = a.history or any("+hist" in b for b in a.backbones)
     from mcl_ray.core.config import load_config
     from mcl_ray.data.prepare import prepare
     from mcl_ray.core.ray_env import init_ray
 
-    cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={a.run_dir}"])
+    cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={a.run_dir}", *history_overrides(a.history)])
     init_ray(cfg.ray)
     res = prepare(cfg)  # once; every job reuses it
     if any("+text" in b for b in a.backbones):
@@ -229,7 +251,8 @@ def main() -> None:
     if any("+aug" in b for b in a.backbones):  # one generation, every weight trains on it
         from mcl_ray.llm.augment import augment_stage
 
-        acfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={a.run_dir}", *augment_overrides(["aug1"])])
+        acfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={a.run_dir}", *history_overrides(a.history),
+                                                                 *augment_overrides(["aug1"])])
         print("augment:", {k: v for k, v in augment_stage(acfg, res.out_dir).stats.items() if k != "fingerprint"})
     import ray
 
@@ -251,6 +274,7 @@ def main() -> None:
         agg = lambda xs: {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}  # noqa: E731
         scen = list(rs[0]["by_scenario"])
         table[b] = {"auc": agg([r["auc"] for r in rs]), "logloss": agg([r["logloss"] for r in rs]),
+                    "val_auc": agg([r["val_auc"] for r in rs]),
                     "auc_at_sample": agg([r["auc_at_sample"] for r in rs]),
                     "auc_thin_users": agg([r["auc_thin_users"] for r in rs]),
                     "auc_corrupted": agg([r["auc_corrupted"] for r in rs]),
@@ -259,6 +283,7 @@ def main() -> None:
                     "seeds": len(rs), "published": PUBLISHED.get(b)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"table": table, "runs": runs, "epochs_cap": a.epochs,
+                                       "history_length": HISTORY_LEN if a.history else None,
                                        "wall_seconds": time.time() - t0}, indent=2))
     print(f"\nSWR protocol on ML-1M, test split, {a.seeds} seeds (mean ± std); published in brackets")
     print(f"{'backbone':18s} {'overall AUC':>20s} {'logloss':>16s}   per-scenario AUC (s0 / s1 / s2)   "

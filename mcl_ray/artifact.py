@@ -114,15 +114,20 @@ def export_artifact(train_dir: Path, prepare_dir: Path, out_dir: Path, source: d
 
 
 def write_history(prepare_dir: Path, spec: FeatureSpec, path: Path, row_group: int = 16_384) -> None:
-    """The train split's real rows (no synthetic ones) as (user_key, item_key, label), sorted by user."""
+    """The train split's real rows (no synthetic ones) as (user_key, item_key, label), sorted by user;
+    with history features also their time, scenario and item ids, sorted by time within a user
+    (what serving builds a request's behaviour history from: data/history.py:UserHistory)."""
     import pyarrow.compute as pc
 
+    seq = [f.ids_of for f in spec.sequence if f.ids_of]
+    extra = [spec.timestamp_column, spec.scenario_column, *seq] if seq else []
     t = read_split(prepare_dir, spec, "train", columns=[spec.user_key, spec.item_key, spec.label_column,
-                                                       spec.provenance_column])
+                                                       spec.provenance_column, *extra])
     t = t.filter(pc.equal(t[spec.provenance_column], 0)).drop_columns([spec.provenance_column])
     t = pa.table({spec.user_key: key_array(t[spec.user_key]), spec.item_key: key_array(t[spec.item_key]),
-                  "label": t[spec.label_column].cast(pa.float32())})
-    pq.write_table(t.sort_by(spec.user_key), path, row_group_size=row_group)
+                  "label": t[spec.label_column].cast(pa.float32()), **{c: t[c] for c in extra}})
+    order = [(spec.user_key, "ascending")] + ([(spec.timestamp_column, "ascending")] if seq else [])
+    pq.write_table(t.sort_by(order), path, row_group_size=row_group)
 
 
 def _export(train_dir: Path, prepare_dir: Path, out_dir: Path, cfg: ExperimentConfig, spec: FeatureSpec,
@@ -132,8 +137,11 @@ def _export(train_dir: Path, prepare_dir: Path, out_dir: Path, cfg: ExperimentCo
     tmp.mkdir(parents=True)
     shutil.copy2(train_dir / MODEL, tmp / MODEL)
     (tmp / "config.json").write_text(cfg.model_dump_json(indent=2))
-    for name in ("feature_spec.json", spec.vocabularies, spec.users_table, spec.items_table):
-        if name and (prepare_dir / name).exists():
+    # the text tables too (LLM profiles: what the model's profile embeddings were made from)
+    for name in ("feature_spec.json", spec.vocabularies, spec.users_table, spec.items_table,
+                 *(tf.table for tf in spec.text.values())):
+        if name and (prepare_dir / name).exists() and not (tmp / name).exists():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(prepare_dir / name, tmp / name)
     seen = read_pairs(prepare_dir, spec, spec.splits)
     pq.write_table(seen, tmp / "seen.parquet")

@@ -363,6 +363,30 @@ def _augment(cfg: ExperimentConfig, prepare_dir: Path, force: bool = False) -> N
     out.print(f"outputs: {res.out_dir}/synthetic.parquet, generations.parquet (every prompt and answer), stats.json")
 
 
+@app.command()
+@command
+def profile(config: ConfigArg, force: ForceOpt = False, set_: SetOpt = None) -> None:
+    """Write an interest profile per user with the LLM (vLLM or transformers on Ray Data), from train rows only.
+
+    Uses the `profile:` section; models read it with model.text.fields: [..., profile] (after `mcl-ray encode`)."""
+    cfg = _load(config, set_)
+    _profile(cfg, _prepared_dir(cfg, config), force)
+
+
+def _profile(cfg: ExperimentConfig, prepare_dir: Path, force: bool = False) -> None:
+    from mcl_ray.llm.profile import ProfileStage
+
+    res = execute(ProfileStage(cfg, prepare_dir, force))  # the generator is resolved before Ray starts
+    st = res.stats
+    g = st["generator"]
+    out.print(f"profile: {st['users']:,} users in {st['seconds']:.0f} s ({st['users_per_s'] or 0:.2f} users/s, "
+              f"{st['generated_tokens']:,} tokens, {st['empty']} empty) with {g['model']} on {g['backend']}"
+              + (" (cached)" if res.cached else ""))
+    for ex in st["examples"][:3]:
+        out.print(f"  user {ex['user_id']}: {ex['profile']}")
+    out.print(f"outputs: {res.table}, {res.table.parent / 'stats.json'}")
+
+
 def _tune(cfg: ExperimentConfig, prepare_dir: Path, force: bool = False):
     from mcl_ray.tune.sweep import TuneStage
 
@@ -682,13 +706,15 @@ def run(
                                              help="End by serving the artifact and sending a sample request.")] = True,
     serve_port: Annotated[int, typer.Option(help="Port of the sample serve app.")] = 8000,
 ) -> None:
-    """Run the pipeline: prepare -> encode (text features) -> augment (LLM rows) -> train (or tune) ->
+    """Run the pipeline: prepare -> profile (LLM user profiles, when used) -> encode (text features) -> augment
+    (LLM rows) -> train (or tune) ->
     evaluate -> export (unchanged stages are reused)."""
     cfg = _load(config, set_)
     run_dir = Path(cfg.resolved_run_dir())
     err.print(f"[bold]mcl-ray run[/] {cfg.name} -> {cfg.run_dir or run_dir}")
     sweep_ = cfg.tune.enabled if tune_ is None else tune_
-    stages = ["prepare"] + (["encode"] if cfg.model.text.mode == "frozen" else []) + \
+    profiles = "profile" in cfg.model.text.fields and cfg.model.text.mode != "off"
+    stages = ["prepare"] + (["profile"] if profiles else []) + (["encode"] if cfg.model.text.mode == "frozen" else []) + \
         (["augment"] if cfg.augment.enabled else []) + \
         ["tune" if sweep_ else "train + evaluate", "export + report"] + (["serve demo"] if serve_demo else [])
     t0 = time.perf_counter()
@@ -699,6 +725,9 @@ def run(
 
     banner("prepare")
     res = _prepare(cfg, None, force)
+    if "profile" in stages:  # before encode, which embeds the profiles
+        banner("profile")
+        _profile(cfg, res.out_dir, force)
     if "encode" in stages:  # finetune / llm_ranker tokenize the texts inside the model
         banner("encode")
         _encode(cfg, res.out_dir, force)

@@ -296,6 +296,56 @@ def perturbation() -> str:
             f"cap, 3 seeds, eps 0.05; pgd: 3 steps):\n\n" + "\n".join(rows) + "\n")
 
 
+BEST_PUBLISHED = {"overall": 0.8115, "s0_age_under25": 0.8137, "s1_age_25_34": 0.8187, "s2_age_35plus": 0.8057}
+
+
+def history() -> str:
+    """Behaviour history and text on one backbone: the SWR feature set and the +history set in two
+    tables, each variant's validation and test AUC, and each addition's per-seed paired delta."""
+    import statistics
+
+    d = _load("history")
+    t = d["table"]
+    runs = [r for r in d["runs"] if "error" not in r]
+    test = {(r["backbone"], r["seed"]): r["auc"] for r in runs}
+
+    def delta(a: str, b: str) -> str:  # b - a, paired by seed
+        xs = [test[(b, s)] - test[(a, s)] for (v, s) in test if v == a and (b, s) in test]
+        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        return f"{statistics.fmean(xs):+.4f} ± {sd:.4f}" if xs else "-"
+
+    def ms(x: dict) -> str:
+        return f"{x['mean']:.4f} ± {x['std']:.4f}"
+
+    base = next(v for v in t if "+" not in v)
+    scen = list(t[base]["by_scenario"])
+    head = ("| variant | valid AUC | test AUC | " + " | ".join(scen) + " | Δ test AUC (paired) | epoch (s) |\n"
+            "|---|---:|---:|" + "---:|" * len(scen) + "---|---:|")
+    secs = {v: statistics.median(r["epoch_seconds"] for r in runs if r["backbone"] == v) for v in t}
+
+    def row(v: str, ref: str | None, what: str) -> str:
+        x = t[v]
+        cells = " | ".join(f"{x['by_scenario'][s]['auc']['mean']:.4f}" for s in scen)
+        return (f"| `{v}` | {ms(x['val_auc'])} | {ms(x['auc'])} | {cells} | "
+                f"{(delta(ref, v) + ' ' + what) if ref else '(reference)'} | {secs[v]:.0f} |")
+
+    swr = [row(base, None, "")] + ([row(f"{base}+text", base, "text")] if f"{base}+text" in t else [])
+    hist = [row(f"{base}+hist", base, "history")] if f"{base}+hist" in t else []
+    if f"{base}+hist+text" in t:
+        hist.append(row(f"{base}+hist+text", f"{base}+hist", "text on top of history"))
+    best = max(t, key=lambda v: t[v]["val_auc"]["mean"])
+    pub = ", ".join(f"{k} {v:.4f}" for k, v in BEST_PUBLISHED.items())
+    return (f"ML-1M, SWR protocol, `{base}`, {d['epochs_cap']}-epoch cap with patience 4, seeds 2024-2026, every "
+            f"run trained on the same prepared rows (history length {d['history_length']}); test reported once, "
+            f"the choice made on validation AUC (`bench/results/history.json`, `bench/accuracy_bench.py`). "
+            f"Epoch times are medians with two jobs side by side on 2 cores.\n\n"
+            f"The SWR feature set:\n\n{head}\n" + "\n".join(swr) + "\n\n"
+            f"With behaviour history (another feature set: not comparable with published SWR numbers as like for "
+            f"like):\n\n{head}\n" + "\n".join(hist) + "\n\n"
+            f"Best on validation: `{best}` (test AUC {ms(t[best]['auc'])}). Best published SWR numbers, per "
+            f"scenario the best of any backbone: {pub}.\n")
+
+
 def stream_vs_memory() -> str:
     d = _load("stream_vs_memory")
     t = d["table"]
@@ -309,7 +359,7 @@ RENDERERS = {"default-run-output": default_run_output, "default-run-time": defau
              "accuracy": accuracy, "tune": tune, "serve": serve, "scale": scale, "fairness": fairness,
              "two-stage": two_stage, "serve-two-stage": serve_two_stage, "serve-options": serve_options,
              "autoscale": autoscale, "explain": explain, "adaptation": adaptation,
-             "perturbation": perturbation,
+             "perturbation": perturbation, "history": history,
              "stream-vs-memory": stream_vs_memory}
 
 

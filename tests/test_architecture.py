@@ -23,12 +23,13 @@ def test_every_stage_uses_the_stage_protocol():
     from mcl_ray.data.prepare import PrepareStage
     from mcl_ray.llm.augment import AugmentStage
     from mcl_ray.llm.encode import EncodeStage
+    from mcl_ray.llm.profile import ProfileStage
     from mcl_ray.train.trainer import TrainSeed
     from mcl_ray.tune.sweep import TuneStage
 
-    stages = [PrepareStage, EncodeStage, AugmentStage, TrainSeed, TuneStage, ExportStage]
+    stages = [PrepareStage, ProfileStage, EncodeStage, AugmentStage, TrainSeed, TuneStage, ExportStage]
     assert all(issubclass(s, Stage) and not inspect.isabstract(s) for s in stages)
-    assert sorted(s.name for s in stages) == ["augment", "encode", "export", "prepare", "train", "tune"]
+    assert sorted(s.name for s in stages) == ["augment", "encode", "export", "prepare", "profile", "train", "tune"]
 
 
 def test_errors_carry_their_exit_code():

@@ -193,3 +193,67 @@ def test_vllm_stage_through_ray_data_llm(prepared):
     spec = FeatureSpec.load(pdir)
     check_stage(res, spec, pdir, ["s0_age_under25", "s2_age_35plus"])
     assert res.stats["generator"]["backend"] == "vllm" and res.stats["valid"] == 6  # structured outputs: all parse
+
+
+def test_permutations_put_every_candidate_at_a_new_letter():
+    from mcl_ray.llm.augment import permutations
+
+    for n, k in ((8, 3), (8, 8), (5, 2), (4, 9)):
+        orders = permutations(n, k)
+        assert len(orders) == min(n, k) and all(sorted(o) == list(range(n)) for o in orders)
+        for c in range(n):  # candidate c's letter differs in every order
+            assert len({o.index(c) for o in orders}) == len(orders)
+
+
+@pytest.mark.ray
+def test_permutation_consistency_turns_position_bias_into_no_picks(prepared):
+    """A position-biased answerer (always A / B, what the 135M model did 381 times in 400) yields no
+    pick once the candidates are shifted; an answerer that follows the items keeps its picks."""
+    import pandas as pd
+
+    from mcl_ray.core.feature_spec import FeatureSpec
+    from mcl_ray.llm.augment import build_requests, postprocess, read_train
+
+    run, pdir = prepared
+    spec = FeatureSpec.load(pdir)
+    cfg = aug_cfg(run, "augment.permutations=3")
+    train = read_train(spec, pdir)
+    req, _ = build_requests(cfg, spec, pdir, train)
+    assert len(req) == 18 and req.groupby("group").size().eq(3).all()
+    for _, g in req.groupby("group"):  # the same candidates, in three orders
+        assert len({tuple(sorted(c)) for c in g["candidates"]}) == 1 and len({tuple(c) for c in g["candidates"]}) == 3
+
+    def answer(fn):
+        return pd.DataFrame({"id": req["id"], "answer": [json.dumps(fn(c)) for c in req["candidates"]],
+                             "generated_tokens": 10})
+
+    biased = answer(lambda c: {"like": "A", "dislike": "B"})
+    rows, log, s = postprocess(req, biased, set(), spec, train)
+    assert s["valid"] == 18 and s["picks"] == 0 and len(rows) == 0
+    assert s["answer_letters"]["like"] == {"A": 18} and s["kept_letters"]["like"] == {}
+    assert set(log["group"]) == set(req["group"]) and len(log) == 18
+
+    def by_item(c):  # likes the smallest key and dislikes the largest, wherever they are shown
+        return {"like": LABELS[c.index(min(c))], "dislike": LABELS[c.index(max(c))]}
+
+    rows, _, s = postprocess(req, answer(by_item), set(), spec, train)
+    assert s["picks"] == 12 and s["rows_written"] + s["duplicates_of_real"] == 12 and len(rows) == s["rows_written"]
+    assert len(s["kept_letters"]["like"]) > 1  # the kept picks sat at several letters
+
+    one = build_requests(aug_cfg(run), spec, pdir, train)[0]  # permutations 1: one prompt, picks as before
+    _, _, s1 = postprocess(one, pd.DataFrame({"id": one["id"], "answer": '{"like": "A", "dislike": "B"}',
+                                              "generated_tokens": 10}), set(), spec, train)
+    assert s1["picks"] == 2 * s1["valid"] == 12
+
+
+def test_denoising_drops_the_highest_loss_synthetic_rows_only():
+    import torch
+
+    from mcl_ray.train.loop import denoise_weights
+
+    loss = torch.tensor([9.0, 0.1, 5.0, 0.2, 3.0, 8.0])
+    synthetic = torch.tensor([False, True, True, True, True, False])
+    w = torch.full((6,), 0.5)
+    out = denoise_weights(loss, synthetic, w, 0.5)  # 4 synthetic rows: the 2 worst (5.0, 3.0) go
+    assert out.tolist() == [0.5, 0.5, 0.0, 0.5, 0.0, 0.5]
+    assert denoise_weights(loss, synthetic, w, 0.2).tolist() == w.tolist()  # int(4 * 0.2) = 0 rows

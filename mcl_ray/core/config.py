@@ -207,6 +207,13 @@ class ValidationConfig(Strict):
     max_examples: int = Field(5, ge=1, le=100, description="Example rows shown per problem in error messages.")
 
 
+class HistoryConfig(Strict):
+    length: int = Field(20, ge=1, le=500, description="L: a row's last L train-split interactions of its user, "
+                        "strictly earlier in time (item id, label, scenario; most recent first).")
+    item_feature: str = Field("item_id", description="The categorical feature whose ids the history holds (its "
+                              "embedding table is shared with the history).")
+
+
 class PrepareConfig(Strict):
     scenario: ScenarioRule = Field(default_factory=ScenarioRule, description="How rows map to scenarios.")
     label: LabelRule = Field(default_factory=LabelRule, description="How the binary label is derived.")
@@ -227,10 +234,18 @@ class PrepareConfig(Strict):
     )
     split: SplitConfig = Field(default_factory=SplitConfig, description="Train/valid/test split.")
     validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Input validation.")
+    history: HistoryConfig | None = Field(
+        None, description="Behaviour-history sequence features (list columns hist_*; needs a timestamp). Null: none.")
 
     @model_validator(mode="after")
     def _check(self) -> "PrepareConfig":
         names = [f.name for f in self.categorical] + list(self.numeric) + list(self.context)
+        if self.history is not None and self.history.item_feature not in [f.name for f in self.categorical]:
+            raise ValueError(f"prepare.history.item_feature {self.history.item_feature!r} is not a categorical "
+                             "feature (the history holds its ids)")
+        if self.history is not None and any(f.hash_buckets for f in self.categorical
+                                            if f.name == self.history.item_feature):
+            raise ValueError("prepare.history.item_feature must have a vocabulary, not hash_buckets")
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"features listed twice (categorical/numeric/context): {dup}")
@@ -249,8 +264,9 @@ class TextFeatureConfig(Strict):
         "off", description="off: no text features; frozen: the encode stage's embeddings through a learned "
         "projection (needs `mcl-ray encode`, run by `mcl-ray run`); finetune: the encoder inside the model, "
         "trained end to end (LoRA or its top layers).")
-    fields: list[Literal["item", "user"]] = Field(
-        ["item", "user"], min_length=1, description="Text fields used as features (item text, user profile text).")
+    fields: list[Literal["item", "user", "profile"]] = Field(
+        ["item", "user"], min_length=1, description="Text fields used as features: item text, user text (the "
+        "users table's attributes), profile (the LLM's summary of the user's train history: `mcl-ray profile`).")
     encoder: str = Field("all-MiniLM-L6-v2", description="finetune / llm_ranker: encoder (packaged default or local folder).")
     max_length: int = Field(32, ge=8, le=512, description="finetune / llm_ranker: tokens per text inside the model.")
     finetune: Literal["lora", "top_layers"] = Field("lora", description="finetune: LoRA adapters (peft) or unfreeze the top layers.")
@@ -262,6 +278,13 @@ class TextFeatureConfig(Strict):
     @classmethod
     def _yaml_off(cls, v):
         return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
+
+
+class HistoryFeatureConfig(Strict):
+    pooling: list[Literal["din", "mean"]] = Field(
+        default_factory=list, description="Fields made from the behaviour history (needs prepare.history): din "
+        "(target attention over the history, DIN), mean (its mean). Empty: history unused.")
+    attention_hidden: list[int] = Field([64, 32], min_length=1, description="din: widths of the attention MLP.")
 
 
 class ModelConfig(Strict):
@@ -280,6 +303,8 @@ class ModelConfig(Strict):
     temperature: float = Field(0.05, gt=0, le=10, description="two_tower: softmax temperature of the cosine scores.")
     text: TextFeatureConfig = Field(default_factory=TextFeatureConfig,
                                     description="LLM semantic features (text embeddings of items and users).")
+    history: HistoryFeatureConfig = Field(default_factory=HistoryFeatureConfig,
+                                          description="Behaviour-history fields (DIN target attention, mean).")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -387,6 +412,30 @@ class EncodeConfig(Strict):
         "the user/item tables.")
 
 
+# ----------------------------------------------------------------------------- profile
+
+
+class ProfileConfig(Strict):
+    backend: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="vllm (ray.data.llm engine workers), transformers (HF generate in an actor pool), "
+        "auto: vllm when installed, else transformers.")
+    model: str = Field("SmolLM2-135M-Instruct", description="Generator: the packaged SmolLM2 or a local "
+                       "instruction-tuned causal LM folder.")
+    liked: int = Field(10, ge=0, le=50, description="Liked train items shown in the prompt (most recent first).")
+    disliked: int = Field(5, ge=0, le=50, description="Disliked train items shown in the prompt (most recent first).")
+    max_new_tokens: int = Field(32, ge=4, le=256, description="Length cap of a profile (tokens): the cost of "
+                                "profiling every user grows with it.")
+    users: int | None = Field(None, ge=1, description="Profile a seeded sample of this many users (null: every user "
+                              "with train rows); the others get no profile (the OOV text).")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature (0: greedy).")
+    max_model_len: int = Field(2048, ge=256, description="vllm: context length of the engine.")
+    batch_size: int = Field(32, ge=1, description="Prompts per backend call.")
+    concurrency: int = Field(1, ge=1, description="Generator actors / engine replicas.")
+    torch_threads: int = Field(1, ge=1, description="CPU threads (and CPUs reserved) per actor on CPU.")
+    use_gpu: bool = Field(False, description="One GPU per actor / engine.")
+    seed: int = Field(0, description="Seed of the user sample and of generation.")
+
+
 # ----------------------------------------------------------------------------- augment
 
 
@@ -407,6 +456,11 @@ class AugmentConfig(Strict):
     candidates_from: str | None = Field(
         None, description="A model artifact (e.g. runs/<name>/artifact): the non-random candidates are its top-N "
         "unseen items for the user in their scenario. null: popular in the user's scenario.")
+    permutations: int = Field(1, ge=1, le=20, description="Against position bias: ask each user this many times, "
+                              "the candidates cyclically shifted each time (every candidate at a different letter), "
+                              "and keep a like/dislike only when every answer names the same item. 1: ask once.")
+    denoise_share: float = Field(0.0, ge=0.0, lt=1.0, description="LLMRec's denoising: in each training batch, the "
+                                 "synthetic rows with the highest loss, this share of them, get weight 0.")
     weight: float = Field(0.5, ge=0.0, description="Sample weight of synthetic rows in training (0: not used). "
                           "Applied at train time: changing it needs no new generation; tunable as augment.weight.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature (0: greedy).")
@@ -595,6 +649,8 @@ class ExperimentConfig(Strict):
                                                                         "(`mcl-ray adapt`).")
     encode: EncodeConfig = Field(default_factory=EncodeConfig, description="Text encoder for semantic features.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="LLM data augmentation (synthetic rows).")
+    profile: ProfileConfig = Field(default_factory=ProfileConfig, description="LLM user-interest profiles "
+                                   "(model.text.fields: [..., profile]).")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyperparameter sweep (Ray Tune + Optuna).")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster to run on.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking (MLflow).")
@@ -636,14 +692,15 @@ class ExperimentConfig(Strict):
         fields = ["item", "user"] if self.model.backbone == "llm_ranker" else self.model.text.fields
         hashed = {f.name for f in self.prepare.categorical if f.hash_buckets}
         for f in fields:
-            if f"{f}_id" in hashed:
-                raise ValueError(f"{what} with {f} text needs a vocabulary for {f}_id (texts are looked up by id); "
+            key = "user_id" if f == "profile" else f"{f}_id"  # the profile is the user's, written by the LLM
+            if key in hashed:
+                raise ValueError(f"{what} with {f} text needs a vocabulary for {key} (texts are looked up by id); "
                                  f"drop its hash_buckets or the {f} text")
-            if getattr(self.prepare.text, f) is None:
+            if f != "profile" and getattr(self.prepare.text, f) is None:
                 raise ValueError(f"{what} uses the {f} text (model.text.fields), but prepare.text.{f} is null: "
                                  f"write a template or drop {f} from model.text.fields")
-            if f"{f}_id" not in cat:
-                raise ValueError(f"{what} with {f} text needs {f}_id in prepare.categorical (texts are looked up by its id)")
+            if key not in cat:
+                raise ValueError(f"{what} with {f} text needs {key} in prepare.categorical (texts are looked up by its id)")
         return self
 
     @model_validator(mode="after")

@@ -32,6 +32,8 @@ class Feature(_Spec):
     mean: float | None = Field(None, description="numeric: train-split mean used for normalisation")
     std: float | None = None
     dim: int | None = Field(None, description="text_embedding: embedding width")
+    length: int | None = Field(None, description="sequence: entries per row (a fixed-size list, most recent first)")
+    ids_of: str | None = Field(None, description="sequence: the categorical feature whose ids it holds")
 
 
 class TextField(_Spec):
@@ -40,6 +42,8 @@ class TextField(_Spec):
     column: str = "text"
     template: str
     embedding: str | None = Field(None, description="embeddings file, filled in by the encode stage")
+    generator: dict | None = Field(None, description="LLM-written texts (profile): model, backend, prompt_version, "
+                                   "fingerprint")
 
 
 class SyntheticData(_Spec):
@@ -83,6 +87,11 @@ class FeatureSpec(_Spec):
     @property
     def numeric(self) -> list[Feature]:
         return [f for f in self.features if f.kind == "numeric"]
+
+    @property
+    def sequence(self) -> list[Feature]:
+        """Behaviour-history columns: item ids (ids_of set) first, then label, then scenario."""
+        return sorted((f for f in self.features if f.kind == "sequence"), key=lambda f: f.ids_of is None)
 
     @property
     def num_scenarios(self) -> int:

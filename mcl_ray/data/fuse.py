@@ -145,12 +145,13 @@ def plan_fusion(cfg: PrepareConfig, interaction_columns: list[str], users: pd.Da
     """Resolve every needed column to the table that provides it, or fail naming what exists."""
     # Many logs have no usable time: only a temporal split and the context features need one.
     needs_time = (["prepare.split.kind: temporal"] if cfg.split.kind == "temporal" else []) + (
-        [f"prepare.context {list(cfg.context)}"] if cfg.context else [])
+        [f"prepare.context {list(cfg.context)}"] if cfg.context else []) + (
+        ["prepare.history (\"strictly earlier in time\")"] if cfg.history is not None else [])
     has_timestamp = "timestamp" in interaction_columns
     if needs_time and not has_timestamp:
         raise FusionError(f"interactions have no 'timestamp' column, which {' and '.join(needs_time)} need; map "
                           f"yours with data.interactions.columns (timestamp: <column>), or use prepare.split.kind: "
-                          f"random without context features (interactions have: {interaction_columns})")
+                          f"random without context features or history (interactions have: {interaction_columns})")
     missing_req = [c for c in REQUIRED + (cfg.label.column,) if c not in interaction_columns]
     if missing_req:
         raise FusionError(f"interactions lack required columns {missing_req} (they have: {interaction_columns}); "

@@ -28,7 +28,7 @@ from mcl_ray.core.config import ExperimentConfig, MovieLensSource, PrepareConfig
 from mcl_ray.core.keys import key_array, keys_of, value_key
 from mcl_ray.core.ray_env import tune_data_context
 from mcl_ray.core.stage import Marker, Stage, fingerprint
-from mcl_ray.data import csv_tables, fuse, package_data, sources
+from mcl_ray.data import csv_tables, fuse, history, package_data, sources
 from mcl_ray.data.vocab import hashed_ids, ids_of, zscores
 from mcl_ray.core.feature_spec import Feature, FeatureSpec, TextField
 
@@ -68,8 +68,10 @@ def input_files(cfg: ExperimentConfig) -> list[str]:
 
 
 def prepare_fingerprint(cfg: ExperimentConfig) -> str:
-    return fingerprint({"v": PREPARE_VERSION, "data": cfg.data.model_dump(mode="json"),
-                        "prepare": cfg.prepare.model_dump(mode="json")}, files=input_files(cfg))
+    # without history the prepared data is what it was before the option existed (caches stay valid)
+    prep = cfg.prepare.model_dump(mode="json", exclude=None if cfg.prepare.history else {"history"})
+    return fingerprint({"v": PREPARE_VERSION, "data": cfg.data.model_dump(mode="json"), "prepare": prep},
+                       files=input_files(cfg))
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -338,10 +340,17 @@ class PrepareStage(Stage[PrepareResult]):
         if self.out.exists():
             shutil.rmtree(self.out)
         (self.out / "quarantine").mkdir(parents=True)
-        rows.map_batches(encode_batch, batch_format="pyarrow",
-                         fn_kwargs={"vocabs": {f: pa.array(vs, pa.string()) for f, vs in vocabs.items()},
-                                    "numeric": numeric_stats, "hashed": self._hashed()}).write_parquet(
-            str((self.out / "data").resolve()), partition_cols=["split"])
+        encoded = rows.map_batches(encode_batch, batch_format="pyarrow",
+                                   fn_kwargs={"vocabs": {f: pa.array(vs, pa.string()) for f, vs in vocabs.items()},
+                                              "numeric": numeric_stats, "hashed": self._hashed()})
+        hc = self.pc.history
+        if hc is not None:
+            self.step("behaviour history", f"last {hc.length} train interactions per row (Ray Data groupby user)")
+            # as many partitions as blocks came in (Ray's default of 200 writes 200 tiny files per split)
+            encoded = encoded.groupby(FeatureSpec.column("user_key"), num_partitions=max(1, rows.num_blocks())).map_groups(
+                history.add_history, batch_format="pyarrow",
+                fn_kwargs={"length": hc.length, "item_feature": hc.item_feature})
+        encoded.write_parquet(str((self.out / "data").resolve()), partition_cols=["split"])
         n_quarantined = self._write_quarantine(bad_ds, quarantine, reason_counts)
         text_fields = self._write_entity_tables(users, items, plan)
 
@@ -359,6 +368,9 @@ class PrepareStage(Stage[PrepareResult]):
                             hash_buckets=hashed.get(f)) for f in categorical]
         features += [Feature(name=f, kind="numeric", source=_source_of(f, plan), mean=mean, std=std)
                      for f, (mean, std) in numeric_stats.items()]
+        if hc is not None:
+            item = next(f for f in features if f.name == hc.item_feature)
+            features += history.sequence_features(item, hc.length, len(names))
         spec = FeatureSpec(
             features=features, scenario_names=names, text=text_fields,
             splits={s: f"data/split={s}" for s in SPLITS if per_split[s]["rows"]},

@@ -39,12 +39,12 @@ class PreparedTexts:
 
     def texts(self, field: str) -> list[str]:
         texts = self._by_key(field)
-        return ["" if k is None else texts.get(k, "") for k in self.vocabs.keys(f"{field}_id")]
+        return ["" if k is None else texts.get(k, "") for k in self.vocabs.keys(self.spec.text[field].key)]
 
     def embeddings(self, field: str) -> np.ndarray:
         keys, emb = load_embeddings(self.dir, self.spec, field)
         pos = {k: i for i, k in enumerate(keys)}
-        vk = self.vocabs.keys(f"{field}_id")
+        vk = self.vocabs.keys(self.spec.text[field].key)
         table = np.zeros((len(vk), emb.shape[1]), np.float32)
         hits = [(j, pos[k]) for j, k in enumerate(vk) if k is not None and k in pos]
         if not hits:

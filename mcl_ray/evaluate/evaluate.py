@@ -20,6 +20,7 @@ import torch
 from mcl_ray.core.config import ConfigError, ExperimentConfig
 from mcl_ray.core.feature_spec import FeatureSpec
 from mcl_ray.core.keys import key_array
+from mcl_ray.data.history import read_user_history
 from mcl_ray.data.splits import iter_split, read_pairs, read_split, unique_keys, value_counts
 from mcl_ray.data.vocab import Vocabularies, encode_entities, entity_table
 from mcl_ray.evaluate.fairness import by_group, exposure, popularity_buckets
@@ -68,6 +69,8 @@ def ranking(model, spec: FeatureSpec, cfg: ExperimentConfig, prepare_dir: Path, 
     seen = read_pairs(prepare_dir, spec, seen_splits, users=users)
     seen_of = seen.to_pandas().groupby(spec.user_key)[spec.item_key].apply(set) if ev.exclude_seen else {}
     pos_items = pos.groupby(spec.user_key)[spec.item_key].apply(set)
+    # behaviour history: a ranked user's history after all of their train rows, as serving builds it
+    hist = read_user_history(prepare_dir, spec, users) if spec.sequence else None
 
     def table(name, key, wanted=None):
         if not name:
@@ -108,7 +111,8 @@ def ranking(model, spec: FeatureSpec, cfg: ExperimentConfig, prepare_dir: Path, 
             continue
         s = int(scen_of[u])
         feats = {f: v[user_row[u]] for f, v in u_feats.items()}
-        batch = Batch.candidates(cat_names, num_names, i_feats, [(feats, all_items, s)])
+        batch = Batch.candidates(cat_names, num_names, i_feats, [(feats, all_items, s)],
+                                 history=[hist.of(u)] if hist is not None else None)
         scores = model(batch).float()
         for it in seen_of.get(u, set()):
             if it in item_pos:

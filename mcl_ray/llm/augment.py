@@ -31,10 +31,11 @@ from mcl_ray.core.feature_spec import FeatureSpec, SyntheticData
 from mcl_ray.core.keys import key_array
 from mcl_ray.core.ray_env import dataset_in_blocks
 from mcl_ray.core.stage import Marker, Stage, fingerprint
+from mcl_ray.data.history import UserHistory, fixed_lists
 from mcl_ray.data.splits import read_pairs, read_split
 from mcl_ray.llm.backends import generate_transformers, generate_vllm, vllm_available
 from mcl_ray.llm.generator import resolve_generator
-from mcl_ray.llm.prompts import PROMPT_VERSION, messages, parse_answer
+from mcl_ray.llm.prompts import LABELS, PROMPT_VERSION, messages, parse_answer
 from mcl_ray.models.encoder import encoder_fingerprint
 from mcl_ray.serve.recommender import Query, Recommender
 
@@ -63,7 +64,7 @@ def backend_name(ac) -> str:
 
 def augment_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec, model_fp: str, backend: str) -> str:
     blob = cfg.augment.model_dump(mode="json")
-    for k in ("enabled", "weight", "batch_size", "concurrency", "torch_threads", "use_gpu"):
+    for k in ("enabled", "weight", "denoise_share", "batch_size", "concurrency", "torch_threads", "use_gpu"):
         blob.pop(k)  # how (and whether) the rows are used or scheduled, not what is generated
     blob.update(data=spec.data_fingerprint, model=model_fp, prompt=PROMPT_VERSION, backend=backend)
     return fingerprint(blob)
@@ -127,12 +128,22 @@ def build_requests(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path,
                 rand.append(k)
         cands = popular + rand
         rng.shuffle(cands)
-        msgs = messages([(title.get(k, k), genres.get(k, "")) for k in hist],
-                        [(title.get(k, k), genres.get(k, "")) for k in cands])
-        rows.append({"id": n, "user_key": user, "scenario": s, "candidates": list(cands),
-                     "n_candidates": len(cands), "messages_json": json.dumps(msgs, ensure_ascii=False)})
+        shown = [(title.get(k, k), genres.get(k, "")) for k in hist]
+        for j, order in enumerate(permutations(len(cands), ac.permutations)):
+            msgs = messages(shown, [(title.get(cands[o], cands[o]), genres.get(cands[o], "")) for o in order])
+            rows.append({"id": n * ac.permutations + j, "group": n, "user_key": user, "scenario": s,
+                         "candidates": [cands[o] for o in order], "n_candidates": len(cands),
+                         "messages_json": json.dumps(msgs, ensure_ascii=False)})
     info = {"eligible_users": len(eligible), "train_rows": len(train)}
     return pd.DataFrame(rows), info
+
+
+def permutations(n: int, k: int) -> list[list[int]]:
+    """k orders of n candidates, cyclic shifts by multiples of n/k: with k <= n every candidate sits
+    at a different letter in each order, so an answerer that always names the same letter never
+    names the same item twice (k > n repeats letters; it is capped at n)."""
+    k = min(k, n)
+    return [[(i + j * n // k) % n for i in range(n)] for j in range(k)]
 
 
 def model_top_n(artifact: str, users: list, scenarios: list[str], n: int) -> dict:
@@ -176,37 +187,59 @@ def postprocess(requests: pd.DataFrame, answers: pd.DataFrame, real_pairs: set, 
                 train: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Parse and validate answers; synthetic positive/negative rows that are not real interactions.
 
-    Returns (synthetic rows, generations log, stats). Stats add up: requested = answered + no_answer;
-    answered = valid + invalid; 2 x valid = written + duplicates."""
+    With augment.permutations > 1 a user's prompts form a group (the same candidates in shifted
+    orders): a like (dislike) is kept only when every prompt of the group answered validly and named
+    the same item. Returns (synthetic rows, generations log, stats). Stats add up: requested =
+    answered + no_answer; answered = valid + invalid; picks = written + duplicates; the letter
+    counts show the answers' position bias, over all valid answers and over the kept picks."""
     got = dict(zip(answers["id"], answers["answer"]))
     toks = dict(zip(answers["id"], answers["generated_tokens"]))
     log, pairs = [], []
     invalid: Counter = Counter()
-    duplicates = 0
-    for r in requests.itertuples(index=False):
-        text = got.get(r.id)
-        parsed = parse_answer(text, r.n_candidates) if text is not None else None
-        status = "no_answer" if parsed is None else (parsed.error or "valid")
-        if status != "valid":
-            invalid[status] += 1
-        else:
-            for idx, label in ((parsed.like, 1.0), (parsed.dislike, 0.0)):
-                item = r.candidates[idx]
-                if (r.user_key, item) in real_pairs:
-                    duplicates += 1
-                else:
-                    pairs.append((r.user_key, item, r.scenario, label))
-        log.append({"id": r.id, "user_key": r.user_key, "candidates": json.dumps(list(r.candidates), ensure_ascii=False),
-                    "messages_json": r.messages_json, "answer": "" if text is None else str(text),
-                    "generated_tokens": int(toks.get(r.id, 0)), "status": status})
+    letters = {"like": Counter(), "dislike": Counter()}
+    kept_letters = {"like": Counter(), "dislike": Counter()}
+    duplicates = picks = groups = 0
+    group_col = requests["group"] if "group" in requests else requests["id"]
+    for _, grp in requests.assign(_group=group_col.to_numpy()).groupby("_group", sort=True):
+        groups += 1
+        chosen: dict[str, list] = {"like": [], "dislike": []}
+        for r in grp.itertuples(index=False):
+            text = got.get(r.id)
+            parsed = parse_answer(text, r.n_candidates) if text is not None else None
+            status = "no_answer" if parsed is None else (parsed.error or "valid")
+            if status != "valid":
+                invalid[status] += 1
+            else:
+                for what, idx in (("like", parsed.like), ("dislike", parsed.dislike)):
+                    letters[what][LABELS[idx]] += 1
+                    chosen[what].append((r.candidates[idx], LABELS[idx]))
+            log.append({"id": r.id, "group": int(getattr(r, "group", r.id)), "user_key": r.user_key,
+                        "candidates": json.dumps(list(r.candidates), ensure_ascii=False),
+                        "messages_json": r.messages_json, "answer": "" if text is None else str(text),
+                        "generated_tokens": int(toks.get(r.id, 0)), "status": status})
+        first = grp.iloc[0]
+        for what, label in (("like", 1.0), ("dislike", 0.0)):
+            got_items = {item for item, _ in chosen[what]}
+            if len(chosen[what]) != len(grp) or len(got_items) != 1:
+                continue  # an invalid answer, or answers naming different items: no pick
+            picks += 1
+            kept_letters[what].update(letter for _, letter in chosen[what])
+            item = chosen[what][0][0]
+            if (first.user_key, item) in real_pairs:
+                duplicates += 1
+            else:
+                pairs.append((first.user_key, item, first.scenario, label))
     rows = synthetic_rows(pairs, spec, train)
     answered = len(requests) - invalid["no_answer"]
-    stats = {"requested": len(requests), "answered": answered, "valid": answered - sum(v for k, v in invalid.items()
-                                                                                       if k != "no_answer"),
+    count = lambda c: {k: c[k] for k in sorted(c)}  # noqa: E731
+    stats = {"requested": len(requests), "groups": groups, "answered": answered,
+             "valid": answered - sum(v for k, v in invalid.items() if k != "no_answer"),
              "invalid": {k: invalid[k] for k in INVALID_REASONS if invalid[k]},
-             "duplicates_of_real": duplicates, "rows_written": len(rows),
+             "picks": picks, "duplicates_of_real": duplicates, "rows_written": len(rows),
              "positives": int((rows[spec.label_column] > 0).sum()) if len(rows) else 0,
-             "negatives": int((rows[spec.label_column] == 0).sum()) if len(rows) else 0}
+             "negatives": int((rows[spec.label_column] == 0).sum()) if len(rows) else 0,
+             "answer_letters": {w: count(c) for w, c in letters.items()},
+             "kept_letters": {w: count(c) for w, c in kept_letters.items()}}
     return rows, pd.DataFrame(log), stats
 
 
@@ -234,7 +267,25 @@ def synthetic_rows(pairs: list[tuple], spec: FeatureSpec, train: pd.DataFrame) -
     out[spec.weight_column] = np.float32(1.0)
     out[spec.provenance_column] = np.int8(1)
     out[spec.timestamp_column] = 0
-    return out.astype(train.dtypes.to_dict())
+    out = out.astype({c: t for c, t in train.dtypes.items() if c not in {f.name for f in spec.sequence}})
+    if spec.sequence:  # behaviour history: the user's whole train history (a synthetic row has no time)
+        item = next(f.ids_of for f in spec.sequence if f.ids_of)
+        cols_h = [spec.user_key, spec.timestamp_column, item, spec.label_column, spec.scenario_column]
+        mine = train[train[spec.user_key].isin(set(p[spec.user_key]))][cols_h]
+        users = UserHistory(pa.Table.from_pandas(mine, preserve_index=False), spec)
+        h = np.stack([users.of(u) for u in p[spec.user_key]])  # [n, 3, L]
+        for j, f in enumerate(spec.sequence):
+            out[f.name] = list(h[:, j])
+    return out
+
+
+def rows_table(rows: pd.DataFrame, spec: FeatureSpec) -> pa.Table:
+    """Synthetic rows as Arrow, the history columns as the train split's fixed-size lists."""
+    t = pa.Table.from_pandas(rows.drop(columns=[f.name for f in spec.sequence]), preserve_index=False)
+    for f, dt in zip(spec.sequence, (pa.int32(), pa.int8(), pa.int16())):
+        x = np.stack(rows[f.name].to_numpy()) if len(rows) else np.zeros((0, f.length), np.int64)
+        t = t.append_column(f.name, fixed_lists(x, dt))
+    return t
 
 
 def real_interactions(spec: FeatureSpec, prepare_dir: Path, users: set) -> set:
@@ -293,7 +344,7 @@ class AugmentStage(Stage[AugmentResult]):
                      generated_tokens=int(answers["generated_tokens"].sum()) if len(answers) else 0,
                      seconds=time.perf_counter() - self.t0, **info)
         self.out.mkdir(exist_ok=True)
-        pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), self.out / "synthetic.parquet")
+        pq.write_table(rows_table(rows, spec), self.out / "synthetic.parquet")
         pq.write_table(pa.Table.from_pandas(log, preserve_index=False), self.out / "generations.parquet")
         (self.out / "generator.json").write_text(json.dumps(generator, indent=1))
         spec.synthetic = SyntheticData(table="augment/synthetic.parquet", rows=len(rows), generator=generator,

@@ -1,5 +1,6 @@
 """Two generation backends with one interface: a Ray Dataset of requests (id, messages_json,
-n_candidates) in, a Ray Dataset of (id, answer, generated_tokens) out.
+n_candidates) in, a Ray Dataset of (id, answer, generated_tokens) out. With `max_new_tokens` set the
+answer is free text of at most that many tokens (user profiles), not the constrained JSON.
 
 - vllm: vLLM engine workers through `ray.data.llm` (vLLMEngineProcessorConfig + build_processor),
   the answer held to a JSON schema (structured outputs, xgrammar). Official vllm on GPU clusters,
@@ -31,10 +32,11 @@ def vllm_available() -> bool:
 
 
 class TransformersGenerator:
-    """Ray Data actor: chat prompt -> constrained JSON answer with HF generate."""
+    """Ray Data actor: chat prompt -> constrained JSON answer with HF generate (or free text of at
+    most max_new_tokens tokens)."""
 
     def __init__(self, path: str, temperature: float = 0.0, seed: int = 0, torch_threads: int = 1,
-                 device: str = "cpu"):
+                 device: str = "cpu", max_new_tokens: int | None = None):
         import torch
         import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -44,6 +46,7 @@ class TransformersGenerator:
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
         self.torch, self.device, self.temperature = torch, device, temperature
+        self.free = max_new_tokens
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.tok.padding_side = "left"  # generation continues at the right edge of every row
         if self.tok.pad_token_id is None:
@@ -86,30 +89,32 @@ class TransformersGenerator:
         enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         n = [int(x) for x in batch["n_candidates"]]
         sample = self.temperature > 0
+        shape = {} if self.free else {"prefix_allowed_tokens_fn": self._allowed(n, enc["input_ids"].shape[1])}
         with torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=self.length, do_sample=sample,
+            out = self.model.generate(**enc, max_new_tokens=self.free or self.length, do_sample=sample,
                                       temperature=self.temperature if sample else None, top_p=None, top_k=None,
-                                      prefix_allowed_tokens_fn=self._allowed(n, enc["input_ids"].shape[1]),
-                                      pad_token_id=self.tok.pad_token_id)
+                                      pad_token_id=self.tok.pad_token_id, **shape)
         gen = out[:, enc["input_ids"].shape[1]:]
         answers = self.tok.batch_decode(gen, skip_special_tokens=True)
         counts = (gen != self.tok.pad_token_id).sum(1).numpy()
         return {"id": batch["id"], "answer": np.array(answers, dtype=object), "generated_tokens": counts}
 
 
-def generate_transformers(ds, path: str, ac) -> "object":
+def generate_transformers(ds, path: str, ac, max_new_tokens: int | None = None) -> "object":
     import ray.data
 
     return ds.map_batches(
         TransformersGenerator,
         fn_constructor_kwargs={"path": path, "temperature": ac.temperature, "seed": ac.seed,
-                               "torch_threads": ac.torch_threads, "device": "cuda" if ac.use_gpu else "cpu"},
+                               "torch_threads": ac.torch_threads, "device": "cuda" if ac.use_gpu else "cpu",
+                               "max_new_tokens": max_new_tokens},
         batch_size=ac.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=ac.concurrency),
         num_cpus=0 if ac.use_gpu else ac.torch_threads, num_gpus=1 if ac.use_gpu else 0)
 
 
-def generate_vllm(ds, path: str, ac):
-    """vLLM engine workers via ray.data.llm; structured outputs hold the answer to the JSON schema."""
+def generate_vllm(ds, path: str, ac, max_new_tokens: int | None = None):
+    """vLLM engine workers via ray.data.llm; structured outputs hold the answer to the JSON schema
+    (free text of at most max_new_tokens tokens when that is set)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     env = dict(VLLM_CPU_ENV) if not ac.use_gpu else {"HF_HUB_OFFLINE": "1"}
@@ -128,12 +133,13 @@ def generate_vllm(ds, path: str, ac):
         tokenize_stage={"num_cpus": LIGHT_CPU, "concurrency": 1},
         detokenize_stage={"num_cpus": LIGHT_CPU, "concurrency": 1},
     )
-    temperature, seed, max_tokens = ac.temperature, ac.seed, 32
+    temperature, seed, max_tokens = ac.temperature, ac.seed, max_new_tokens or 32
 
     def pre(row: dict) -> dict:
-        return {"messages": json.loads(row["messages_json"]),
-                "sampling_params": {"temperature": temperature, "max_tokens": max_tokens, "seed": seed,
-                                    "structured_outputs": {"json": json_schema(int(row["n_candidates"]))}}}
+        params = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
+        if not max_new_tokens:
+            params["structured_outputs"] = {"json": json_schema(int(row["n_candidates"]))}
+        return {"messages": json.loads(row["messages_json"]), "sampling_params": params}
 
     def post(row: dict) -> dict:
         return {"id": row["id"], "answer": row.get("generated_text") or "",

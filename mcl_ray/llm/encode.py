@@ -117,7 +117,8 @@ class EncodeStage(Stage[EncodeResult]):
             spec.text[field].embedding = stats[field]["file"]
             # the data contract: one text_embedding feature per encoded field (models/text.py reads it)
             spec.features = [f for f in spec.features if f.name != f"{field}_text"] + [
-                Feature(name=f"{field}_text", kind="text_embedding", source=field, dim=stats[field]["dim"])]
+                Feature(name=f"{field}_text", kind="text_embedding", source="item" if tf.key == "item_id" else "user",
+                        dim=stats[field]["dim"])]
         spec.save(self.prepare_dir / "feature_spec.json")
         return EncodeResult(stats, time.perf_counter() - self.t0)
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 
 from mcl_ray.core.feature_spec import FeatureSpec
+from mcl_ray.data.history import sequence_arrays
 from mcl_ray.data.splits import model_columns, read_split
 
 
@@ -30,6 +31,8 @@ class Batch:
     label: torch.Tensor | None = None  # [B] float32 in {0, 1}
     weight: torch.Tensor | None = None  # [B] float32
     synthetic: torch.Tensor | None = None  # [B] bool: an augment-stage row
+    # behaviour history (prepare.history), most recent first; None when the data has none
+    hist: torch.Tensor | None = None  # [B, 3, L] int32: item ids, labels (0 padding, 1 neg, 2 pos), scenarios
 
     def __len__(self) -> int:
         return int(self.scenario.shape[0])
@@ -73,15 +76,19 @@ class Batch:
             label=torch.from_numpy(col(spec.label_column, np.float32)),
             weight=torch.from_numpy(col(spec.weight_column, np.float32)),
             synthetic=torch.from_numpy(col(spec.provenance_column, np.int64) > 0),
+            hist=(torch.from_numpy(np.stack(sequence_arrays(table, spec), 1).astype(np.int32)) if spec.sequence
+                  else None),
         )
 
     @classmethod
     def candidates(cls, cat_names: list[str], num_names: list[str], item_cols: dict[str, np.ndarray],
-                   queries: list[tuple[dict[str, float], np.ndarray, int]]) -> "Batch":
+                   queries: list[tuple[dict[str, float], np.ndarray, int]],
+                   history: list[np.ndarray] | None = None) -> "Batch":
         """(query, candidate item) pairs of several queries in one batch. A query is (its user,
         interaction and context features: categorical ids and numeric z-scores by name, candidate
         item positions, scenario index): item-side features come from `item_cols` at those
-        positions, every other feature from the query (0 when it has none: OOV, or the train mean)."""
+        positions, every other feature from the query (0 when it has none: OOV, or the train mean).
+        `history`: each query's behaviour history [3, L] (UserHistory.of), repeated for its candidates."""
         total = sum(len(idx) for _, idx, _ in queries)
         cat = np.zeros((total, len(cat_names)), np.int64)
         num = np.zeros((total, len(num_names)), np.float32)
@@ -94,7 +101,11 @@ class Batch:
                     out[rows, j] = item_cols[name][idx] if name in item_cols else feats.get(name, 0)
             scen[rows] = s
             off += len(idx)
-        return cls(cat=torch.from_numpy(cat), num=torch.from_numpy(num), scenario=torch.from_numpy(scen))
+        hist = None
+        if history is not None:
+            hist = torch.from_numpy(np.concatenate([np.repeat(h[None], len(idx), 0)
+                                                    for h, (_, idx, _) in zip(history, queries)]).astype(np.int32))
+        return cls(cat=torch.from_numpy(cat), num=torch.from_numpy(num), scenario=torch.from_numpy(scen), hist=hist)
 
 
 def load_split(prepare_dir: str | Path, spec: FeatureSpec, split: str, sample: int | None = None,
@@ -105,5 +116,5 @@ def load_split(prepare_dir: str | Path, spec: FeatureSpec, split: str, sample: i
 def shard_to_batch(shard, spec: FeatureSpec, batch_size: int = 65_536) -> Batch:
     """A Ray Data shard (DataIterator) -> one Batch."""
     cols = model_columns(spec)
-    return Batch.concat(Batch.from_table(pa.Table.from_pydict({c: b[c] for c in cols}), spec)
-                        for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy"))
+    return Batch.concat(Batch.from_table(b.select(cols), spec)
+                        for b in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"))

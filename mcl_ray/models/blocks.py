@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mcl_ray.core.config import TextFeatureConfig
+from mcl_ray.core.config import HistoryFeatureConfig, TextFeatureConfig
 from mcl_ray.core.feature_spec import FeatureSpec
 from mcl_ray.models.batch import Batch
 from mcl_ray.models.text import TextFields
@@ -32,13 +32,58 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class HistoryPooling(nn.Module):
+    """Behaviour-history fields (model.history.pooling): DIN target attention and/or the mean over
+    the user's last L train interactions (prepare.history).
+
+    An entry's vector is its item's embedding (the item feature's own table, passed in, so history
+    and target share it) + its label's + its scenario's. Padding (label 0) is masked out, and no row
+    looks at another, so a row alone scores as it does in a batch. DIN (Zhou et al. 2018): weights
+    from an MLP over [q, k, q-k, q*k] with q the target item's embedding, not softmax-normalised."""
+
+    def __init__(self, spec: FeatureSpec, dim: int, hc: HistoryFeatureConfig):
+        super().__init__()
+        seq = spec.sequence
+        if not seq:
+            raise ValueError("model.history.pooling needs history columns: set prepare.history and re-run prepare")
+        self.pooling = list(hc.pooling)
+        self.item_index = [f.name for f in spec.categorical].index(seq[0].ids_of)  # target item id's column
+        self.length = seq[0].length
+        self.label = nn.Embedding(3, dim)
+        self.scenario = nn.Embedding(spec.num_scenarios, dim)
+        for e in (self.label, self.scenario):
+            nn.init.normal_(e.weight, std=0.01)
+        if "din" in self.pooling:
+            mlp = MLP(4 * dim, hc.attention_hidden)
+            self.attention = nn.Sequential(mlp, nn.Linear(mlp.out_dim, 1))
+
+    def forward(self, batch: Batch, item_table: nn.Embedding) -> list[torch.Tensor]:  # -> P x [B, D]
+        hist = batch.hist
+        if hist is None:  # no history known (e.g. a batch built without one): as for a user with none
+            hist = batch.cat.new_zeros(len(batch), 3, self.length, dtype=torch.int32)
+        items, labels, scens = hist.unbind(1)  # [B, L] each
+        mask = (labels > 0).unsqueeze(-1).to(torch.float32)  # [B, L, 1]
+        k = (item_table(items) + self.label(labels) + self.scenario(scens)) * mask  # [B, L, D]
+        fields = []
+        for p in self.pooling:
+            if p == "din":
+                q = item_table(batch.cat[:, self.item_index]).unsqueeze(1).expand_as(k)  # [B, L, D]
+                w = self.attention(torch.cat([q, k, q - k, q * k], dim=-1)) * mask  # [B, L, 1]
+                fields.append((w * k).sum(1))  # [B, D]
+            else:
+                fields.append(k.sum(1) / mask.sum(1).clamp(min=1.0))  # [B, D]
+        return fields
+
+
 class InputLayer(nn.Module):
     """Every feature of the spec becomes one D-wide field.
 
     categorical: embedding (id 0 = OOV); numeric: value * w + b; text (model.text.mode frozen or
-    finetune): the item / user text's embedding through a learned projection (models/text.py)."""
+    finetune): the item / user text's embedding through a learned projection (models/text.py);
+    history (model.history.pooling): one field per pooling of the behaviour history."""
 
-    def __init__(self, spec: FeatureSpec, dim: int, text: TextFeatureConfig | None = None):
+    def __init__(self, spec: FeatureSpec, dim: int, text: TextFeatureConfig | None = None,
+                 history: HistoryFeatureConfig | None = None):
         super().__init__()
         self.cat_names = [f.name for f in spec.categorical]
         self.num_names = [f.name for f in spec.numeric]
@@ -53,7 +98,9 @@ class InputLayer(nn.Module):
         if text is not None and text.mode != "off":
             self.text = TextFields(spec, dim, text)
         self.text_names = [f"{f}_text" for f in self.text.fields] if self.text is not None else []
-        self.num_fields = len(self.cat_names) + len(self.num_names) + len(self.text_names)
+        self.history = HistoryPooling(spec, dim, history) if history is not None and history.pooling else None
+        self.hist_names = [f"history_{p}" for p in self.history.pooling] if self.history is not None else []
+        self.num_fields = len(self.cat_names) + len(self.num_names) + len(self.text_names) + len(self.hist_names)
         self.dim = dim
         # training-time perturbation (train/perturb.py): the last output, and a delta to add to it
         self.capture = False
@@ -66,6 +113,8 @@ class InputLayer(nn.Module):
             fields += list((batch.num.unsqueeze(-1) * self.num_w + self.num_b).unbind(1))  # [B, N, D]
         if self.text is not None:
             fields += self.text(batch.cat)  # T x [B, D]
+        if self.history is not None:
+            fields += self.history(batch, self.embeddings[self.history.item_index])  # P x [B, D]
         x = torch.stack(fields, dim=1)
         if self.capture:
             self.last = x

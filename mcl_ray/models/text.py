@@ -40,11 +40,17 @@ class TextSource(Protocol):
     def embeddings(self, field: str) -> np.ndarray: ...  # [V, T] float32
 
 
+def text_key(spec: FeatureSpec, field: str) -> str:
+    """The categorical feature a text field is looked up by (item -> item_id; user, profile -> user_id)."""
+    return spec.text[field].key if field in spec.text else f"{field}_id"
+
+
 def key_index(spec: FeatureSpec, field: str) -> int:
     names = [f.name for f in spec.categorical]
-    if f"{field}_id" not in names:
-        raise EncoderError(f"{field} text features need the categorical feature {field}_id (texts are looked up by it)")
-    return names.index(f"{field}_id")
+    key = text_key(spec, field)
+    if key not in names:
+        raise EncoderError(f"{field} text features need the categorical feature {key} (texts are looked up by it)")
+    return names.index(key)
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -215,6 +221,9 @@ def check_text_inputs(cfg: ModelConfig, spec: FeatureSpec) -> None:
     for f in need:
         key_index(spec, f)
         if f not in spec.text:
+            if f == "profile":
+                raise EncoderError("model.text.fields names profile, but the prepared data has no profiles: run "
+                                   "`mcl-ray profile CONFIG` (`mcl-ray run` does it)")
             raise EncoderError(f"{f} text is not in the prepared data (prepare.text was null); re-run `mcl-ray prepare`")
         if emb and not any(x.name == f"{f}_text" and x.kind == "text_embedding" for x in spec.features):
             raise EncoderError(f"model.text.mode=frozen needs {f} text embeddings: run `mcl-ray encode CONFIG` "

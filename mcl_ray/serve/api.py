@@ -33,6 +33,8 @@ class RecommendRequest(Strict):
     candidates: int | None = Field(None, ge=1, le=MAX_CANDIDATES,
                                    description="Two-stage models: retrieve at most this many items to rank (default "
                                                "and ceiling: the model's retrieval.candidates; GET /v1/model).")
+    as_of: int | None = Field(None, description="History models: the behaviour history as of this Unix time (the "
+                                            "user's train interactions strictly earlier); default: all of them.")
 
 
 class ScoreRequest(Strict):
@@ -41,6 +43,8 @@ class ScoreRequest(Strict):
     item_ids: list[Key] = Field(min_length=1, max_length=MAX_ITEMS, description="Candidates to score.")
     profile: dict[Key, Attr] | None = Field(None, max_length=32)
     context: dict[Key, Attr] | None = Field(None, max_length=32)
+    as_of: int | None = Field(None, description="History models: the behaviour history as of this Unix time (the "
+                                            "user's train interactions strictly earlier); default: all of them.")
 
 
 class ExplainRequest(Strict):
@@ -51,6 +55,8 @@ class ExplainRequest(Strict):
                                               "listed facts only (slower: seconds on CPU).")
     profile: dict[Key, Attr] | None = Field(None, max_length=32)
     context: dict[Key, Attr] | None = Field(None, max_length=32)
+    as_of: int | None = Field(None, description="History models: the behaviour history as of this Unix time (the "
+                                            "user's train interactions strictly earlier); default: all of them.")
 
 
 class Item(BaseModel):

@@ -35,6 +35,7 @@ class ExplainQuery:
     profile: dict | None = None
     context: dict | None = None
     sentence: bool = False
+    as_of: int | None = None
 
 
 class Explainer:
@@ -50,22 +51,26 @@ class Explainer:
             self.ig = None  # e.g. llm_ranker: no per-field input layer to attribute to
         else:
             self.ig = LayerIntegratedGradients(self._logit, self.input)
-        self.fields = (self.input.cat_names + self.input.num_names + self.input.text_names) if self.input else []
+        self.fields = (self.input.cat_names + self.input.num_names + self.input.text_names + self.input.hist_names
+                       if self.input else [])
         self.source = {f.name: f.source for f in rec.spec.features}
         hist = rec.art.file(HISTORY)
         self.history = hist if hist.exists() else None
 
-    def _logit(self, cat: torch.Tensor, num: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
-        return self.rec.model(Batch(cat=cat, num=num, scenario=scenario)).float()
+    def _logit(self, cat: torch.Tensor, num: torch.Tensor, scenario: torch.Tensor,
+               hist: torch.Tensor | None = None) -> torch.Tensor:
+        return self.rec.model(Batch(cat=cat, num=num, scenario=scenario, hist=hist)).float()
 
     def _row(self, q: ExplainQuery) -> tuple[Batch, int]:
         rec = self.rec
-        feats = rec._user_features(Query(user_id=q.user_id, scenario=q.scenario, profile=q.profile, context=q.context))
+        query = Query(user_id=q.user_id, scenario=q.scenario, profile=q.profile, context=q.context, as_of=q.as_of)
+        feats = rec._user_features(query)
         pos = rec.items.pos.get(q.item_id)
         if pos is None:
             raise RequestError(404, f"unknown item {q.item_id!r}")
         batch = Batch.candidates([f.name for f in rec.spec.categorical], [f.name for f in rec.spec.numeric],
-                                 rec.items.cols, [(feats, np.array([pos], np.int64), rec.scenarios.index(q.scenario))])
+                                 rec.items.cols, [(feats, np.array([pos], np.int64), rec.scenarios.index(q.scenario))],
+                                 history=rec.user_history([query]))
         return batch, pos
 
     def _value(self, j: int, batch: Batch):
@@ -79,7 +84,7 @@ class Explainer:
         if j < n_cat + n_num:
             f = self.rec.feature[name]
             return round(float(batch.num[0, j - n_cat]) * (f.std or 1.0) + (f.mean or 0.0), 4)
-        return "text embedding"
+        return "text embedding" if j < n_cat + n_num + len(self.input.text_names) else "behaviour history"
 
     def attributions(self, batch: Batch) -> dict:
         if self.ig is None:
@@ -87,13 +92,13 @@ class Explainer:
                                     "attribute to")
         base = (torch.zeros_like(batch.cat), torch.zeros_like(batch.num))
         with torch.no_grad():
-            logit = float(self._logit(batch.cat, batch.num, batch.scenario)[0])
-            base_logit = float(self._logit(*base, batch.scenario)[0])
+            logit = float(self._logit(batch.cat, batch.num, batch.scenario, batch.hist)[0])
+            base_logit = float(self._logit(*base, batch.scenario, batch.hist)[0])
         attr, delta = self.ig.attribute((batch.cat, batch.num), baselines=base,
-                                        additional_forward_args=(batch.scenario,), n_steps=self.cfg.steps,
+                                        additional_forward_args=(batch.scenario, batch.hist), n_steps=self.cfg.steps,
                                         return_convergence_delta=True)
         per_field = attr.detach().sum(-1)[0]  # [1, F, D] -> [F]
-        rows = [{"field": name, "source": self.source.get(name, "text"),
+        rows = [{"field": name, "source": self.source.get(name, "history" if name in self.input.hist_names else "text"),
                  "value": self._value(j, batch), "attribution": round(float(per_field[j]), 6)}
                 for j, name in enumerate(self.fields)]
         rows.sort(key=lambda r: -abs(r["attribution"]))

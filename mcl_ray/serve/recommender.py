@@ -20,9 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mcl_ray.artifact import ITEM_KEYS, RETRIEVAL, Artifact, ArtifactError, load_model, open_artifact
+from mcl_ray.artifact import HISTORY, ITEM_KEYS, RETRIEVAL, Artifact, ArtifactError, load_model, open_artifact
 from mcl_ray.core.config import ExperimentConfig
 from mcl_ray.core.feature_spec import FeatureSpec
+from mcl_ray.data.history import UserHistory
 from mcl_ray.data.vocab import Vocabularies, encode_entities, entity_table, zscore
 from mcl_ray.models.batch import Batch
 from mcl_ray.models.blocks import InputLayer
@@ -50,6 +51,7 @@ class Query:
     context: dict | None = None
     item_ids: list[str] | None = None  # score: the candidates
     candidates: int | None = None  # recommend: retrieve at most this many (None: the artifact's N)
+    as_of: int | None = None  # history models: the behaviour history as of this time (None: all of it)
 
 
 class ItemCatalog:
@@ -163,6 +165,14 @@ class Recommender:
                                 self.vocabs, self.items)
         self.retriever = (Retriever(art, self.items, torch_threads) if (art.file(RETRIEVAL) / INDEX).exists()
                           else None)
+        # behaviour history (prepare.history): each user's train rows, in memory like the known users
+        self.history = UserHistory(pq.read_table(art.file(HISTORY)), spec) if spec.sequence else None
+
+    def user_history(self, qs: list[Query]) -> list[np.ndarray] | None:
+        """Each request's behaviour history [3, L] (empty for a cold-start user), or None without history."""
+        if self.history is None:
+            return None
+        return [self.history.of(q.user_id, q.as_of) for q in qs]
 
     def _table(self, name: str | None, key: str, seen_keys) -> pa.Table:
         """The users/items table; without one (interactions only), every id the model knows."""
@@ -234,7 +244,8 @@ class Recommender:
         """One forward pass over all (request, candidate) pairs of the batch."""
         batch = Batch.candidates([f.name for f in self.spec.categorical], [f.name for f in self.spec.numeric],
                                  self.items.cols,
-                                 [(f, ii, self.scenarios.index(q.scenario)) for q, f, ii in zip(qs, feats, idx)])
+                                 [(f, ii, self.scenarios.index(q.scenario)) for q, f, ii in zip(qs, feats, idx)],
+                                 history=self.user_history(qs))
         p = torch.sigmoid(self.model(batch).float())
         return list(torch.split(p, [len(i) for i in idx]))
 

@@ -214,6 +214,17 @@ def predict_stream(model, shard, spec: FeatureSpec, batch_size: int, device: tor
     return cat(ys, np.float32), cat(ps, np.float32), cat(ss, np.int64)
 
 
+def denoise_weights(loss: torch.Tensor, synthetic: torch.Tensor, w: torch.Tensor, share: float) -> torch.Tensor:
+    """LLMRec's noise pruning: the `share` of this batch's synthetic rows with the highest loss get
+    weight 0 (real rows are never dropped). loss, synthetic, w: [B]."""
+    syn = synthetic.nonzero(as_tuple=True)[0]
+    k = int(len(syn) * share)
+    if k == 0:
+        return w
+    drop = syn[torch.topk(loss[syn], k).indices]
+    return w.index_fill(0, drop, 0.0)
+
+
 def train_epoch(model, opt, batches: Iterable[Batch], n: int, epoch: int, args: LoopArgs, rank: int, world: int,
                 device: torch.device) -> float:
     """One pass over this rank's n rows (from memory or a stream); returns the mean batch loss."""
@@ -226,6 +237,7 @@ def train_epoch(model, opt, batches: Iterable[Batch], n: int, epoch: int, args: 
                 if tc.use_gpu and tc.precision != "fp32" else torch.autocast("cpu", enabled=False))
     scaler = torch.amp.GradScaler("cuda") if tc.use_gpu and tc.precision == "fp16" else None
     aug_w = cfg.augment.weight if cfg.augment.enabled else 0.0
+    denoise = cfg.augment.denoise_share if aug_w > 0 else 0.0
     perturb = tc.perturbation != "none"
     for layer in input_layers(model):
         layer.capture = perturb
@@ -247,6 +259,8 @@ def train_epoch(model, opt, batches: Iterable[Batch], n: int, epoch: int, args: 
                                            reduction="none")
                 else:
                     loss = F.binary_cross_entropy_with_logits(logits.float(), b.label, reduction="none")
+                    if denoise > 0:
+                        w = denoise_weights(loss.detach(), b.synthetic, w, denoise)
                 return (loss * w).sum() / w.sum().clamp(min=1e-12)
 
         opt.zero_grad(set_to_none=True)

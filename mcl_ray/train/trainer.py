@@ -33,10 +33,13 @@ class TrainResult:
 
 
 def train_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec, seed: int, prepare_dir: Path | None = None) -> str:
-    blob = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
-            "seed": seed, "data": spec.data_fingerprint}
+    # a model without history fields fingerprints as before the history option existed (runs stay reusable)
+    model = cfg.model.model_dump(mode="json", exclude=None if cfg.model.history.pooling else {"history"})
+    blob = {"model": model, "train": cfg.train.model_dump(mode="json"), "seed": seed, "data": spec.data_fingerprint}
     if uses_synthetic(cfg):  # other synthetic rows or weight: another run
         blob["augment"] = {"weight": cfg.augment.weight, "rows": spec.synthetic.fingerprint if spec.synthetic else None}
+        if cfg.augment.denoise_share:  # only when set: earlier runs keep their fingerprint
+            blob["augment"]["denoise_share"] = cfg.augment.denoise_share
     if cfg.model.text.mode == "frozen" and prepare_dir is not None:  # other embeddings: another run
         # the encoder's fingerprint (texts are covered by the data fingerprint), not the encode run's stats
         blob["embeddings"] = {f: json.loads((prepare_dir / spec.text[f].embedding).with_suffix(".json").read_text())
@@ -153,6 +156,9 @@ def check_ready(cfg: ExperimentConfig, spec: FeatureSpec) -> None:
     """Before any worker starts: texts/embeddings, MLflow and synthetic rows the config asks for."""
     check_text_inputs(cfg.model, spec)
     check_tracking(cfg)
+    if cfg.model.history.pooling and not spec.sequence:
+        raise SetupError(f"model.history.pooling={cfg.model.history.pooling} needs behaviour-history columns, which "
+                         "the prepared data lacks: set prepare.history (e.g. {length: 20}) and re-run `mcl-ray prepare`")
     unknown = [n for n in cfg.train.holdout_scenarios if n not in spec.scenario_names]
     if unknown:
         raise SetupError(f"train.holdout_scenarios: unknown scenario(s) {unknown}; the prepared data has "
@@ -246,7 +252,8 @@ def build_trainer(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path, o
 def shard_mib(cfg: ExperimentConfig, spec: FeatureSpec) -> float:
     """What one worker's train shard takes as tensors (MiB), counting the Arrow copy it is made from."""
     rows = cfg.train.sample_rows.get("train", spec.num_rows.get("train", 0))
-    row_bytes = 8 * len(spec.categorical) + 4 * len(spec.numeric) + 8 + 4 + 4 + 1  # ids, values, scenario, label...
+    row_bytes = (8 * len(spec.categorical) + 4 * len(spec.numeric) + 8 + 4 + 4 + 1  # ids, values, scenario, label...
+                 + 4 * 3 * max([f.length or 0 for f in spec.sequence], default=0))  # history [3, L] int32
     return 2 * rows / max(cfg.train.num_workers, 1) * row_bytes / 2**20
 
 

@@ -1,0 +1,128 @@
+"""Behaviour-history sequence features: for every row, its user's last L train-split interactions
+strictly earlier in time (item id, label, scenario), most recent first.
+
+One pure function (`windows`) computes them; prepare runs it per user on Ray Data
+(`groupby(user).map_groups(add_history)`), and serving and ranking evaluation run it on the
+artifact's / train split's rows of one user (`UserHistory`), so training and serving agree.
+
+Columns (fixed-size lists of L): hist_<item feature> (the item feature's ids; 0 past the end),
+hist_label (0 padding, 1 negative, 2 positive), hist_scenario (scenario index; 0 past the end, masked
+by hist_label). Only train rows are ever read, so no valid/test label reaches a history; "strictly
+earlier" keeps a row, and rows of the same second, out of its own history.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from mcl_ray.core.feature_spec import Feature, FeatureSpec
+from mcl_ray.core.keys import key_array
+
+LABEL = "hist_label"
+SCENARIO = "hist_scenario"
+
+
+def item_column(item_feature: str) -> str:
+    return f"hist_{item_feature}"
+
+
+def windows(train_ts: np.ndarray, item: np.ndarray, label: np.ndarray, scenario: np.ndarray,
+            query_ts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One user's train rows (sorted by time) and query times [n] -> (items, labels, scenarios),
+    each [n, L]: the train rows with timestamp < query time, the most recent first."""
+    n = len(query_ts)
+    if len(train_ts) == 0:
+        z = np.zeros((n, length), np.int32)
+        return z, z.astype(np.int8), z.astype(np.int16)
+    before = np.searchsorted(train_ts, query_ts, side="left")  # [n] train rows strictly earlier
+    idx = before[:, None] - 1 - np.arange(length)[None, :]  # [n, L] most recent first
+    valid = idx >= 0
+    idx = np.clip(idx, 0, None)
+    items = np.where(valid, item[idx], 0).astype(np.int32)
+    labels = np.where(valid, (label[idx] > 0).astype(np.int8) + 1, 0).astype(np.int8)
+    scens = np.where(valid, scenario[idx], 0).astype(np.int16)
+    return items, labels, scens
+
+
+def fixed_lists(x: np.ndarray, dtype: pa.DataType) -> pa.Array:
+    """[n, L] -> a fixed-size list array of n lists of L."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), dtype), x.shape[1])
+
+
+def add_history(group: pa.Table, length: int, item_feature: str, split_column: str = "split") -> pa.Table:
+    """map_groups over one user's encoded rows (every split): adds the three history columns."""
+    ts = group["timestamp"].to_numpy()
+    train = np.asarray(group[split_column].to_pylist()) == "train"
+    order = np.lexsort((group[item_feature].to_numpy()[train], ts[train]))  # by time, ties by item id: deterministic
+    t_ts = ts[train][order]
+    col = lambda c: group[c].to_numpy()[train][order]  # noqa: E731
+    items, labels, scens = windows(t_ts, col(item_feature), col("label"), col("scenario"), ts, length)
+    return (group.append_column(item_column(item_feature), fixed_lists(items, pa.int32()))
+            .append_column(LABEL, fixed_lists(labels, pa.int8()))
+            .append_column(SCENARIO, fixed_lists(scens, pa.int16())))
+
+
+def sequence_features(item: Feature, length: int, num_scenarios: int) -> list[Feature]:
+    """The spec's entries for the three history columns."""
+    return [Feature(name=item_column(item.name), kind="sequence", source="interaction", vocab_size=item.vocab_size,
+                    length=length, ids_of=item.name),
+            Feature(name=LABEL, kind="sequence", source="interaction", vocab_size=3, length=length),
+            Feature(name=SCENARIO, kind="sequence", source="interaction", vocab_size=num_scenarios, length=length)]
+
+
+def sequence_arrays(table: pa.Table, spec: FeatureSpec) -> list[np.ndarray]:
+    """The history columns of a table as [n, L] arrays, in spec order (item, label, scenario)."""
+    out = []
+    for f in spec.sequence:
+        col = table.column(f.name).combine_chunks()
+        out.append(col.flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, f.length))
+    return out
+
+
+class UserHistory:
+    """The train rows of some users, sorted by (user, time): a row's history at any time, as prepare
+    computed it. Built from the artifact's history.parquet (serving) or the train split (evaluation)."""
+
+    def __init__(self, table: pa.Table, spec: FeatureSpec):
+        item_f = next(f for f in spec.sequence if f.ids_of)
+        self.length = item_f.length
+        t = table.sort_by([(spec.user_key, "ascending"), (spec.timestamp_column, "ascending"),
+                           (item_f.ids_of, "ascending")])  # the order prepare uses
+        users = np.asarray(t[spec.user_key].to_pylist(), dtype=object)
+        self.ts = t[spec.timestamp_column].to_numpy()
+        self.item = t[item_f.ids_of].to_numpy()
+        self.label = t[spec.label_column].to_numpy()
+        self.scenario = t[spec.scenario_column].to_numpy()
+        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, int)
+        ends = np.r_[starts[1:], len(users)]
+        self.span = {users[a]: (a, b) for a, b in zip(starts, ends)}
+
+    def of(self, user: str, as_of: int | None = None) -> np.ndarray:
+        """[3, L] int64: the user's history at time as_of (None: after every train row)."""
+        a, b = self.span.get(user, (0, 0))
+        q = np.array([np.iinfo(np.int64).max if as_of is None else as_of], np.int64)
+        parts = windows(self.ts[a:b], self.item[a:b], self.label[a:b], self.scenario[a:b], q, self.length)
+        return np.stack([p[0].astype(np.int64) for p in parts])
+
+
+def read_user_history(prepare_dir, spec: FeatureSpec, users) -> UserHistory:
+    """UserHistory of the given users from the train split's real rows, filtered batch by batch
+    (memory follows the users asked for, not the split)."""
+    import pyarrow.compute as pc
+
+    from mcl_ray.data.splits import iter_split
+
+    item = next(f.ids_of for f in spec.sequence if f.ids_of)
+    wanted = key_array(pa.array(list(users)))
+    cols = [spec.user_key, spec.timestamp_column, item, spec.label_column, spec.scenario_column]
+    parts = []
+    for t in iter_split(prepare_dir, spec, "train", extra=[spec.user_key, spec.timestamp_column]):
+        t = t.filter(pc.and_(pc.is_in(key_array(t[spec.user_key]), value_set=wanted),
+                             pc.equal(t[spec.provenance_column], 0)))
+        if t.num_rows:
+            parts.append(pa.table({c: key_array(t[c]) if c == spec.user_key else t[c] for c in cols}))
+    empty = pa.table({spec.user_key: pa.array([], pa.string()), spec.timestamp_column: pa.array([], pa.int64()),
+                      item: pa.array([], pa.int64()), spec.label_column: pa.array([], pa.float32()),
+                      spec.scenario_column: pa.array([], pa.int64())})
+    return UserHistory(pa.concat_tables(parts, promote_options="permissive") if parts else empty, spec)

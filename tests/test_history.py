@@ -1,0 +1,190 @@
+"""Behaviour-history features: the windows on hand-made rows, no leakage through prepare (checked
+against an independent pandas computation), target attention's masking, and serving a history
+model scoring as offline evaluation does."""
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+
+from mcl_ray.core.config import ModelConfig, load_config
+from mcl_ray.core.errors import SetupError
+from mcl_ray.core.feature_spec import Feature, FeatureSpec
+from mcl_ray.data.history import add_history, sequence_features, windows
+from mcl_ray.models.backbones import build_model
+from mcl_ray.models.batch import Batch
+
+L = 4
+
+
+def test_windows_hold_only_strictly_earlier_train_rows_most_recent_first():
+    # one user's train rows, sorted by time: items 11..15 at t = 10, 20, 20, 30, 40
+    ts = np.array([10, 20, 20, 30, 40])
+    item, label, scen = np.array([11, 12, 13, 14, 15]), np.array([1, 0, 1, 1, 0]), np.array([0, 1, 1, 2, 0])
+    items, labels, scens = windows(ts, item, label, scen, np.array([5, 10, 20, 25, 40, 99]), L)
+    assert items.tolist() == [[0, 0, 0, 0],  # nothing earlier
+                              [0, 0, 0, 0],  # t=10: the row at 10 itself is not earlier
+                              [11, 0, 0, 0],  # t=20: the two rows of the same second are left out
+                              [13, 12, 11, 0],  # most recent first (ties in train order)
+                              [14, 13, 12, 11],
+                              [15, 14, 13, 12]]  # the last L only
+    assert labels.tolist()[3] == [2, 1, 2, 0]  # 0 padding, 1 negative, 2 positive
+    assert scens.tolist()[3] == [1, 1, 0, 0]
+
+
+def test_add_history_reads_train_rows_only():
+    group = pa.table({"timestamp": [1, 2, 3, 4], "split": ["train", "valid", "test", "train"],
+                      "item_id": [7, 8, 9, 6], "label": [1.0, 1.0, 1.0, 0.0], "scenario": [0, 0, 0, 0]})
+    out = add_history(group, 3, "item_id").to_pydict()
+    assert out["hist_item_id"] == [[0, 0, 0], [7, 0, 0], [7, 0, 0], [7, 0, 0]]  # never 8 or 9 (valid/test)
+    assert out["hist_label"] == [[0, 0, 0], [2, 0, 0], [2, 0, 0], [2, 0, 0]]
+
+
+@pytest.fixture(scope="module")
+def shop_history(tmp_path_factory, ray_cluster):
+    """The README's shop tables (several scenarios per user), prepared with history."""
+    from mcl_ray.data.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("hist_shop")
+    cfg = load_config("experiments/shop_tables.yaml", [f"run_dir={tmp}", f"prepare.history={{length: {L}}}"])
+    return prepare(cfg)
+
+
+def test_prepared_history_never_leaks(shop_history):
+    """Every row's history equals the user's last L train rows strictly earlier in time, computed
+    independently with pandas: never the row itself, a later or same-time row, or a valid/test row."""
+    from mcl_ray.data.splits import read_split
+
+    spec, pdir = shop_history.spec, shop_history.out_dir
+    assert [f.name for f in spec.sequence] == ["hist_item_id", "hist_label", "hist_scenario"]
+    cols = ["user_key", "timestamp", "item_id", "label", "scenario", "hist_item_id", "hist_label", "hist_scenario"]
+    frames = {s: read_split(pdir, spec, s, columns=cols).to_pandas() for s in ("train", "valid", "test")}
+    train = frames["train"].sort_values(["user_key", "timestamp", "item_id"])
+    by_user = {u: g for u, g in train.groupby("user_key")}
+    checked = earlier_any = 0
+    for split, df in frames.items():
+        for r in df.itertuples():
+            g = by_user.get(r.user_key, train.iloc[:0])
+            prior = g[g["timestamp"] < r.timestamp].iloc[::-1].head(L)  # most recent first
+            n = len(prior)
+            assert list(r.hist_item_id[:n]) == prior["item_id"].tolist(), (split, r.user_key, r.timestamp)
+            assert list(r.hist_label[:n]) == (prior["label"].astype(int) + 1).tolist()
+            assert list(r.hist_scenario[:n]) == prior["scenario"].tolist()
+            assert not any(r.hist_label[n:]) and not any(r.hist_item_id[n:])  # the rest is padding
+            checked += 1
+            earlier_any += n > 0
+    assert checked == sum(len(f) for f in frames.values()) and earlier_any > checked // 2
+    # valid and test rows do have histories, from train rows only (the independent check above)
+    assert frames["test"]["hist_label"].map(lambda x: x[0] > 0).mean() > 0.5
+
+
+SPEC = FeatureSpec(features=[Feature(name="user_id", kind="categorical", source="user", vocab_size=9),
+                             Feature(name="item_id", kind="categorical", source="item", vocab_size=7),
+                             *sequence_features(Feature(name="item_id", kind="categorical", source="item",
+                                                        vocab_size=7), L, 2)],
+                   scenario_names=["a", "b"], splits={}, num_rows={}, data_fingerprint="x")
+
+
+def hist_batch(n: int, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    length = torch.randint(0, L + 1, (n,), generator=g)
+    valid = torch.arange(L)[None] < length[:, None]
+    hist = torch.stack([torch.randint(1, 7, (n, L), generator=g) * valid,
+                        torch.randint(1, 3, (n, L), generator=g) * valid,
+                        torch.randint(0, 2, (n, L), generator=g) * valid], 1).int()
+    return Batch(cat=torch.randint(0, 7, (n, 2), generator=g), num=torch.zeros(n, 0),
+                 scenario=torch.randint(0, 2, (n,), generator=g), hist=hist)
+
+
+@pytest.mark.parametrize("backbone", ["shared_bottom", "mmoe", "star", "m2m"])
+def test_target_attention_masks_padding_and_scores_rows_alone(backbone):
+    torch.manual_seed(0)
+    model = build_model(SPEC, ModelConfig(backbone=backbone, dropout=0.0, history={"pooling": ["din", "mean"]}))
+    model.train(False)
+    b = hist_batch(16)
+    with torch.no_grad():
+        base = model(b)
+        # padding (label 0) may hold anything: the scores do not move
+        junk = b.hist.clone()
+        pad = junk[:, 1] == 0
+        junk[:, 0][pad] = 5
+        junk[:, 2][pad] = 1
+        assert torch.allclose(model(Batch(cat=b.cat, num=b.num, scenario=b.scenario, hist=junk)), base, atol=1e-6)
+        # a row alone scores as it does in the batch
+        for i in (0, 7, 15):
+            assert torch.allclose(model(b.slice(i, i + 1)), base[i:i + 1], atol=1e-6)
+        # and the history is used: a row with one real entry changed scores differently
+        row = next(i for i in range(16) if b.hist[i, 1, 0] > 0)
+        other = b.hist.clone()
+        other[row, 0, 0] = other[row, 0, 0] % 6 + 1
+        assert not torch.allclose(model(Batch(cat=b.cat, num=b.num, scenario=b.scenario, hist=other))[row],
+                                  base[row])
+
+
+def test_history_pooling_without_history_columns_is_a_clear_error():
+    from mcl_ray.train.trainer import check_ready
+
+    cfg = load_config("experiments/synthetic_quick.yaml", ["model.history.pooling=[din]"])
+    spec = FeatureSpec(features=SPEC.features[:2], scenario_names=["a"], splits={}, num_rows={}, data_fingerprint="x")
+    with pytest.raises(SetupError, match="prepare.history"):
+        check_ready(cfg, spec)
+    with pytest.raises(ValueError, match="item_feature"):
+        load_config("experiments/synthetic_quick.yaml", ["prepare.history={item_feature: title}"])
+
+
+def test_history_needs_a_timestamp():
+    from mcl_ray.core.config import PrepareConfig
+    from mcl_ray.data.fuse import FusionError, plan_fusion
+
+    cfg = PrepareConfig(history={"length": 5}, scenario={"column": "surface"}, label={"column": "clicked", "op": "binary"},
+                        categorical=[{"name": "user_id"}, {"name": "item_id"}], text=None)
+    with pytest.raises(FusionError, match="prepare.history"):
+        plan_fusion(cfg, ["user_id", "item_id", "clicked", "surface"], None, None, {"a": 0})
+
+
+def test_serving_a_history_model_scores_as_offline_evaluation(tmp_path, ray_cluster):
+    """The served model builds each request's history from the artifact (as of the row's time) and
+    scores the test rows exactly as evaluation does from the prepared split."""
+    from mcl_ray.artifact import export_artifact
+    from mcl_ray.data.prepare import prepare
+    from mcl_ray.data.splits import read_split
+    from mcl_ray.evaluate.evaluate import predict
+    from mcl_ray.models.weights import MODEL, load_trained
+    from mcl_ray.serve.recommender import Query, Recommender
+    from mcl_ray.train.trainer import train_one
+
+    cfg = load_config("experiments/synthetic_quick.yaml", [
+        f"run_dir={tmp_path}", "data.num_interactions=20000", "train.epochs=2", "evaluate.ranking_users=50",
+        "train.batch_size=1024", "model.hidden=[32]", "model.tower_hidden=[16]", "prepare.history={length: 8}",
+        "model.history.pooling=[din, mean]"])
+    res = prepare(cfg)
+    tdir = tmp_path / "train" / "seed_1"
+    out = train_one(cfg, res.out_dir, tdir, seed=1)
+    assert out.metrics["overall"]["auc"] > 0.5
+    art = export_artifact(tdir, res.out_dir, tmp_path / "artifact")
+    rec = Recommender(art)
+
+    test = read_split(res.out_dir, res.spec, "test", extra=["user_key", "item_key", "timestamp"]).slice(0, 40)
+    offline = predict(load_trained(res.spec, cfg.model, tdir / MODEL), Batch.from_table(test, res.spec), 64,
+                      torch.device("cpu"))
+    rows = test.to_pylist()
+    served = [rec.score(Query(user_id=r["user_key"], scenario=res.spec.scenario_names[r["scenario"]],
+                              item_ids=[r["item_key"]], as_of=r["timestamp"]))["scores"][0]["score"] for r in rows]
+    assert np.allclose(served, offline, atol=1e-5)
+    # without as_of the whole train history is used: some scores move
+    now = [rec.score(Query(user_id=r["user_key"], scenario=res.spec.scenario_names[r["scenario"]],
+                           item_ids=[r["item_key"]]))["scores"][0]["score"] for r in rows]
+    assert not np.allclose(now, offline, atol=1e-5)
+    assert pd.Series(rows).size == 40
+
+    # explanations attribute to the history fields too, scored with the same history
+    from mcl_ray.serve.explain import Explainer, ExplainQuery
+
+    r = rows[0]
+    scen = res.spec.scenario_names[r["scenario"]]
+    ex = Explainer(rec).explain(ExplainQuery(user_id=r["user_key"], scenario=scen, item_id=r["item_key"],
+                                             as_of=r["timestamp"]))
+    fields = {f["field"]: f for f in ex["fields"]}
+    assert fields["history_din"]["source"] == "history" and fields["history_mean"]["value"] == "behaviour history"
+    assert abs(1 / (1 + np.exp(-ex["logit"])) - served[0]) < 1e-5
