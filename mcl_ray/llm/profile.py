@@ -26,10 +26,10 @@ from mcl_ray.core.config import ExperimentConfig
 from mcl_ray.core.feature_spec import FeatureSpec, TextField
 from mcl_ray.core.keys import key_array
 from mcl_ray.core.ray_env import dataset_in_blocks
-from mcl_ray.core.stage import Marker, Stage, fingerprint
+from mcl_ray.core.stage import fingerprint
 from mcl_ray.data.splits import read_split
-from mcl_ray.llm.backends import generate_transformers, generate_vllm, vllm_available
-from mcl_ray.llm.generator import resolve_generator
+from mcl_ray.llm.backends import generate_transformers, generate_vllm
+from mcl_ray.llm.generator import GeneratorStage
 from mcl_ray.llm.prompts import clean
 from mcl_ray.models.encoder import encoder_fingerprint
 
@@ -78,10 +78,6 @@ def build_profile_requests(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir
     return pd.DataFrame(rows, columns=["id", "user_key", "n_candidates", "messages_json"])
 
 
-def backend_name(name: str) -> str:
-    return ("vllm" if vllm_available() else "transformers") if name == "auto" else name
-
-
 @dataclass
 class ProfileResult:
     stats: dict
@@ -89,23 +85,9 @@ class ProfileResult:
     cached: bool
 
 
-class ProfileStage(Stage[ProfileResult]):
+class ProfileStage(GeneratorStage[ProfileResult]):
     name = "profile"
-
-    def __init__(self, cfg: ExperimentConfig, prepare_dir: Path, force: bool = False, quiet: bool = False):
-        super().__init__(cfg, force, quiet)
-        self.prepare_dir = Path(prepare_dir)
-        self.spec = FeatureSpec.load(prepare_dir)
-        self.backend = backend_name(cfg.profile.backend)
-        self.model_path = resolve_generator(cfg.profile.model)  # a bad generator fails before Ray starts
-        self.out = self.prepare_dir / "profile"
-
-    @property
-    def marker(self) -> Marker:
-        return Marker(self.out / "fingerprint.json")
-
-    def data_fingerprint(self) -> str:
-        return self.spec.data_fingerprint
+    section = "profile"
 
     def fingerprint(self) -> str:
         blob = self.cfg.profile.model_dump(mode="json")
