@@ -188,3 +188,24 @@ def test_serving_a_history_model_scores_as_offline_evaluation(tmp_path, ray_clus
     fields = {f["field"]: f for f in ex["fields"]}
     assert fields["history_din"]["source"] == "history" and fields["history_mean"]["value"] == "behaviour history"
     assert abs(1 / (1 + np.exp(-ex["logit"])) - served[0]) < 1e-5
+
+
+def test_synthetic_rows_get_the_users_whole_train_history():
+    """An augment-stage row (no time of its own) carries its user's last L train rows, as fixed-size
+    lists like the train split's."""
+    from mcl_ray.llm.augment import rows_table, synthetic_rows
+
+    spec = SPEC.model_copy(update={"features": [*SPEC.features[:2], *SPEC.sequence]})
+    train = pd.DataFrame({"user_key": ["u1", "u1", "u1", "u2"], "item_key": ["i1", "i2", "i3", "i1"],
+                          "timestamp": [30, 10, 20, 5], "user_id": [1, 1, 1, 2], "item_id": [1, 2, 3, 1],
+                          "scenario": [0, 1, 0, 1], "label": np.float32([1, 0, 1, 1]),
+                          "weight": np.float32(1), "is_synthetic": np.int8(0),
+                          "hist_item_id": [np.zeros(L, np.int32)] * 4, "hist_label": [np.zeros(L, np.int8)] * 4,
+                          "hist_scenario": [np.zeros(L, np.int16)] * 4})
+    rows = synthetic_rows([("u1", "i3", 0, 1.0), ("u2", "i2", 1, 0.0)], spec, train)
+    t = rows_table(rows, spec)
+    assert t.schema.field("hist_item_id").type == pa.list_(pa.int32(), L)
+    got = t.to_pydict()
+    assert got["hist_item_id"] == [[1, 3, 2, 0], [1, 0, 0, 0]]  # u1 by time: i1 (30), i3 (20), i2 (10)
+    assert got["hist_label"] == [[2, 2, 1, 0], [2, 0, 0, 0]]
+    assert got["hist_scenario"] == [[0, 0, 1, 0], [1, 0, 0, 0]] and got["is_synthetic"] == [1, 1]
