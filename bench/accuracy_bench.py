@@ -26,6 +26,9 @@ on it, so all rows of a results file see the same prepared rows; the others igno
   python bench/accuracy_bench.py --backbones shared_bottom shared_bottom+text shared_bottom+hist \
       shared_bottom+hist+text --run-dir runs/bench_history --out bench/results/history.json
 
+--resume keeps the finished rows of --out and runs only the missing or failed jobs (a job's finished
+training is reused; its evaluation runs again); wall_seconds is then that invocation's.
+
 A "+text" suffix adds the LLM text features (model.text.mode=frozen: MiniLM embeddings of item and
 user texts through a learned projection; the encode stage runs once before the jobs).
 llm_ranker (the MiniLM cross-encoder) is far too slow for the full protocol on CPU, so it follows a
@@ -231,6 +234,8 @@ def main() -> None:
     ap.add_argument("--run-dir", default=str(ROOT / "runs" / "bench_accuracy"))
     ap.add_argument("--out", default=str(ROOT / "bench/results/accuracy.json"))
     ap.add_argument("--history", action="store_true", help="prepare with behaviour history (implied by +hist)")
+    ap.add_argument("--resume", action="store_true", help="keep the finished runs of --out (same script version), "
+                    "run only the missing or failed ones (a finished training is reused, only its evaluation reruns)")
     ap.add_argument("--child", nargs=5)
     a = ap.parse_args()
     if a.child:
@@ -258,10 +263,16 @@ def main() -> None:
 
     ray.shutdown()
     jobs = [(b, 2024 + s) for b in a.backbones for s in range(a.seeds)]
+    kept = []
+    if a.resume and Path(a.out).exists():  # keep the finished rows of an earlier invocation, rerun the rest
+        done = {(r["backbone"], r["seed"]): r for r in json.loads(Path(a.out).read_text())["runs"] if "error" not in r}
+        kept = [done[j] for j in jobs if j in done]
+        jobs = [j for j in jobs if j not in done]
+        print(f"resume: {len(kept)} finished runs kept from {a.out}, {len(jobs)} to run", flush=True)
     t0 = time.time()
     with ThreadPoolExecutor(a.jobs) as pool:
         futs = [pool.submit(run_job, a, b, s, i % a.jobs) for i, (b, s) in enumerate(jobs)]
-        runs = [f.result() for f in futs]
+        runs = kept + [f.result() for f in futs]
     errors = [r for r in runs if "error" in r]
     for e in errors:
         print(f"FAILED {e['backbone']} seed {e['seed']}:\n{e['error']}")
