@@ -219,7 +219,11 @@ def run_job(args, backbone: str, seed: int, slot: int) -> dict:
                        capture_output=True, text=True, env=env, cwd=ROOT)
     if p.returncode != 0:
         return {"backbone": backbone, "seed": seed, "error": p.stderr[-1500:]}
-    r = json.loads(p.stdout.strip().splitlines()[-1])
+    # the child's result is its last JSON line (a library may print after it)
+    lines = [ln for ln in p.stdout.strip().splitlines() if ln.startswith("{")]
+    if not lines:
+        return {"backbone": backbone, "seed": seed, "error": "no result line; stdout: " + p.stdout[-1500:]}
+    r = json.loads(lines[-1])
     print(f"  {backbone:14s} seed {seed}: AUC {r['auc']:.4f}  logloss {r['logloss']:.4f}  "
           f"{r['epochs']} epochs ({r['epoch_seconds']:.1f} s each)", flush=True)
     return r

@@ -333,12 +333,17 @@ def history() -> str:
     hist = [row(f"{base}+hist", base, "history")] if f"{base}+hist" in t else []
     if f"{base}+hist+text" in t:
         hist.append(row(f"{base}+hist+text", f"{base}+hist", "text on top of history"))
+    if f"{base}+hist+text" in t and f"{base}+text" in t:
+        hist.append(f"\nHistory on top of text: Δ test AUC {delta(f'{base}+text', f'{base}+hist+text')} "
+                    f"(`{base}+hist+text` against `{base}+text`, paired by seed).")
     best = max(t, key=lambda v: t[v]["val_auc"]["mean"])
     pub = ", ".join(f"{k} {v:.4f}" for k, v in BEST_PUBLISHED.items())
     return (f"ML-1M, SWR protocol, `{base}`, {d['epochs_cap']}-epoch cap with patience 4, seeds 2024-2026, every "
             f"run trained on the same prepared rows (history length {d['history_length']}); test reported once, "
             f"the choice made on validation AUC (`bench/results/history.json`, `bench/accuracy_bench.py`). "
-            f"Epoch times are medians with two jobs side by side on 2 cores.\n\n"
+            f"Epoch times are medians with two jobs side by side on 2 cores; test runs shared the machine during "
+            f"part of the +hist trainings, which inflates their times (one +hist run alone: about 33 s an "
+            f"epoch).\n\n"
             f"The SWR feature set:\n\n{head}\n" + "\n".join(swr) + "\n\n"
             f"With behaviour history (another feature set: not comparable with published SWR numbers as like for "
             f"like):\n\n{head}\n" + "\n".join(hist) + "\n\n"
