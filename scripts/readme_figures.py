@@ -351,6 +351,24 @@ def history() -> str:
             f"scenario the best of any backbone: {pub}.\n")
 
 
+def llm_parts() -> str:
+    """The profile stage's time and the augment answers' position bias (bench/llm_parts_bench.py)."""
+    d = _load("llm_parts")
+    p, a = d["profile"], d["augment"]
+    full = (f"; at that rate all {p['all_users']:,} users with train rows would take about "
+            f"{p['all_users_seconds_extrapolated'] / 60:.0f} min (an upper bound: the start-up counts once)" if "all_users" in p else "")
+    letters = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items(), key=lambda kv: -kv[1])) or "none"  # noqa: E731
+    return (f"Measured by `bench/llm_parts_bench.py` ({d['model']}, {d['backend']} on this CPU, run alone): "
+            f"profiling {p['users']:,} users took {p['seconds']:.0f} s including the engine's start-up "
+            f"({p['users_per_s']:.2f} users/s, {p['tokens_per_s']:.0f} generated tokens/s, "
+            f"{p['generated_tokens'] / p['users']:.1f} tokens per profile against a cap of {p['max_new_tokens']}){full}. "
+            f"A profile it wrote: \"{p['examples'][0]['profile']}\"\n\n"
+            f"Position bias, {a['groups']} thin users asked {a['permutations']} times each ({a['requested']} prompts, "
+            f"{a['valid']} valid answers): the liked letter was {letters(a['answer_letters']['like'])}; the disliked "
+            f"letter {letters(a['answer_letters']['dislike'])}. Picks kept by the consistency rule: {a['picks']} "
+            f"({a['rows_written']} synthetic rows).\n")
+
+
 def stream_vs_memory() -> str:
     d = _load("stream_vs_memory")
     t = d["table"]
@@ -364,7 +382,7 @@ RENDERERS = {"default-run-output": default_run_output, "default-run-time": defau
              "accuracy": accuracy, "tune": tune, "serve": serve, "scale": scale, "fairness": fairness,
              "two-stage": two_stage, "serve-two-stage": serve_two_stage, "serve-options": serve_options,
              "autoscale": autoscale, "explain": explain, "adaptation": adaptation,
-             "perturbation": perturbation, "history": history,
+             "perturbation": perturbation, "history": history, "llm-parts": llm_parts,
              "stream-vs-memory": stream_vs_memory}
 
 
