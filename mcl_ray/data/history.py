@@ -111,13 +111,15 @@ def read_user_history(prepare_dir, spec: FeatureSpec, users) -> UserHistory:
     (memory follows the users asked for, not the split)."""
     import pyarrow.compute as pc
 
-    from mcl_ray.data.splits import iter_split
+    from mcl_ray.data.splits import _batches
 
     item = next(f.ids_of for f in spec.sequence if f.ids_of)
     wanted = key_array(pa.array(list(users)))
     cols = [spec.user_key, spec.timestamp_column, item, spec.label_column, spec.scenario_column]
     parts = []
-    for t in iter_split(prepare_dir, spec, "train", extra=[spec.user_key, spec.timestamp_column]):
+    # only the columns needed (the history lists themselves are 60 values a row)
+    for rb in _batches(prepare_dir, spec, "train", cols + [spec.provenance_column]):
+        t = pa.Table.from_batches([rb])
         t = t.filter(pc.and_(pc.is_in(key_array(t[spec.user_key]), value_set=wanted),
                              pc.equal(t[spec.provenance_column], 0)))
         if t.num_rows:
