@@ -122,6 +122,25 @@ def test_target_attention_masks_padding_and_scores_rows_alone(backbone):
                                   base[row])
 
 
+@pytest.mark.parametrize("hidden", [[64, 32], [16]])
+def test_din_weights_equal_the_attention_mlp_over_q_k_q_minus_k_q_times_k(hidden):
+    """The factored first layer (q part once per row) is DIN's MLP over [q, k, q-k, q*k], gradients too."""
+    from mcl_ray.models.blocks import HistoryPooling
+
+    torch.manual_seed(0)
+    pool = HistoryPooling(SPEC, 8, ModelConfig(history={"pooling": ["din"], "attention_hidden": hidden}).history)
+    q, k = torch.randn(5, 8, requires_grad=True), torch.randn(5, L, 8, requires_grad=True)
+    qe = q.unsqueeze(1).expand_as(k)
+    plain = pool.attention(torch.cat([qe, k, qe - k, qe * k], dim=-1))  # [5, L, 1]
+    factored = pool.din_weights(q, k)
+    assert factored.shape == plain.shape == (5, L, 1)
+    assert torch.allclose(factored, plain, atol=1e-6)
+    g_plain = torch.autograd.grad(plain.sum(), [q, k, *pool.parameters()], allow_unused=True)
+    g_fact = torch.autograd.grad(factored.sum(), [q, k, *pool.parameters()], allow_unused=True)
+    for a, b in zip(g_plain, g_fact):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-5))
+
+
 def test_history_pooling_without_history_columns_is_a_clear_error():
     from mcl_ray.train.trainer import check_ready
 

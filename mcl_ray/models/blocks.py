@@ -7,6 +7,7 @@ Shape letters: B batch, F feature fields, D embedding width, S scenarios, E expe
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mcl_ray.core.config import HistoryFeatureConfig, TextFeatureConfig
@@ -67,12 +68,25 @@ class HistoryPooling(nn.Module):
         fields = []
         for p in self.pooling:
             if p == "din":
-                q = item_table(batch.cat[:, self.item_index]).unsqueeze(1).expand_as(k)  # [B, L, D]
-                w = self.attention(torch.cat([q, k, q - k, q * k], dim=-1)) * mask  # [B, L, 1]
+                q = item_table(batch.cat[:, self.item_index])  # [B, D]
+                w = self.din_weights(q, k) * mask  # [B, L, 1]
                 fields.append((w * k).sum(1))  # [B, D]
             else:
                 fields.append(k.sum(1) / mask.sum(1).clamp(min=1.0))  # [B, D]
         return fields
+
+
+    def din_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # [B, D], [B, L, D] -> [B, L, 1]
+        """attention(cat[q, k, q-k, q*k]) without building that [B, L, 4D] input: the first layer's
+        q and q-k parts are linear in q and k, so W.[q, k, q-k, q*k] = (Wq+Wd).q + (Wk-Wd).k + Wp.(q*k),
+        and the q part is computed once per row, not once per history entry (a third fewer FLOPs)."""
+        first, *rest = [*self.attention[0].net, self.attention[1]]  # Linear(4D, H), then the rest as is
+        wq, wk, wd, wp = first.weight.chunk(4, dim=1)  # [H, D] each
+        x = (F.linear(q, wq + wd, first.bias).unsqueeze(1)  # [B, 1, H]
+             + F.linear(torch.cat([k, q.unsqueeze(1) * k], dim=-1), torch.cat([wk - wd, wp], dim=1)))  # [B, L, H]
+        for layer in rest:
+            x = layer(x)
+        return x
 
 
 class InputLayer(nn.Module):
