@@ -637,12 +637,16 @@ def serve_cmd(
     signal.signal(signal.SIGTERM, _stop)
     try:
         base = start_serve(artifact, host, port, **({"num_replicas": replicas} if replicas else {}))
+        signal.signal(signal.SIGTERM, _stop)  # again: a ray.init on the way would have put Ray's back
         out.print(f"serving {art.manifest['version']} at {base} (docs: {base}/docs; status: `serve status`)")
         out.print(f"try: curl -s -X POST {base}/v1/recommend -H 'Content-Type: application/json' "
                   f"-d '{{\"user_id\": \"1\", \"scenario\": \"{art.spec.scenario_names[0]}\", \"k\": 5}}'")
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as e:
+        # Ray's own SIGTERM handler, wherever it got back in, raises SystemExit(15): stop the same way
+        if isinstance(e, SystemExit) and e.code != signal.SIGTERM:
+            raise
         from ray import serve
 
         serve.shutdown()

@@ -440,5 +440,8 @@ def test_sigterm_under_load_answers_what_is_in_flight_and_exits_0(artifacts, tmp
     assert "stopped" in out
     for marker in ("logging.cc", "Stack trace", "*** SIG", "Traceback"):
         assert marker not in err, err[-3000:]
-    before = [st for t, st in done if t < t_stop - 0.05]  # in flight or finished when SIGTERM came
+    # In flight when SIGTERM came: a client's start time only bounds when the server got the request
+    # (8 client threads share 2 cores with the server), so requests started in the last 0.5 s may not
+    # have reached it yet, and those are allowed to be refused.
+    before = [st for t, st in done if t < t_stop - 0.5]
     assert len(before) > 10 and set(before) == {200}, before
