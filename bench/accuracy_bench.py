@@ -26,8 +26,18 @@ on it, so all rows of a results file see the same prepared rows; the others igno
   python bench/accuracy_bench.py --backbones shared_bottom shared_bottom+text shared_bottom+hist \
       shared_bottom+hist+text --run-dir runs/bench_history --out bench/results/history.json
 
+A "+profile" suffix (with +text) adds the LLM user profiles as a third text field
+(model.text.fields=[item, user, profile]): the profile stage writes one for every user with train
+rows (PROFILE_OVERRIDES: vLLM on CPU, SmolLM2; about an hour here, cached by fingerprint) and encode
+embeds them, once before the jobs:
+
+  python bench/accuracy_bench.py --backbones shared_bottom shared_bottom+text shared_bottom+hist \
+      shared_bottom+hist+text shared_bottom+hist+text+profile --resume \
+      --run-dir runs/bench_history --out bench/results/history.json
+
 --resume keeps the finished rows of --out and runs only the missing or failed jobs (a job's finished
-training is reused; its evaluation runs again); wall_seconds is then that invocation's.
+training is reused; its evaluation runs again); wall_seconds is then that invocation's. The file is
+rewritten with the variants named, so name the finished ones too.
 
 A "+text" suffix adds the LLM text features (model.text.mode=frozen: MiniLM embeddings of item and
 user texts through a learned projection; the encode stage runs once before the jobs).
@@ -75,6 +85,8 @@ CORRUPT_SHARE = 0.2  # robustness: AUC when this share of the test rows' categor
 HISTORY_LEN = 20  # prepare.history.length of +hist runs
 AUG_USERS = 400  # thin users (<= 30 train interactions) prompted once, shared by every +aug variant
 THIN = 30
+PROFILE_OVERRIDES = ["profile.backend=vllm", "profile.batch_size=64", "profile.torch_threads=2", "ray.num_cpus=4"]
+PROFILE_FIELDS = "model.text.fields=[item, user, profile]"
 
 
 def history_overrides(history: bool) -> list[str]:
@@ -88,9 +100,11 @@ def overrides(variant: str, epochs: int, history: bool = False) -> list[str]:
     if backbone in EXPERT_HIDDEN:
         o.append(f"model.hidden={EXPERT_HIDDEN[backbone]}")
     for x in extras:
-        if x not in ("text", "stream", "hist", *PERTURB) and not x.startswith("aug"):
-            raise SystemExit(f"unknown variant suffix +{x} (known: +text, +hist, +stream, +{', +'.join(PERTURB)}, "
-                             "+aug<weight>)")
+        if x not in ("text", "stream", "hist", "profile", *PERTURB) and not x.startswith("aug"):
+            raise SystemExit(f"unknown variant suffix +{x} (known: +text, +hist, +profile, +stream, "
+                             f"+{', +'.join(PERTURB)}, +aug<weight>)")
+    if "profile" in extras and "text" not in extras:
+        raise SystemExit(f"{variant}: +profile is a text field, it needs +text too")
     if "hist" in extras:
         o.append("model.history.pooling=[din, mean]")
     for x in extras:
@@ -100,6 +114,8 @@ def overrides(variant: str, epochs: int, history: bool = False) -> list[str]:
     # holding it as tensors (train.data_mode=stream); the rest of the protocol is unchanged
     o.append(f"train.data_mode={'stream' if 'stream' in extras else 'memory'}")
     o.append(f"model.text.mode={'frozen' if 'text' in extras else 'off'}")  # explicit: the default experiment has text on
+    if "profile" in extras:
+        o.append(PROFILE_FIELDS)
     o += augment_overrides([x for x in extras if x.startswith("aug")])
     if backbone == "llm_ranker":
         o += [f"train.sample_rows={json.dumps(LLM_RANKER_SAMPLE)}", f"train.epochs={LLM_RANKER_EPOCHS}",
@@ -250,13 +266,26 @@ def main() -> None:
     from mcl_ray.data.prepare import prepare
     from mcl_ray.core.ray_env import init_ray
 
-    cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={a.run_dir}", *history_overrides(a.history)])
+    profile = any("+profile" in b for b in a.backbones)
+    cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={a.run_dir}", *history_overrides(a.history),
+                                                           *(["ray.num_cpus=4"] if profile else [])])
     init_ray(cfg.ray)
     res = prepare(cfg)  # once; every job reuses it
     if any("+text" in b for b in a.backbones):
         from mcl_ray.llm.encode import encode_stage
 
         encode_stage(cfg, res.out_dir)
+    profile_stats = None
+    if profile:  # every user profiled once, then embedded
+        from mcl_ray.llm.encode import encode_stage
+        from mcl_ray.llm.profile import profile_stage
+
+        pcfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={a.run_dir}", *history_overrides(a.history),
+                                                                 *PROFILE_OVERRIDES, PROFILE_FIELDS])
+        # the stage's own stats (time to profile every user), also when this run reused its output
+        profile_stats = {k: v for k, v in profile_stage(pcfg, res.out_dir).stats.items() if k != "examples"}
+        print("profile:", profile_stats)
+        encode_stage(pcfg, res.out_dir)
     if any("+aug" in b for b in a.backbones):  # one generation, every weight trains on it
         from mcl_ray.llm.augment import augment_stage
 
@@ -299,6 +328,7 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"table": table, "runs": runs, "epochs_cap": a.epochs,
                                        "history_length": HISTORY_LEN if a.history else None,
+                                       **({"profile": profile_stats} if profile_stats else {}),
                                        "wall_seconds": time.time() - t0}, indent=2))
     print(f"\nSWR protocol on ML-1M, test split, {a.seeds} seeds (mean ± std); published in brackets")
     print(f"{'backbone':18s} {'overall AUC':>20s} {'logloss':>16s}   per-scenario AUC (s0 / s1 / s2)   "

@@ -333,9 +333,25 @@ def history() -> str:
     hist = [row(f"{base}+hist", base, "history")] if f"{base}+hist" in t else []
     if f"{base}+hist+text" in t:
         hist.append(row(f"{base}+hist+text", f"{base}+hist", "text on top of history"))
+    if f"{base}+hist+text+profile" in t:
+        hist.append(row(f"{base}+hist+text+profile", f"{base}+hist+text", "LLM profiles on top"))
     if f"{base}+hist+text" in t and f"{base}+text" in t:
         hist.append(f"\nHistory on top of text: Δ test AUC {delta(f'{base}+text', f'{base}+hist+text')} "
                     f"(`{base}+hist+text` against `{base}+text`, paired by seed).")
+    if "profile" in d:  # the profile stage's own timing, every user with train rows
+        p = d["profile"]
+        hist.append(f"\nThe profiles: {p['users']:,} users written by {p['generator']['model']} "
+                    f"({p['generator']['backend']} on this CPU, at most {p['generator']['max_new_tokens']} tokens each) "
+                    f"in {p['seconds'] / 60:.0f} min ({p['users_per_s']:.2f} users/s, {p['tokens_per_s']:.0f} "
+                    f"generated tokens/s), run once alone and reused by the bench.")
+    others = []  # the other backbones' rows: each addition against the row without it
+    for b in dict.fromkeys(v.split("+")[0] for v in t if v.split("+")[0] != base):
+        for v, ref, what in ((b, None, ""), (f"{b}+text", b, "text"), (f"{b}+hist", b, "history"),
+                             (f"{b}+hist+text", f"{b}+text", "history on top of text")):
+            if v in t:
+                others.append(row(v, ref if ref in t else None, what))
+    if others:
+        hist.append(f"\nOther backbones, same protocol and prepared rows:\n\n{head}\n" + "\n".join(others))
     best = max(t, key=lambda v: t[v]["val_auc"]["mean"])
     pub = ", ".join(f"{k} {v:.4f}" for k, v in BEST_PUBLISHED.items())
     return (f"ML-1M, SWR protocol, `{base}`, {d['epochs_cap']}-epoch cap with patience 4, seeds 2024-2026, every "
