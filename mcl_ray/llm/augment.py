@@ -34,7 +34,7 @@ from mcl_ray.core.stage import fingerprint
 from mcl_ray.data.history import UserHistory, fixed_lists
 from mcl_ray.data.splits import read_pairs, read_split
 from mcl_ray.llm.backends import generate_transformers, generate_vllm
-from mcl_ray.llm.generator import GeneratorStage
+from mcl_ray.llm.generator import GeneratorStage, request_blocks
 from mcl_ray.llm.prompts import LABELS, PROMPT_VERSION, messages, parse_answer
 from mcl_ray.models.encoder import encoder_fingerprint
 from mcl_ray.serve.recommender import Query, Recommender
@@ -159,7 +159,7 @@ def generate(requests: pd.DataFrame, backend: str, model_path: Path, ac, bar=Non
     """Run the backend over Ray Data; returns id, answer, generated_tokens (one row per request).
     The driver streams the answers and advances `bar` as they arrive."""
     table = pa.Table.from_pandas(requests[["id", "messages_json", "n_candidates"]], preserve_index=False)
-    ds = dataset_in_blocks(table, min(len(requests) // ac.batch_size, 4 * ac.concurrency))
+    ds = dataset_in_blocks(table, request_blocks(len(requests), ac.batch_size))
     out = (generate_vllm if backend == "vllm" else generate_transformers)(ds, str(model_path), ac)
     parts = []
     for b in out.select_columns(["id", "answer", "generated_tokens"]).iter_batches(batch_format="pandas",

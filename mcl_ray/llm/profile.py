@@ -29,7 +29,7 @@ from mcl_ray.core.ray_env import dataset_in_blocks
 from mcl_ray.core.stage import fingerprint
 from mcl_ray.data.splits import read_split
 from mcl_ray.llm.backends import generate_transformers, generate_vllm
-from mcl_ray.llm.generator import GeneratorStage
+from mcl_ray.llm.generator import GeneratorStage, request_blocks
 from mcl_ray.llm.prompts import clean
 from mcl_ray.models.encoder import encoder_fingerprint
 
@@ -109,7 +109,7 @@ class ProfileStage(GeneratorStage[ProfileResult]):
                  f"tokens each, batch {pc_.batch_size})")
         t0 = time.perf_counter()
         table = pa.Table.from_pandas(requests[["id", "messages_json", "n_candidates"]], preserve_index=False)
-        ds = dataset_in_blocks(table, max(1, min(len(requests) // pc_.batch_size, 4 * pc_.concurrency)))
+        ds = dataset_in_blocks(table, request_blocks(len(requests), pc_.batch_size))
         gen = generate_vllm if self.backend == "vllm" else generate_transformers
         out = gen(ds, str(self.model_path), pc_, max_new_tokens=pc_.max_new_tokens)
         parts = []
