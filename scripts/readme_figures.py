@@ -352,6 +352,15 @@ def history() -> str:
                 others.append(row(v, ref if ref in t else None, what))
     if others:
         hist.append(f"\nOther backbones, same protocol and prepared rows:\n\n{head}\n" + "\n".join(others))
+    if (RESULTS / "history_pooling.json").exists():
+        hp = _load("history_pooling")
+        m = hp["ms_per_step_median"]
+        hist.append(f"\nWhat the history fields cost (`bench/history_pooling_bench.py`, one training step of "
+                    f"`shared_bottom` on ML-1M-sized random ids, batch {hp['batch']}, 1 thread, medians of "
+                    f"{hp['rounds']} rounds side by side): none {m['none']:.0f} ms, mean {m['mean']:.0f} ms, DIN "
+                    f"{m['din']:.0f} ms (factored; {m['din_plain']:.0f} ms applied to the [B, L, 4D] input as written, "
+                    f"x{hp['din_factored_over_plain']:.2f}), DIN + mean {m['din+mean']:.0f} ms "
+                    f"(x{hp['din_mean_over_none']:.1f} of none).")
     best = max(t, key=lambda v: t[v]["val_auc"]["mean"])
     pub = ", ".join(f"{k} {v:.4f}" for k, v in BEST_PUBLISHED.items())
     return (f"ML-1M, SWR protocol, `{base}`, {d['epochs_cap']}-epoch cap with patience 4, seeds 2024-2026, every "
@@ -359,7 +368,11 @@ def history() -> str:
             f"the choice made on validation AUC (`bench/results/history.json`, `bench/accuracy_bench.py`). "
             f"Epoch times are medians with two jobs side by side on 2 cores; test runs shared the machine during "
             f"part of the +hist trainings, which inflates their times (one +hist run alone: about 33 s an "
-            f"epoch).\n\n"
+            f"epoch)."
+            + (" The `+profile` rows were trained in a later invocation (`--resume`), after DIN's first layer was "
+               "factored (the same function, faster: below), two seeds side by side and the third beside test runs, "
+               "so their epoch times are not comparable with the earlier +hist rows." if "profile" in d else "")
+            + "\n\n"
             f"The SWR feature set:\n\n{head}\n" + "\n".join(swr) + "\n\n"
             f"With behaviour history (another feature set: not comparable with published SWR numbers as like for "
             f"like):\n\n{head}\n" + "\n".join(hist) + "\n\n"
