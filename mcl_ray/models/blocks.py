@@ -75,11 +75,11 @@ class HistoryPooling(nn.Module):
                 fields.append(k.sum(1) / mask.sum(1).clamp(min=1.0))  # [B, D]
         return fields
 
-
     def din_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # [B, D], [B, L, D] -> [B, L, 1]
         """attention(cat[q, k, q-k, q*k]) without building that [B, L, 4D] input: the first layer's
         q and q-k parts are linear in q and k, so W.[q, k, q-k, q*k] = (Wq+Wd).q + (Wk-Wd).k + Wp.(q*k),
-        and the q part is computed once per row, not once per history entry (a third fewer FLOPs)."""
+        and the q part is computed once per row, not once per history entry (a third fewer FLOPs in the MLP;
+        bench/history_pooling_bench.py times it)."""
         first, *rest = [*self.attention[0].net, self.attention[1]]  # Linear(4D, H), then the rest as is
         wq, wk, wd, wp = first.weight.chunk(4, dim=1)  # [H, D] each
         x = (F.linear(q, wq + wd, first.bias).unsqueeze(1)  # [B, 1, H]
