@@ -28,7 +28,7 @@ on it, so all rows of a results file see the same prepared rows; the others igno
 
 A "+profile" suffix (with +text) adds the LLM user profiles as a third text field
 (model.text.fields=[item, user, profile]): the profile stage writes one for every user with train
-rows (PROFILE_OVERRIDES: vLLM on CPU, SmolLM2; about an hour here, cached by fingerprint) and encode
+rows (PROFILE_OVERRIDES: vLLM on CPU, SmolLM2; 34 min for ML-1M here, cached by fingerprint) and encode
 embeds them, once before the jobs:
 
   python bench/accuracy_bench.py --backbones shared_bottom shared_bottom+text shared_bottom+hist \
@@ -267,8 +267,8 @@ def main() -> None:
     from mcl_ray.core.ray_env import init_ray
 
     profile = any("+profile" in b for b in a.backbones)
-    cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={a.run_dir}", *history_overrides(a.history),
-                                                           *(["ray.num_cpus=4"] if profile else [])])
+    base = [f"run_dir={a.run_dir}", *history_overrides(a.history), *(PROFILE_OVERRIDES if profile else [])]
+    cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", base)
     init_ray(cfg.ray)
     res = prepare(cfg)  # once; every job reuses it
     if any("+text" in b for b in a.backbones):
@@ -280,8 +280,7 @@ def main() -> None:
         from mcl_ray.llm.encode import encode_stage
         from mcl_ray.llm.profile import profile_stage
 
-        pcfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={a.run_dir}", *history_overrides(a.history),
-                                                                 *PROFILE_OVERRIDES, PROFILE_FIELDS])
+        pcfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [*base, PROFILE_FIELDS])
         # the stage's own stats (time to profile every user), also when this run reused its output
         profile_stats = {k: v for k, v in profile_stage(pcfg, res.out_dir).stats.items() if k != "examples"}
         print("profile:", profile_stats)

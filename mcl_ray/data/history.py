@@ -111,15 +111,14 @@ def read_user_history(prepare_dir, spec: FeatureSpec, users) -> UserHistory:
     (memory follows the users asked for, not the split)."""
     import pyarrow.compute as pc
 
-    from mcl_ray.data.splits import _batches
+    from mcl_ray.data.splits import iter_split
 
     item = next(f.ids_of for f in spec.sequence if f.ids_of)
     wanted = key_array(pa.array(list(users)))
     cols = [spec.user_key, spec.timestamp_column, item, spec.label_column, spec.scenario_column]
     parts = []
     # only the columns needed (the history lists themselves are 60 values a row)
-    for rb in _batches(prepare_dir, spec, "train", cols + [spec.provenance_column]):
-        t = pa.Table.from_batches([rb])
+    for t in iter_split(prepare_dir, spec, "train", columns=cols + [spec.provenance_column]):
         t = t.filter(pc.and_(pc.is_in(key_array(t[spec.user_key]), value_set=wanted),
                              pc.equal(t[spec.provenance_column], 0)))
         if t.num_rows:

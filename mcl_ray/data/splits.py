@@ -52,10 +52,12 @@ def _batches(prepare_dir: str | Path, spec: FeatureSpec, splits, columns: list[s
 
 
 def iter_split(prepare_dir: str | Path, spec: FeatureSpec, split: str, extra: list[str] | None = None,
-               batch_rows: int = 65_536) -> Iterator[pa.Table]:
-    """One split as Arrow tables of at most batch_rows rows, file by file: memory is one batch."""
+               batch_rows: int = 65_536, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """One split as Arrow tables of at most batch_rows rows, file by file: memory is one batch. The
+    model columns (or `columns`) plus `extra`."""
     _split_files(prepare_dir, spec, split)  # a missing split is an error here, not an empty iteration
-    cols = model_columns(spec) + [c for c in (extra or []) if c not in model_columns(spec)]
+    base = list(columns) if columns is not None else model_columns(spec)
+    cols = base + [c for c in (extra or []) if c not in base]
     for rb in _batches(prepare_dir, spec, split, cols, batch_rows):
         yield pa.Table.from_batches([rb])
 
