@@ -37,7 +37,8 @@ embeds them, once before the jobs:
 
 --resume keeps the finished rows of --out and runs only the missing or failed jobs (a job's finished
 training is reused; its evaluation runs again); wall_seconds is then that invocation's. The file is
-rewritten with the variants named, so name the finished ones too.
+rewritten with the variants named, so name the finished ones too. The LLM stages (encode, profile,
+augment) run only for the jobs left to run; the file keeps the profile stats it recorded.
 
 A "+text" suffix adds the LLM text features (model.text.mode=frozen: MiniLM embeddings of item and
 user texts through a learned projection; the encode stage runs once before the jobs).
@@ -266,16 +267,25 @@ def main() -> None:
     from mcl_ray.data.prepare import prepare
     from mcl_ray.core.ray_env import init_ray
 
-    profile = any("+profile" in b for b in a.backbones)
+    jobs = [(b, 2024 + s) for b in a.backbones for s in range(a.seeds)]
+    kept, old = [], {}
+    if a.resume and Path(a.out).exists():  # keep the finished rows of an earlier invocation, rerun the rest
+        old = json.loads(Path(a.out).read_text())
+        done = {(r["backbone"], r["seed"]): r for r in old["runs"] if "error" not in r}
+        kept = [done[j] for j in jobs if j in done]
+        jobs = [j for j in jobs if j not in done]
+        print(f"resume: {len(kept)} finished runs kept from {a.out}, {len(jobs)} to run", flush=True)
+    # the profile stage runs when a +profile job is left to run; a resumed file keeps its recorded stats
+    profile = any("+profile" in b for b, _ in jobs)
     base = [f"run_dir={a.run_dir}", *history_overrides(a.history), *(PROFILE_OVERRIDES if profile else [])]
     cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", base)
     init_ray(cfg.ray)
     res = prepare(cfg)  # once; every job reuses it
-    if any("+text" in b for b in a.backbones):
+    if any("+text" in b for b, _ in jobs):
         from mcl_ray.llm.encode import encode_stage
 
         encode_stage(cfg, res.out_dir)
-    profile_stats = None
+    profile_stats = old.get("profile") if any("+profile" in b for b in a.backbones) else None
     if profile:  # every user profiled once, then embedded
         from mcl_ray.llm.encode import encode_stage
         from mcl_ray.llm.profile import profile_stage
@@ -285,7 +295,7 @@ def main() -> None:
         profile_stats = {k: v for k, v in profile_stage(pcfg, res.out_dir).stats.items() if k != "examples"}
         print("profile:", profile_stats)
         encode_stage(pcfg, res.out_dir)
-    if any("+aug" in b for b in a.backbones):  # one generation, every weight trains on it
+    if any("+aug" in b for b, _ in jobs):  # one generation, every weight trains on it
         from mcl_ray.llm.augment import augment_stage
 
         acfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={a.run_dir}", *history_overrides(a.history),
@@ -294,13 +304,6 @@ def main() -> None:
     import ray
 
     ray.shutdown()
-    jobs = [(b, 2024 + s) for b in a.backbones for s in range(a.seeds)]
-    kept = []
-    if a.resume and Path(a.out).exists():  # keep the finished rows of an earlier invocation, rerun the rest
-        done = {(r["backbone"], r["seed"]): r for r in json.loads(Path(a.out).read_text())["runs"] if "error" not in r}
-        kept = [done[j] for j in jobs if j in done]
-        jobs = [j for j in jobs if j not in done]
-        print(f"resume: {len(kept)} finished runs kept from {a.out}, {len(jobs)} to run", flush=True)
     t0 = time.time()
     with ThreadPoolExecutor(a.jobs) as pool:
         futs = [pool.submit(run_job, a, b, s, i % a.jobs) for i, (b, s) in enumerate(jobs)]

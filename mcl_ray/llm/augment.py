@@ -9,6 +9,11 @@ Output in <prepare_dir>/augment/: synthetic.parquet (the training split's column
 weight 1; the trainer applies augment.weight), generations.parquet (every prompt, raw answer, parse
 status: invalid answers are kept there, never silently dropped), stats.json; the feature spec
 records it (`synthetic`). Synthetic rows are only ever added to the training split.
+
+augment.scoring=pointwise replaces the lettered prompt by one prompt per candidate, scored
+log P(Yes) - log P(No) (no generation, no letters): the best and worst scored candidates become the
+like and dislike. The stats then count where the picks sat in the shown order (`answer_letters`, as
+for the letters) and whether they were popular or random candidates.
 """
 
 from __future__ import annotations
@@ -33,9 +38,9 @@ from mcl_ray.core.ray_env import dataset_in_blocks
 from mcl_ray.core.stage import fingerprint
 from mcl_ray.data.history import UserHistory, fixed_lists
 from mcl_ray.data.splits import read_pairs, read_split
-from mcl_ray.llm.backends import generate_transformers, generate_vllm
+from mcl_ray.llm.backends import generate_transformers, generate_vllm, score_transformers, score_vllm
 from mcl_ray.llm.generator import GeneratorStage, request_blocks
-from mcl_ray.llm.prompts import LABELS, PROMPT_VERSION, messages, parse_answer
+from mcl_ray.llm.prompts import LABELS, POINTWISE_VERSION, PROMPT_VERSION, messages, parse_answer, pointwise_messages
 from mcl_ray.models.encoder import encoder_fingerprint
 from mcl_ray.serve.recommender import Query, Recommender
 
@@ -57,8 +62,12 @@ def augment_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec, model_fp: str,
     blob = cfg.augment.model_dump(mode="json")
     for k in ("enabled", "weight", "denoise_share", "batch_size", "concurrency", "torch_threads", "use_gpu"):
         blob.pop(k)  # how (and whether) the rows are used or scheduled, not what is generated
-    blob.update(data=spec.data_fingerprint, model=model_fp, prompt=PROMPT_VERSION, backend=backend)
+    blob.update(data=spec.data_fingerprint, model=model_fp, prompt=prompt_version(cfg.augment), backend=backend)
     return fingerprint(blob)
+
+
+def prompt_version(ac) -> str:
+    return POINTWISE_VERSION if ac.scoring == "pointwise" else PROMPT_VERSION
 
 
 # ----------------------------------------------------------------------------- requests
@@ -71,7 +80,8 @@ def read_train(spec: FeatureSpec, prepare_dir: Path) -> pd.DataFrame:
 
 def build_requests(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path,
                    train: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict]:
-    """One row per target user: id, user_key, scenario, candidate item keys, messages_json."""
+    """One row per prompt: id, group (the user's n), user_key, scenario, candidate item keys,
+    messages_json; a user per prompt (permutations: several), or per candidate (pointwise)."""
     ac = cfg.augment
     rng = np.random.default_rng(ac.seed)
     train = read_train(spec, prepare_dir) if train is None else train
@@ -120,6 +130,14 @@ def build_requests(cfg: ExperimentConfig, spec: FeatureSpec, prepare_dir: Path,
         cands = popular + rand
         rng.shuffle(cands)
         shown = [(title.get(k, k), genres.get(k, "")) for k in hist]
+        if ac.scoring == "pointwise":  # one prompt per candidate; `position` is its place in the shuffled list
+            for j, k in enumerate(cands):
+                rows.append({"id": n * len(cands) + j, "group": n, "user_key": user, "scenario": s,
+                             "candidates": [k], "n_candidates": 1, "position": j, "popular": k in popular,
+                             "messages_json": json.dumps(pointwise_messages(shown, (title.get(k, k),
+                                                                                    genres.get(k, ""))),
+                                                         ensure_ascii=False)})
+            continue
         for j, order in enumerate(permutations(len(cands), ac.permutations)):
             msgs = messages(shown, [(title.get(cands[o], cands[o]), genres.get(cands[o], "")) for o in order])
             rows.append({"id": n * ac.permutations + j, "group": n, "user_key": user, "scenario": s,
@@ -171,7 +189,76 @@ def generate(requests: pd.DataFrame, backend: str, model_path: Path, ac, bar=Non
             else pd.DataFrame({"id": [], "answer": [], "generated_tokens": []}))
 
 
+def score(requests: pd.DataFrame, backend: str, model_path: Path, ac, bar=None) -> pd.DataFrame:
+    """Pointwise: run the scorer over Ray Data; returns id, score (streamed like `generate`)."""
+    table = pa.Table.from_pandas(requests[["id", "messages_json"]], preserve_index=False)
+    ds = dataset_in_blocks(table, request_blocks(len(requests), ac.batch_size))
+    out = (score_vllm if backend == "vllm" else score_transformers)(ds, str(model_path), ac)
+    parts = []
+    for b in out.select_columns(["id", "score"]).iter_batches(batch_format="pandas", batch_size=None):
+        parts.append(b)
+        if bar is not None:
+            bar.update(advance=len(b))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"id": [], "score": []})
+
+
 # ----------------------------------------------------------------------------- postprocess
+
+
+def postprocess_pointwise(requests: pd.DataFrame, scores: pd.DataFrame, real_pairs: set, spec: FeatureSpec,
+                          train: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Per user (group): the best scored candidate becomes a synthetic positive, the worst a negative.
+    A user with a missing or non-finite score, or whose candidates all score the same (an answerer
+    that ignores the item), gets no pick. Stats as `postprocess`'s, the letters being the picks'
+    places in the shown order; `picked_popular` counts picks among the popular (not random) candidates."""
+    got = {int(i): float(v) for i, v in zip(scores["id"], scores["score"])}
+    log, pairs = [], []
+    invalid: Counter = Counter()
+    letters = {"like": Counter(), "dislike": Counter()}
+    popular = {"like": 0, "dislike": 0}
+    duplicates = picks = groups = ties = 0
+    for _, grp in requests.groupby("group", sort=True):
+        groups += 1
+        sc = np.array([got.get(int(i), np.nan) for i in grp["id"]])
+        for r, v in zip(grp.itertuples(index=False), sc):
+            status = "no_answer" if np.isnan(v) else ("unparseable" if not np.isfinite(v) else "valid")
+            if status != "valid":
+                invalid[status] += 1
+            log.append({"id": r.id, "group": int(r.group), "user_key": r.user_key,
+                        "candidates": json.dumps(list(r.candidates), ensure_ascii=False),
+                        "messages_json": r.messages_json, "answer": "" if np.isnan(v) else f"{v:.6f}",
+                        "generated_tokens": 0, "status": status})
+        if not np.isfinite(sc).all():
+            continue
+        if sc.max() - sc.min() <= 1e-6:
+            ties += 1
+            continue
+        first = grp.iloc[0]
+        for what, j, label in (("like", int(np.argmax(sc)), 1.0), ("dislike", int(np.argmin(sc)), 0.0)):
+            r = grp.iloc[j]
+            picks += 1
+            letters[what][LABELS[int(r["position"])]] += 1
+            popular[what] += bool(r["popular"])
+            item = r["candidates"][0]
+            if (first.user_key, item) in real_pairs:
+                duplicates += 1
+            else:
+                pairs.append((first.user_key, item, first.scenario, label))
+    rows = synthetic_rows(pairs, spec, train)
+    answered = len(requests) - invalid["no_answer"]
+    count = lambda c: {k: c[k] for k in sorted(c)}  # noqa: E731
+    valid = np.array([v for v in got.values() if np.isfinite(v)])
+    stats = {"requested": len(requests), "groups": groups, "answered": answered,
+             "valid": answered - invalid["unparseable"],
+             "invalid": {k: invalid[k] for k in INVALID_REASONS if invalid[k]},
+             "picks": picks, "ties": ties, "duplicates_of_real": duplicates, "rows_written": len(rows),
+             "positives": int((rows[spec.label_column] > 0).sum()) if len(rows) else 0,
+             "negatives": int((rows[spec.label_column] == 0).sum()) if len(rows) else 0,
+             "answer_letters": {w: count(c) for w, c in letters.items()},
+             "kept_letters": {w: count(c) for w, c in letters.items()},
+             "picked_popular": popular,
+             "score": {"mean": float(valid.mean()), "std": float(valid.std())} if len(valid) else None}
+    return rows, pd.DataFrame(log), stats
 
 
 def postprocess(requests: pd.DataFrame, answers: pd.DataFrame, real_pairs: set, spec: FeatureSpec,
@@ -309,16 +396,17 @@ class AugmentStage(GeneratorStage[AugmentResult]):
         self.say(f"augment: {len(requests):,} prompts ({info['eligible_users']:,} eligible users) -> {self.backend} "
                  f"with {ac.model} ({ac.concurrency} actor(s), batch {ac.batch_size})")
         tg = time.perf_counter()
-        with self.progress("prompts answered", len(requests), "prompts") as bar:
-            answers = generate(requests, self.backend, self.model_path, ac, bar)
+        pointwise = ac.scoring == "pointwise"
+        with self.progress("prompts scored" if pointwise else "prompts answered", len(requests), "prompts") as bar:
+            answers = (score if pointwise else generate)(requests, self.backend, self.model_path, ac, bar)
         gen_s = time.perf_counter() - tg
         real = real_interactions(spec, self.prepare_dir, set(requests["user_key"]))
-        rows, log, stats = postprocess(requests, answers, real, spec, train)
-        generator = {"model": ac.model, "backend": self.backend, "prompt_version": PROMPT_VERSION,
-                     "temperature": ac.temperature, "seed": ac.seed}
+        rows, log, stats = (postprocess_pointwise if pointwise else postprocess)(requests, answers, real, spec, train)
+        generator = {"model": ac.model, "backend": self.backend, "prompt_version": prompt_version(ac),
+                     "scoring": ac.scoring, "temperature": ac.temperature, "seed": ac.seed}
         stats.update(fingerprint=fp, generator=generator, generation_seconds=gen_s,
                      prompts_per_s=len(requests) / gen_s if gen_s else None,
-                     generated_tokens=int(answers["generated_tokens"].sum()) if len(answers) else 0,
+                     generated_tokens=int(answers["generated_tokens"].sum()) if "generated_tokens" in answers else 0,
                      seconds=time.perf_counter() - self.t0, **info)
         self.out.mkdir(exist_ok=True)
         pq.write_table(rows_table(rows, spec), self.out / "synthetic.parquet")

