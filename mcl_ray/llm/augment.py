@@ -245,20 +245,27 @@ def postprocess_pointwise(requests: pd.DataFrame, scores: pd.DataFrame, real_pai
             else:
                 pairs.append((first.user_key, item, first.scenario, label))
     rows = synthetic_rows(pairs, spec, train)
+    valid = np.array([v for v in got.values() if np.isfinite(v)])
+    stats = pick_stats(requests, rows, spec, invalid, groups, picks, duplicates, letters, letters)
+    stats.update(ties=ties, picked_popular=popular,
+                 score={"mean": float(valid.mean()), "std": float(valid.std())} if len(valid) else None)
+    return rows, pd.DataFrame(log), stats
+
+
+def pick_stats(requests: pd.DataFrame, rows: pd.DataFrame, spec: FeatureSpec, invalid: Counter, groups: int,
+               picks: int, duplicates: int, letters: dict, kept_letters: dict) -> dict:
+    """The counts both scorings report; they add up: requested = answered + no_answer, answered =
+    valid + invalid, picks = rows_written + duplicates_of_real."""
     answered = len(requests) - invalid["no_answer"]
     count = lambda c: {k: c[k] for k in sorted(c)}  # noqa: E731
-    valid = np.array([v for v in got.values() if np.isfinite(v)])
-    stats = {"requested": len(requests), "groups": groups, "answered": answered,
-             "valid": answered - invalid["unparseable"],
-             "invalid": {k: invalid[k] for k in INVALID_REASONS if invalid[k]},
-             "picks": picks, "ties": ties, "duplicates_of_real": duplicates, "rows_written": len(rows),
-             "positives": int((rows[spec.label_column] > 0).sum()) if len(rows) else 0,
-             "negatives": int((rows[spec.label_column] == 0).sum()) if len(rows) else 0,
-             "answer_letters": {w: count(c) for w, c in letters.items()},
-             "kept_letters": {w: count(c) for w, c in letters.items()},
-             "picked_popular": popular,
-             "score": {"mean": float(valid.mean()), "std": float(valid.std())} if len(valid) else None}
-    return rows, pd.DataFrame(log), stats
+    return {"requested": len(requests), "groups": groups, "answered": answered,
+            "valid": answered - sum(v for k, v in invalid.items() if k != "no_answer"),
+            "invalid": {k: invalid[k] for k in INVALID_REASONS if invalid[k]},
+            "picks": picks, "duplicates_of_real": duplicates, "rows_written": len(rows),
+            "positives": int((rows[spec.label_column] > 0).sum()) if len(rows) else 0,
+            "negatives": int((rows[spec.label_column] == 0).sum()) if len(rows) else 0,
+            "answer_letters": {w: count(c) for w, c in letters.items()},
+            "kept_letters": {w: count(c) for w, c in kept_letters.items()}}
 
 
 def postprocess(requests: pd.DataFrame, answers: pd.DataFrame, real_pairs: set, spec: FeatureSpec,
@@ -308,16 +315,7 @@ def postprocess(requests: pd.DataFrame, answers: pd.DataFrame, real_pairs: set, 
             else:
                 pairs.append((first.user_key, item, first.scenario, label))
     rows = synthetic_rows(pairs, spec, train)
-    answered = len(requests) - invalid["no_answer"]
-    count = lambda c: {k: c[k] for k in sorted(c)}  # noqa: E731
-    stats = {"requested": len(requests), "groups": groups, "answered": answered,
-             "valid": answered - sum(v for k, v in invalid.items() if k != "no_answer"),
-             "invalid": {k: invalid[k] for k in INVALID_REASONS if invalid[k]},
-             "picks": picks, "duplicates_of_real": duplicates, "rows_written": len(rows),
-             "positives": int((rows[spec.label_column] > 0).sum()) if len(rows) else 0,
-             "negatives": int((rows[spec.label_column] == 0).sum()) if len(rows) else 0,
-             "answer_letters": {w: count(c) for w, c in letters.items()},
-             "kept_letters": {w: count(c) for w, c in kept_letters.items()}}
+    stats = pick_stats(requests, rows, spec, invalid, groups, picks, duplicates, letters, kept_letters)
     return rows, pd.DataFrame(log), stats
 
 
