@@ -16,8 +16,8 @@
    with them plus LLMRec's loss-based denoising (augment.denoise_share). Test AUC over all users
    (mean +- std) and the paired delta per seed; the choice is made on validation AUC.
 
-Cost here: vLLM scored about 0.6 prompts/s on this 2-core CPU (batches of 64, bf16 without native
-bf16 support), so the default 300 users x 4 candidates take about 35 min before the 9 trainings.
+Cost here: vLLM scored 0.53 prompts/s on this 2-core CPU (batches of 64, bf16 without native
+bf16 support): the default 300 users x 4 candidates took 38 min, the 9 trainings about 13 min.
 Results: bench/results/augment_sparse.json. Numbers, not assertions.
 """
 

@@ -398,6 +398,60 @@ def llm_parts() -> str:
             f"({a['rows_written']} synthetic rows).\n")
 
 
+def augment_sparse() -> str:
+    """Debiased (pointwise) augmentation on a sparsified ML-1M split (bench/augment_sparse_bench.py)."""
+    d = _load("augment_sparse")
+    pr, cut, dist, aug = d["protocol"], d["sparse_split"], d["answer_distribution"], d["augment"]
+    agree = d["pick_agreement"]
+    letters = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"  # noqa: E731
+    ch, pw = dist["choice"], dist["pointwise"]
+    lo, hi = pr["keep_per_user"]
+    pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+
+    def agreed(w: str) -> str:
+        a = agree[w]
+        return (f"{a['held_back']} of the {a['picks']} {w} picks are rows the cut held back, "
+                f"{pct(a['agree'])} of them with the same label")
+
+    rows = []
+    for v, t in d["table"].items():
+        dl, dv = t.get("delta_auc"), t.get("delta_val_auc")
+        rows.append(f"| `{v}` | {t['val_auc']['mean']:.4f} ± {t['val_auc']['std']:.4f} | "
+                    f"{t['auc']['mean']:.4f} ± {t['auc']['std']:.4f} | "
+                    + (f"{dv['mean']:+.4f} ± {dv['std']:.4f} | {dl['mean']:+.4f} ± {dl['std']:.4f} |" if dl
+                       else "(reference) | (reference) |"))
+    g = pr["generator"]
+    if ch:  # the lettered prompt on the same users
+        before = (f"- Answers before debiasing (lettered prompt, the same {ch['requested']} users): liked letter "
+                  f"{letters(ch['answer_letters']['like'])}; disliked {letters(ch['answer_letters']['dislike'])}.\n")
+    else:  # not re-asked here: the lettered prompt's measurement on the full split (llm_parts_bench)
+        lp = _load("llm_parts")["augment"]
+        before = (f"- Answers before debiasing (lettered prompt, measured on the full split by "
+                  f"`bench/llm_parts_bench.py`, {lp['requested']} answers): liked letter "
+                  f"{letters(lp['answer_letters']['like'])}; disliked {letters(lp['answer_letters']['dislike'])}.\n")
+    return (f"Sparse regime (`bench/augment_sparse_bench.py`, `bench/results/augment_sparse.json`): ML-1M's "
+            f"training split cut to a seeded {lo}-{hi} rows per user ({cut['train_rows_sparse']:,} of "
+            f"{cut['train_rows_full']:,} rows; validation and test unchanged), {pr['features']}, `{pr['backbone']}`, "
+            f"{pr['epochs_cap']}-epoch cap, seeds 2024-{2023 + pr['seeds']}, {g['model']} via {g['backend']} on this "
+            f"CPU.\n\n"
+            + before
+            + f"- After (pointwise, {aug['users']} users, {pw['requested']} prompts): the liked pick's place in the "
+            f"shown order {letters(pw['answer_letters']['like'])}; the disliked pick's "
+            f"{letters(pw['answer_letters']['dislike'])}; {pw['ties']} users tied.\n"
+            f"- Augmentation (the pointwise answers): {aug['users']} users x {aug['candidates']} candidates "
+            f"({aug['candidates'] - aug['random_candidates']} popular in the user's scenario, "
+            f"{aug['random_candidates']} random), {aug['requested']:,} prompts in "
+            f"{aug['generation_seconds'] / 60:.0f} min ({aug['prompts_per_s']:.1f} prompts/s), "
+            f"{aug['rows_written']:,} synthetic rows. Liked picks were popular candidates "
+            f"{aug['picked_popular']['like']} times of {aug['picks'] // 2}, disliked picks "
+            f"{aug['picked_popular']['dislike']} times.\n"
+            f"- Are the picks right? The cut held back real rows with known labels "
+            f"({pct(agree['held_back_positive_rate'])} positive): {agreed('like')}; {agreed('dislike')}.\n\n"
+            f"| variant | valid AUC | test AUC | Δ valid (paired) | Δ test (paired) |\n|---|---:|---:|---:|---:|\n"
+            + "\n".join(rows) + f"\n\n`+denoise`: LLMRec's pruning, the {pr['denoise_share']:.0%} highest-loss "
+            f"synthetic rows of each batch get weight 0.\n")
+
+
 def stream_vs_memory() -> str:
     d = _load("stream_vs_memory")
     t = d["table"]
@@ -411,7 +465,7 @@ RENDERERS = {"default-run-output": default_run_output, "default-run-time": defau
              "accuracy": accuracy, "tune": tune, "serve": serve, "scale": scale, "fairness": fairness,
              "two-stage": two_stage, "serve-two-stage": serve_two_stage, "serve-options": serve_options,
              "autoscale": autoscale, "explain": explain, "adaptation": adaptation,
-             "perturbation": perturbation, "history": history, "llm-parts": llm_parts,
+             "perturbation": perturbation, "history": history, "llm-parts": llm_parts, "augment-sparse": augment_sparse,
              "stream-vs-memory": stream_vs_memory}
 
 
