@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=300, help="users asked both ways; the pointwise answers augment")
     ap.add_argument("--choice", action=argparse.BooleanOptionalAction, default=True,
                     help="also ask the same users with the lettered prompt (--no-choice: skip it; with structured "
-                    "outputs at batch 64 it ran at 0.3 prompts/s on this CPU)")
+                    "outputs at batch 64 it ran under 0.3 prompts/s on this CPU)")
     ap.add_argument("--candidates", type=int, default=4)
     ap.add_argument("--random", type=int, default=1, help="of which random unseen items (the rest: popular)")
     ap.add_argument("--seeds", type=int, default=3)
