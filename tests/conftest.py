@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """One local Ray cluster for the whole session; only this cluster is stopped at the end."""
-    from mcl_ray.core.ray_env import apply_env_defaults, local_cluster_kwargs, quiet_ray_data
+    from mcl_ray.core.ray_env import apply_env_defaults, local_cluster_kwargs, quiet_ray_data, size_footer_readers
 
     apply_env_defaults()
     import ray
@@ -20,6 +20,7 @@ def ray_cluster(tmp_path_factory):
     # Dashboard on (state API for Ray Train's placement-group cleanup; `serve deploy`).
     ray.init(num_cpus=4, log_to_driver=False, **local_cluster_kwargs(ROOT / "runs"))
     quiet_ray_data()
+    size_footer_readers()
     yield ray
     ray.shutdown()
 

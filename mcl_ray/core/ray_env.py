@@ -54,6 +54,24 @@ def apply_env_defaults() -> None:
         os.environ.setdefault(k, v)
 
 
+FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+
+
+def size_footer_readers() -> int:
+    """How many actors Ray Data starts to read Parquet footers at each `read_parquet`: one per 4
+    CPUs of the cluster, at most Ray's default of 32 (a user's own setting wins).
+
+    Ray starts that pool anew for every read, a process per actor. Measured on a 2-core machine:
+    reading a one-file split took 10-12 s with Ray's 32 actors and 2.6-3.2 s with one; the pool
+    pays off only where footers sit on remote storage and many CPUs read them."""
+    import ray
+
+    if FOOTER_READERS_ENV not in os.environ:
+        cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
+        os.environ[FOOTER_READERS_ENV] = str(max(1, min(32, int(cpus) // 4)))
+    return int(os.environ[FOOTER_READERS_ENV])
+
+
 def ray_tmpdir(run_root: str | Path = "runs") -> str:
     """RAY_TMPDIR if set, else <run_root>/.ray; Unix socket paths must stay short, so fall back to /tmp."""
     if os.environ.get("RAY_TMPDIR"):
@@ -175,6 +193,7 @@ def init_ray(cfg: RayConfig | None = None, run_root: str | Path = "runs", log_di
     quiet_ray_data()
     log_file = route_ray_logs(log_dir)
     if ray.is_initialized():
+        size_footer_readers()
         return
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -184,6 +203,7 @@ def init_ray(cfg: RayConfig | None = None, run_root: str | Path = "runs", log_di
     else:
         ray.init(num_cpus=cfg.num_cpus, log_to_driver=verbose(), **local_cluster_kwargs(run_root))
     route_ray_logs(log_dir)  # again: ray.init may have configured its loggers anew
+    size_footer_readers()
     if log_file is not None:
         console.print(f"[dim]Ray's logs: {log_file} (--verbose shows them here)[/]")
 

@@ -8,8 +8,6 @@ import pandas as pd
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 from mcl_ray.evaluate.summary import BinaryMetrics, Scores
-from torchmetrics.functional.retrieval import (retrieval_hit_rate, retrieval_normalized_dcg, retrieval_precision,
-                                               retrieval_recall)
 
 
 def auc_logloss(y: np.ndarray, p: np.ndarray) -> Scores:
@@ -52,6 +50,11 @@ def topk_per_user(scores: torch.Tensor, relevant: torch.Tensor, ks: list[int]) -
     tied scores their average gain, the others break ties by position).
 
     scores: [U, I] (excluded items already set to -inf), relevant: [U, I] bool held-out positives."""
+    # imported here: torchmetrics loads all its domains (text pulls in transformers), about 9 s on
+    # this 2-core machine, and every Ray Train worker imports this module but never ranks.
+    from torchmetrics.functional.retrieval import (retrieval_hit_rate, retrieval_normalized_dcg,
+                                                   retrieval_precision, retrieval_recall)
+
     out: dict[str, np.ndarray] = {}
     for k in ks:
         rec, ndcg, hit, prec = [], [], [], []
