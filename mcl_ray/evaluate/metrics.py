@@ -50,8 +50,8 @@ def topk_per_user(scores: torch.Tensor, relevant: torch.Tensor, ks: list[int]) -
     tied scores their average gain, the others break ties by position).
 
     scores: [U, I] (excluded items already set to -inf), relevant: [U, I] bool held-out positives."""
-    # imported here: torchmetrics loads all its domains (text pulls in transformers), about 9 s on
-    # this 2-core machine, and every Ray Train worker imports this module but never ranks.
+    # imported here: torchmetrics loads all its domains (text pulls in transformers), 4-9 s on a
+    # 2-core machine, and every Ray Train worker imports this module but never ranks.
     from torchmetrics.functional.retrieval import (retrieval_hit_rate, retrieval_normalized_dcg,
                                                    retrieval_precision, retrieval_recall)
 
