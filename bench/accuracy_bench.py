@@ -19,9 +19,10 @@ A "+stream" suffix trains in stream mode (the same protocol, data streamed from 
       --out bench/results/stream_vs_memory.json
 
 A "+hist" suffix adds the behaviour-history fields (model.history.pooling=[din, mean]: DIN target
-attention and the mean over each row's last HISTORY_LEN train interactions). With any +hist variant
-(or --history) the data is prepared with prepare.history once and every variant of the run trains
-on it, so all rows of a results file see the same prepared rows; the others ignore the history:
+attention and the mean over each row's last --history-length train interactions, default HISTORY_LEN).
+With any +hist variant (or --history) the data is prepared with prepare.history once and every variant
+of the run trains on it, so all rows of a results file see the same prepared rows; the others ignore
+the history:
 
   python bench/accuracy_bench.py --backbones shared_bottom shared_bottom+text shared_bottom+hist \
       shared_bottom+hist+text --run-dir runs/bench_history --out bench/results/history.json
@@ -35,10 +36,20 @@ embeds them, once before the jobs:
       shared_bottom+hist+text shared_bottom+hist+text+profile --resume \
       --run-dir runs/bench_history --out bench/results/history.json
 
---resume keeps the finished rows of --out and runs only the missing or failed jobs (a job's finished
-training is reused; its evaluation runs again); wall_seconds is then that invocation's. The file is
-rewritten with the variants named, so name the finished ones too. The LLM stages (encode, profile,
-augment) run only for the jobs left to run; the file keeps the profile stats it recorded.
+--out is rewritten after every job (pending_jobs says how many were still running), and --resume
+keeps the finished rows of --out and runs only the missing or failed jobs (a job's finished training
+is reused; its evaluation runs again): an interrupted run loses no finished job. wall_seconds is then
+that invocation's. The file is rewritten with the variants named, so name the finished ones too; a
+resume with other --set overrides or another --history-length stops with an error. The LLM stages
+(encode, profile, augment) run only for the jobs left to run; the file keeps the profile stats it
+recorded.
+
+--set KEY=VALUE (repeatable) adds one config override to every job, after the variant's own (e.g. a
+learning rate to compare on validation): it is recorded in --out, and those jobs train in folders of
+their own, next to the plain runs of the same --run-dir:
+
+  python bench/accuracy_bench.py --backbones shared_bottom+hist+text --seeds 1 --set train.lr=0.003 \
+      --run-dir runs/bench_history --out bench/results/screen_lr.json
 
 A "+text" suffix adds the LLM text features (model.text.mode=frozen: MiniLM embeddings of item and
 user texts through a learned projection; the encode stage runs once before the jobs).
@@ -57,13 +68,14 @@ process; --jobs of them run side by side. Results: bench/results/accuracy.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,11 +102,12 @@ PROFILE_OVERRIDES = ["profile.backend=vllm", "profile.batch_size=64", "profile.t
 PROFILE_FIELDS = "model.text.fields=[item, user, profile]"
 
 
-def history_overrides(history: bool) -> list[str]:
-    return [f"prepare.history={{length: {HISTORY_LEN}}}"] if history else []
+def history_overrides(length: int) -> list[str]:
+    """prepare.history for a history length (0: no history columns)."""
+    return [f"prepare.history={{length: {length}}}"] if length else []
 
 
-def overrides(variant: str, epochs: int, history: bool = False) -> list[str]:
+def overrides(variant: str, epochs: int, history: int = 0) -> list[str]:
     backbone, *extras = variant.split("+")
     o = [f"model.backbone={backbone}", f"train.epochs={epochs}", "train.num_workers=1", "train.torch_threads=1",
          *history_overrides(history)]
@@ -204,15 +217,22 @@ def auc_corrupted(train_dir: Path, prepare_dir: Path, share: float = CORRUPT_SHA
     return float(roc_auc_score(data.label.numpy(), p))
 
 
-def child(backbone: str, seed: int, epochs: int, run_dir: str, history: bool) -> None:
+def job_dir_name(backbone: str, seed: int, extra: list[str]) -> str:
+    """A job's train folder; runs with --set overrides get their own (a hash of them), so they never
+    overwrite or reuse the plain runs of the same run dir."""
+    tag = "_" + hashlib.sha1(json.dumps(extra).encode()).hexdigest()[:8] if extra else ""
+    return f"{backbone}_seed{seed}{tag}"
+
+
+def child(backbone: str, seed: int, epochs: int, run_dir: str, history: int, extra: list[str]) -> None:
     from mcl_ray.core.config import load_config
     from mcl_ray.core.ray_env import init_ray
     from mcl_ray.train.trainer import train_one
 
-    cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={run_dir}", *overrides(backbone, epochs, history)])
+    cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={run_dir}", *overrides(backbone, epochs, history), *extra])
     init_ray(cfg.ray)
     t0 = time.perf_counter()
-    res = train_one(cfg, Path(run_dir) / "prepare", Path(run_dir) / "train" / f"{backbone}_seed{seed}", seed)
+    res = train_one(cfg, Path(run_dir) / "prepare", Path(run_dir) / "train" / job_dir_name(backbone, seed, extra), seed)
     m = res.metrics
     ref = auc_on_sample(res.train_dir, Path(run_dir) / "prepare", seed)
     thin = auc_thin(res.train_dir, Path(run_dir) / "prepare")
@@ -232,7 +252,7 @@ def run_job(args, backbone: str, seed: int, slot: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=f"/tmp/mclb{slot}", RAY_DATA_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, __file__, "--child", backbone, str(seed), str(args.epochs), args.run_dir,
-                        str(int(args.history))],
+                        str(int(args.history)), json.dumps(args.set)],
                        capture_output=True, text=True, env=env, cwd=ROOT)
     if p.returncode != 0:
         return {"backbone": backbone, "seed": seed, "error": p.stderr[-1500:]}
@@ -246,6 +266,41 @@ def run_job(args, backbone: str, seed: int, slot: int) -> dict:
     return r
 
 
+def aggregate(backbones: list[str], runs: list[dict]) -> dict:
+    """Per variant: mean and std over its finished seeds."""
+    ok = [r for r in runs if "error" not in r]
+    table = {}
+    for b in backbones:
+        rs = [r for r in ok if r["backbone"] == b]
+        if not rs:
+            continue
+        agg = lambda xs: {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}  # noqa: E731
+        scen = list(rs[0]["by_scenario"])
+        table[b] = {"auc": agg([r["auc"] for r in rs]), "logloss": agg([r["logloss"] for r in rs]),
+                    "val_auc": agg([r["val_auc"] for r in rs]),
+                    "auc_at_sample": agg([r["auc_at_sample"] for r in rs]),
+                    "auc_thin_users": agg([r["auc_thin_users"] for r in rs]),
+                    "auc_corrupted": agg([r["auc_corrupted"] for r in rs]),
+                    "by_scenario": {s: {"auc": agg([r["by_scenario"][s]["auc"] for r in rs]),
+                                        "logloss": agg([r["by_scenario"][s]["logloss"] for r in rs])} for s in scen},
+                    "seeds": len(rs), "published": PUBLISHED.get(b)}
+    return table
+
+
+def write_results(a, runs: list[dict], profile_stats: dict | None, t0: float, pending: int) -> dict:
+    """--out with the runs finished so far, in job order; `pending` > 0 marks a file still being written."""
+    order = {(b, 2024 + s): i for i, (b, s) in enumerate((b, s) for b in a.backbones for s in range(a.seeds))}
+    runs = sorted(runs, key=lambda r: order.get((r["backbone"], r["seed"]), len(order)))
+    table = aggregate(a.backbones, runs)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"table": table, "runs": runs, "epochs_cap": a.epochs,
+                                       "history_length": a.history or None, "overrides": a.set,
+                                       **({"profile": profile_stats} if profile_stats else {}),
+                                       **({"pending_jobs": pending} if pending else {}),
+                                       "wall_seconds": time.time() - t0}, indent=2))
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbones", nargs="*", default=ORDER)
@@ -255,14 +310,19 @@ def main() -> None:
     ap.add_argument("--run-dir", default=str(ROOT / "runs" / "bench_accuracy"))
     ap.add_argument("--out", default=str(ROOT / "bench/results/accuracy.json"))
     ap.add_argument("--history", action="store_true", help="prepare with behaviour history (implied by +hist)")
+    ap.add_argument("--history-length", type=int, default=HISTORY_LEN,
+                    help="L of prepare.history when the run has history (every variant of the run sees the same rows)")
     ap.add_argument("--resume", action="store_true", help="keep the finished runs of --out (same script version), "
                     "run only the missing or failed ones (a finished training is reused, only its evaluation reruns)")
-    ap.add_argument("--child", nargs=5)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every job of the run, after the variant's own (repeatable; "
+                    "recorded in --out): e.g. --set train.lr=0.003")
+    ap.add_argument("--child", nargs=6)
     a = ap.parse_args()
     if a.child:
-        child(a.child[0], int(a.child[1]), int(a.child[2]), a.child[3], a.child[4] == "1")
+        child(a.child[0], int(a.child[1]), int(a.child[2]), a.child[3], int(a.child[4]), json.loads(a.child[5]))
         return
-    a.history = a.history or any("+hist" in b for b in a.backbones)
+    a.history = a.history_length if a.history or any("+hist" in b for b in a.backbones) else 0
     from mcl_ray.core.config import load_config
     from mcl_ray.data.prepare import prepare
     from mcl_ray.core.ray_env import init_ray
@@ -271,6 +331,12 @@ def main() -> None:
     kept, old = [], {}
     if a.resume and Path(a.out).exists():  # keep the finished rows of an earlier invocation, rerun the rest
         old = json.loads(Path(a.out).read_text())
+        if old.get("overrides", []) != a.set:
+            raise SystemExit(f"--resume: {a.out} was run with --set {old.get('overrides', [])}, this run has "
+                             f"{a.set}: use the same overrides or another --out")
+        if old.get("history_length") != (a.history or None):
+            raise SystemExit(f"--resume: {a.out} was prepared with history length {old.get('history_length')}, "
+                             f"this run with {a.history or None}: use the same --history-length or another --out")
         done = {(r["backbone"], r["seed"]): r for r in old["runs"] if "error" not in r}
         kept = [done[j] for j in jobs if j in done]
         jobs = [j for j in jobs if j not in done]
@@ -305,33 +371,16 @@ def main() -> None:
 
     ray.shutdown()
     t0 = time.time()
+    runs = list(kept)
     with ThreadPoolExecutor(a.jobs) as pool:
         futs = [pool.submit(run_job, a, b, s, i % a.jobs) for i, (b, s) in enumerate(jobs)]
-        runs = kept + [f.result() for f in futs]
-    errors = [r for r in runs if "error" in r]
-    for e in errors:
+        for n, f in enumerate(as_completed(futs), 1):  # the file after every job: an interrupted run keeps them
+            runs.append(f.result())
+            table = write_results(a, runs, profile_stats, t0, pending=len(jobs) - n)
+    if not jobs:
+        table = write_results(a, runs, profile_stats, t0, pending=0)
+    for e in [r for r in runs if "error" in r]:
         print(f"FAILED {e['backbone']} seed {e['seed']}:\n{e['error']}")
-    ok = [r for r in runs if "error" not in r]
-    table = {}
-    for b in a.backbones:
-        rs = [r for r in ok if r["backbone"] == b]
-        if not rs:
-            continue
-        agg = lambda xs: {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}  # noqa: E731
-        scen = list(rs[0]["by_scenario"])
-        table[b] = {"auc": agg([r["auc"] for r in rs]), "logloss": agg([r["logloss"] for r in rs]),
-                    "val_auc": agg([r["val_auc"] for r in rs]),
-                    "auc_at_sample": agg([r["auc_at_sample"] for r in rs]),
-                    "auc_thin_users": agg([r["auc_thin_users"] for r in rs]),
-                    "auc_corrupted": agg([r["auc_corrupted"] for r in rs]),
-                    "by_scenario": {s: {"auc": agg([r["by_scenario"][s]["auc"] for r in rs]),
-                                        "logloss": agg([r["by_scenario"][s]["logloss"] for r in rs])} for s in scen},
-                    "seeds": len(rs), "published": PUBLISHED.get(b)}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"table": table, "runs": runs, "epochs_cap": a.epochs,
-                                       "history_length": HISTORY_LEN if a.history else None,
-                                       **({"profile": profile_stats} if profile_stats else {}),
-                                       "wall_seconds": time.time() - t0}, indent=2))
     print(f"\nSWR protocol on ML-1M, test split, {a.seeds} seeds (mean ± std); published in brackets")
     print(f"{'backbone':18s} {'overall AUC':>20s} {'logloss':>16s}   per-scenario AUC (s0 / s1 / s2)   "
           f"AUC on llm_ranker's test sample   AUC users <= {THIN} train rows   AUC {CORRUPT_SHARE:.0%} ids corrupted")

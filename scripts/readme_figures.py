@@ -380,6 +380,33 @@ def history() -> str:
             f"scenario the best of any backbone: {pub}.\n")
 
 
+def history_levers() -> str:
+    """Settings tried for the +history+text row, each against the reference run of the same seeds
+    (bench/results/history.json), compared on validation AUC; one results file per setting."""
+    import statistics
+
+    ref = {r["seed"]: r for r in _load("history")["runs"] if r["backbone"] == "shared_bottom+hist+text" and "error" not in r}
+    rows = []
+    for f in sorted(RESULTS.glob("history_lever_*.json")):
+        d = json.loads(f.read_text())
+        for v in d["table"]:
+            rs = [r for r in d["runs"] if r["backbone"] == v and "error" not in r and r["seed"] in ref]
+            what = ", ".join([*([f"prepare.history.length={d['history_length']}"] if d["history_length"] != 20 else []),
+                              *d.get("overrides", [])]) or "(reference settings)"
+            dv = [r["val_auc"] - ref[r["seed"]]["val_auc"] for r in rs]
+            dt = [r["auc"] - ref[r["seed"]]["auc"] for r in rs]
+            sd = lambda xs: f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else ""  # noqa: E731
+            rows.append(f"| `{what}` | {', '.join(str(r['seed']) for r in rs)} | "
+                        f"{statistics.fmean(r['val_auc'] for r in rs):.4f} | {statistics.fmean(dv):+.4f}{sd(dv)} | "
+                        f"{statistics.fmean(r['auc'] for r in rs):.4f} | {statistics.fmean(dt):+.4f}{sd(dt)} | "
+                        f"{', '.join(str(r['best_epoch']) for r in rs)} | `{f.name}` |")
+    return ("`shared_bottom+hist+text`, the protocol above, one setting changed at a time "
+            "(`bench/accuracy_bench.py --set` / `--history-length`); Δ against the reference run of the same seed "
+            "in `bench/results/history.json`; a setting is kept only if validation says so:\n\n"
+            "| setting | seeds | valid AUC | Δ valid | test AUC | Δ test | best epoch | results |\n"
+            "|---|---|---:|---:|---:|---:|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def llm_parts() -> str:
     """The profile stage's time and the augment answers' position bias (bench/llm_parts_bench.py)."""
     d = _load("llm_parts")
@@ -465,7 +492,7 @@ RENDERERS = {"default-run-output": default_run_output, "default-run-time": defau
              "accuracy": accuracy, "tune": tune, "serve": serve, "scale": scale, "fairness": fairness,
              "two-stage": two_stage, "serve-two-stage": serve_two_stage, "serve-options": serve_options,
              "autoscale": autoscale, "explain": explain, "adaptation": adaptation,
-             "perturbation": perturbation, "history": history, "llm-parts": llm_parts, "augment-sparse": augment_sparse,
+             "perturbation": perturbation, "history": history, "history-levers": history_levers, "llm-parts": llm_parts, "augment-sparse": augment_sparse,
              "stream-vs-memory": stream_vs_memory}
 
 
