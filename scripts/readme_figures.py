@@ -386,7 +386,7 @@ def history_levers() -> str:
     import statistics
 
     ref = {r["seed"]: r for r in _load("history")["runs"] if r["backbone"] == "shared_bottom+hist+text" and "error" not in r}
-    rows = []
+    rows, full = [], []
     for f in sorted(RESULTS.glob("history_lever_*.json")):
         d = json.loads(f.read_text())
         for v in d["table"]:
@@ -400,11 +400,19 @@ def history_levers() -> str:
                         f"{statistics.fmean(r['val_auc'] for r in rs):.4f} | {statistics.fmean(dv):+.4f}{sd(dv)} | "
                         f"{statistics.fmean(r['auc'] for r in rs):.4f} | {statistics.fmean(dt):+.4f}{sd(dt)} | "
                         f"{', '.join(str(r['best_epoch']) for r in rs)} | `{f.name}` |")
+            if len(rs) >= 3:  # a confirmed setting: its test AUC per scenario, against the best published
+                x = d["table"][v]
+                full.append(f"`{what}`, test AUC per scenario (mean ± std over {len(rs)} seeds; best published in "
+                            "brackets): " + ", ".join(f"{sc} {m['auc']['mean']:.4f} ± {m['auc']['std']:.4f} "
+                                                      f"[{BEST_PUBLISHED[sc]:.4f}]" for sc, m in x["by_scenario"].items())
+                            + f"; overall {x['auc']['mean']:.4f} ± {x['auc']['std']:.4f} "
+                            f"[{BEST_PUBLISHED['overall']:.4f}].")
     return ("`shared_bottom+hist+text`, the protocol above, one setting changed at a time "
             "(`bench/accuracy_bench.py --set` / `--history-length`); Δ against the reference run of the same seed "
             "in `bench/results/history.json`; a setting is kept only if validation says so:\n\n"
             "| setting | seeds | valid AUC | Δ valid | test AUC | Δ test | best epoch | results |\n"
-            "|---|---|---:|---:|---:|---:|---|---|\n" + "\n".join(rows) + "\n")
+            "|---|---|---:|---:|---:|---:|---|---|\n" + "\n".join(rows) + "\n"
+            + "".join(f"\n{line}\n" for line in full))
 
 
 def llm_parts() -> str:

@@ -569,6 +569,7 @@ class RetrievalConfig(Strict):
     model: ModelConfig = Field(default_factory=_retrieval_model, description="The two-tower model (backbone two_tower).")
     epochs: int | None = Field(None, ge=1, description="Training epochs (null: train.epochs).")
     lr: float | None = Field(None, gt=0, description="Learning rate (null: train.lr).")
+    weight_decay: float | None = Field(None, ge=0.0, description="Weight decay (null: train.weight_decay).")
     batch_size: int | None = Field(None, ge=2, description="Global batch size; larger means more in-batch negatives "
                                                            "(null: train.batch_size).")
     candidates: int = Field(500, ge=1, description="N: items retrieved per request and ranked (a request may ask "

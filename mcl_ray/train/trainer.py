@@ -135,10 +135,11 @@ class TrainSeed(Stage[TrainResult]):
 
 def retrieval_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The experiment as its retrieval model trains and is evaluated: the two-tower model, the
-    retrieval section's epochs / lr / batch size, no perturbation, and top-K metrics up to N (how
+    retrieval section's epochs / lr / weight decay / batch size, no perturbation, and top-K metrics up to N (how
     often a held-out positive is among the N candidates the ranking model will see)."""
     r = cfg.retrieval
-    over = {k: v for k, v in (("epochs", r.epochs), ("lr", r.lr), ("batch_size", r.batch_size)) if v is not None}
+    over = {k: v for k, v in (("epochs", r.epochs), ("lr", r.lr), ("weight_decay", r.weight_decay),
+                              ("batch_size", r.batch_size)) if v is not None}
     return cfg.model_copy(update={
         "model": r.model,
         "train": cfg.train.model_copy(update={**over, "perturbation": "none"}),
