@@ -396,7 +396,8 @@ def history_levers() -> str:
             dv = [r["val_auc"] - ref[r["seed"]]["val_auc"] for r in rs]
             dt = [r["auc"] - ref[r["seed"]]["auc"] for r in rs]
             sd = lambda xs: f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else ""  # noqa: E731
-            rows.append(f"| `{what}` | {', '.join(str(r['seed']) for r in rs)} | "
+            seeds = ", ".join(str(r["seed"]) for r in rs) + (" (run not finished)" if d.get("pending_jobs") else "")
+            rows.append(f"| `{what}` | {seeds} | "
                         f"{statistics.fmean(r['val_auc'] for r in rs):.4f} | {statistics.fmean(dv):+.4f}{sd(dv)} | "
                         f"{statistics.fmean(r['auc'] for r in rs):.4f} | {statistics.fmean(dt):+.4f}{sd(dt)} | "
                         f"{', '.join(str(r['best_epoch']) for r in rs)} | `{f.name}` |")
@@ -407,7 +408,7 @@ def history_levers() -> str:
                                                       f"[{BEST_PUBLISHED[sc]:.4f}]" for sc, m in x["by_scenario"].items())
                             + f"; overall {x['auc']['mean']:.4f} ± {x['auc']['std']:.4f} "
                             f"[{BEST_PUBLISHED['overall']:.4f}].")
-    return ("`shared_bottom+hist+text`, the protocol above, one setting changed at a time "
+    return ("`shared_bottom+hist+text`, the protocol above, with the settings named changed "
             "(`bench/accuracy_bench.py --set` / `--history-length`); Δ against the reference run of the same seed "
             "in `bench/results/history.json`; a setting is kept only if validation says so:\n\n"
             "| setting | seeds | valid AUC | Δ valid | test AUC | Δ test | best epoch | results |\n"
@@ -500,7 +501,8 @@ RENDERERS = {"default-run-output": default_run_output, "default-run-time": defau
              "accuracy": accuracy, "tune": tune, "serve": serve, "scale": scale, "fairness": fairness,
              "two-stage": two_stage, "serve-two-stage": serve_two_stage, "serve-options": serve_options,
              "autoscale": autoscale, "explain": explain, "adaptation": adaptation,
-             "perturbation": perturbation, "history": history, "history-levers": history_levers, "llm-parts": llm_parts, "augment-sparse": augment_sparse,
+             "perturbation": perturbation, "history": history, "history-levers": history_levers,
+             "llm-parts": llm_parts, "augment-sparse": augment_sparse,
              "stream-vs-memory": stream_vs_memory}
 
 

@@ -135,8 +135,8 @@ class TrainSeed(Stage[TrainResult]):
 
 def retrieval_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The experiment as its retrieval model trains and is evaluated: the two-tower model, the
-    retrieval section's epochs / lr / weight decay / batch size, no perturbation, and top-K metrics up to N (how
-    often a held-out positive is among the N candidates the ranking model will see)."""
+    retrieval section's epochs / lr / weight decay / batch size, no perturbation, and top-K metrics
+    up to N (how often a held-out positive is among the N candidates the ranking model will see)."""
     r = cfg.retrieval
     over = {k: v for k, v in (("epochs", r.epochs), ("lr", r.lr), ("weight_decay", r.weight_decay),
                               ("batch_size", r.batch_size)) if v is not None}
