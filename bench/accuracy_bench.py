@@ -229,7 +229,8 @@ def child(backbone: str, seed: int, epochs: int, run_dir: str, history: int, ext
     from mcl_ray.core.ray_env import init_ray
     from mcl_ray.train.trainer import train_one
 
-    cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={run_dir}", *overrides(backbone, epochs, history), *extra])
+    cfg = load_config(ROOT / "experiments/ml1m_swr.yaml",
+                      [f"run_dir={run_dir}", *overrides(backbone, epochs, history), *extra])
     init_ray(cfg.ray)
     t0 = time.perf_counter()
     res = train_one(cfg, Path(run_dir) / "prepare", Path(run_dir) / "train" / job_dir_name(backbone, seed, extra), seed)
@@ -376,9 +377,8 @@ def main() -> None:
         futs = [pool.submit(run_job, a, b, s, i % a.jobs) for i, (b, s) in enumerate(jobs)]
         for n, f in enumerate(as_completed(futs), 1):  # the file after every job: an interrupted run keeps them
             runs.append(f.result())
-            table = write_results(a, runs, profile_stats, t0, pending=len(jobs) - n)
-    if not jobs:
-        table = write_results(a, runs, profile_stats, t0, pending=0)
+            write_results(a, runs, profile_stats, t0, pending=len(jobs) - n)
+    table = write_results(a, runs, profile_stats, t0, pending=0)
     for e in [r for r in runs if "error" in r]:
         print(f"FAILED {e['backbone']} seed {e['seed']}:\n{e['error']}")
     print(f"\nSWR protocol on ML-1M, test split, {a.seeds} seeds (mean ± std); published in brackets")
