@@ -122,6 +122,40 @@ def test_target_attention_masks_padding_and_scores_rows_alone(backbone):
                                   base[row])
 
 
+def test_history_item_text_compares_items_by_content_and_keeps_the_masking():
+    """model.history.item_text: an item's text vector enters its history entries and DIN's query (so
+    two ids with the same text look alike to the attention); padding stays masked, rows stay alone."""
+    from mcl_ray.models.text import TextFields
+
+    spec = SPEC.model_copy(update={"features": [*SPEC.features, Feature(name="item_text", kind="text_embedding",
+                                                                         source="item", dim=6)]})
+    cfg = ModelConfig(backbone="shared_bottom", dropout=0.0, text={"mode": "frozen", "fields": ["item"]},
+                      history={"pooling": ["din", "mean"], "item_text": True})
+    torch.manual_seed(0)
+    model = build_model(spec, cfg)
+    model.train(False)
+    text = next(m for m in model.modules() if isinstance(m, TextFields)).tables["item"]
+    text.weight.data.normal_()  # what the encode stage's embeddings fill in
+    b = hist_batch(16)
+    with torch.no_grad():
+        base = model(b)
+        junk = b.hist.clone()
+        pad = junk[:, 1] == 0
+        junk[:, 0][pad] = 5
+        assert torch.allclose(model(Batch(cat=b.cat, num=b.num, scenario=b.scenario, hist=junk)), base, atol=1e-6)
+        for i in (0, 7, 15):
+            assert torch.allclose(model(b.slice(i, i + 1)), base[i:i + 1], atol=1e-6)
+        # the text is used: changing the text of an item some history holds (not the target) moves its rows
+        row = next(i for i in range(16) if b.hist[i, 1, 0] > 0 and b.hist[i, 0, 0] != b.cat[i, 1])
+        text.weight.data[int(b.hist[row, 0, 0])] += 1.0
+        assert not torch.allclose(model(b)[row], base[row])
+    model.train(True)
+    model(b).sum().backward()
+    assert text.weight.grad is None  # frozen, the projection learns
+    with pytest.raises(ValueError, match="item_text"):
+        ModelConfig(history={"pooling": ["din"], "item_text": True})  # text off
+
+
 @pytest.mark.parametrize("hidden", [[64, 32], [16]])
 def test_din_weights_equal_the_attention_mlp_over_q_k_q_minus_k_q_times_k(hidden):
     """The factored first layer (q part once per row) is DIN's MLP over [q, k, q-k, q*k], gradients too."""

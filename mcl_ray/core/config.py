@@ -285,6 +285,10 @@ class HistoryFeatureConfig(Strict):
         default_factory=list, description="Fields made from the behaviour history (needs prepare.history): din "
         "(target attention over the history, DIN), mean (its mean). Empty: history unused.")
     attention_hidden: list[int] = Field([64, 32], min_length=1, description="din: widths of the attention MLP.")
+    item_text: bool = Field(
+        False, description="History entries and DIN's query also carry the item's text embedding (needs model.text "
+        "frozen with the item field) through a projection of their own, so the attention compares items by content "
+        "as well as by id.")
 
 
 class ModelConfig(Strict):
@@ -311,6 +315,9 @@ class ModelConfig(Strict):
         if self.backbone == "m2m" and self.embedding_dim % self.attention_heads:
             raise ValueError(f"model.embedding_dim ({self.embedding_dim}) must be divisible by "
                              f"model.attention_heads ({self.attention_heads}) for m2m")
+        if self.history.item_text and (self.text.mode != "frozen" or "item" not in self.text.fields):
+            raise ValueError("model.history.item_text needs the item texts' embeddings: set model.text.mode=frozen "
+                             "with item in model.text.fields")
         if self.backbone == "llm_ranker" and self.text.mode != "off":
             raise ValueError("model.backbone=llm_ranker reads the texts itself (a cross-encoder); "
                              "set model.text.mode to off")

@@ -40,9 +40,11 @@ class HistoryPooling(nn.Module):
     An entry's vector is its item's embedding (the item feature's own table, passed in, so history
     and target share it) + its label's + its scenario's. Padding (label 0) is masked out, and no row
     looks at another, so a row alone scores as it does in a batch. DIN (Zhou et al. 2018): weights
-    from an MLP over [q, k, q-k, q*k] with q the target item's embedding, not softmax-normalised."""
+    from an MLP over [q, k, q-k, q*k] with q the target item's embedding, not softmax-normalised.
+    With item_text, an item's vector (in the history and as q) adds its frozen text embedding through
+    a projection of its own (text_dim wide in)."""
 
-    def __init__(self, spec: FeatureSpec, dim: int, hc: HistoryFeatureConfig):
+    def __init__(self, spec: FeatureSpec, dim: int, hc: HistoryFeatureConfig, text_dim: int | None = None):
         super().__init__()
         seq = spec.sequence
         if not seq:
@@ -57,18 +59,32 @@ class HistoryPooling(nn.Module):
         if "din" in self.pooling:
             mlp = MLP(4 * dim, hc.attention_hidden)
             self.attention = nn.Sequential(mlp, nn.Linear(mlp.out_dim, 1))
+        self.text_proj = None
+        if hc.item_text:
+            if text_dim is None:
+                raise ValueError("model.history.item_text needs the item text embeddings (model.text frozen, item field)")
+            self.text_proj = nn.Linear(text_dim, dim)
 
-    def forward(self, batch: Batch, item_table: nn.Embedding) -> list[torch.Tensor]:  # -> P x [B, D]
+    def forward(self, batch: Batch, item_table: nn.Embedding,
+                item_text: nn.Embedding | None = None) -> list[torch.Tensor]:  # -> P x [B, D]
         hist = batch.hist
         if hist is None:  # no history known (e.g. a batch built without one): as for a user with none
             hist = batch.cat.new_zeros(len(batch), 3, self.length, dtype=torch.int32)
         items, labels, scens = hist.unbind(1)  # [B, L] each
         mask = (labels > 0).unsqueeze(-1).to(torch.float32)  # [B, L, 1]
-        k = (item_table(items) + self.label(labels) + self.scenario(scens)) * mask  # [B, L, D]
+
+        def item_vec(ids: torch.Tensor) -> torch.Tensor:  # [...] -> [..., D]
+            v = item_table(ids)
+            if self.text_proj is not None:  # each distinct item's text projected once per batch
+                uniq, inv = torch.unique(ids, return_inverse=True)
+                v = v + self.text_proj(item_text(uniq))[inv]
+            return v
+
+        k = (item_vec(items) + self.label(labels) + self.scenario(scens)) * mask  # [B, L, D]
         fields = []
         for p in self.pooling:
             if p == "din":
-                q = item_table(batch.cat[:, self.item_index])  # [B, D]
+                q = item_vec(batch.cat[:, self.item_index])  # [B, D]
                 w = self.din_weights(q, k) * mask  # [B, L, 1]
                 fields.append((w * k).sum(1))  # [B, D]
             else:
@@ -112,7 +128,15 @@ class InputLayer(nn.Module):
         if text is not None and text.mode != "off":
             self.text = TextFields(spec, dim, text)
         self.text_names = [f"{f}_text" for f in self.text.fields] if self.text is not None else []
-        self.history = HistoryPooling(spec, dim, history) if history is not None and history.pooling else None
+        self.history = None
+        if history is not None and history.pooling:
+            text_dim = None
+            if history.item_text and self.text is not None and self.text.mode == "frozen" and "item" in self.text.fields:
+                text_dim = self.text.tables["item"].embedding_dim
+            self.history = HistoryPooling(spec, dim, history, text_dim)
+            if text_dim is not None and self.text.keys["item"] != self.history.item_index:
+                raise ValueError("model.history.item_text: the history's item ids (prepare.history.item_feature) are "
+                                 "not the ids the item texts are keyed by")
         self.hist_names = [f"history_{p}" for p in self.history.pooling] if self.history is not None else []
         self.num_fields = len(self.cat_names) + len(self.num_names) + len(self.text_names) + len(self.hist_names)
         self.dim = dim
@@ -128,7 +152,8 @@ class InputLayer(nn.Module):
         if self.text is not None:
             fields += self.text(batch.cat)  # T x [B, D]
         if self.history is not None:
-            fields += self.history(batch, self.embeddings[self.history.item_index])  # P x [B, D]
+            text = self.text.tables["item"] if self.history.text_proj is not None else None
+            fields += self.history(batch, self.embeddings[self.history.item_index], text)  # P x [B, D]
         x = torch.stack(fields, dim=1)
         if self.capture:
             self.last = x
