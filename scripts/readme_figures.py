@@ -381,38 +381,51 @@ def history() -> str:
 
 
 def history_levers() -> str:
-    """Settings tried for the +history+text row, each against the reference run of the same seeds
-    (bench/results/history.json), compared on validation AUC; one results file per setting."""
+    """Settings tried for the +history rows, each variant against its own reference run of the same
+    seeds (bench/results/history.json), compared on validation AUC; one results file per setting. A
+    file with several variants also gives what each LLM part adds at its settings, paired by seed."""
     import statistics
 
-    ref = {r["seed"]: r for r in _load("history")["runs"] if r["backbone"] == "shared_bottom+hist+text" and "error" not in r}
+    ref = {(r["backbone"], r["seed"]): r for r in _load("history")["runs"] if "error" not in r}
+    sd = lambda xs: f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else ""  # noqa: E731
     rows, full = [], []
     for f in sorted(RESULTS.glob("history_lever_*.json")):
         d = json.loads(f.read_text())
+        what = ", ".join([*([f"prepare.history.length={d['history_length']}"] if d["history_length"] != 20 else []),
+                          *d.get("overrides", [])]) or "(reference settings)"
+        done = {(r["backbone"], r["seed"]): r for r in d["runs"] if "error" not in r}
         for v in d["table"]:
-            rs = [r for r in d["runs"] if r["backbone"] == v and "error" not in r and r["seed"] in ref]
-            what = ", ".join([*([f"prepare.history.length={d['history_length']}"] if d["history_length"] != 20 else []),
-                              *d.get("overrides", [])]) or "(reference settings)"
-            dv = [r["val_auc"] - ref[r["seed"]]["val_auc"] for r in rs]
-            dt = [r["auc"] - ref[r["seed"]]["auc"] for r in rs]
-            sd = lambda xs: f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else ""  # noqa: E731
+            rs = [r for (b, s), r in done.items() if b == v and (b, s) in ref]
+            dv = [r["val_auc"] - ref[(v, r["seed"])]["val_auc"] for r in rs]
+            dt = [r["auc"] - ref[(v, r["seed"])]["auc"] for r in rs]
             seeds = ", ".join(str(r["seed"]) for r in rs) + (" (run not finished)" if d.get("pending_jobs") else "")
-            rows.append(f"| `{what}` | {seeds} | "
+            rows.append(f"| `{what}` | `{v}` | {seeds} | "
                         f"{statistics.fmean(r['val_auc'] for r in rs):.4f} | {statistics.fmean(dv):+.4f}{sd(dv)} | "
                         f"{statistics.fmean(r['auc'] for r in rs):.4f} | {statistics.fmean(dt):+.4f}{sd(dt)} | "
                         f"{', '.join(str(r['best_epoch']) for r in rs)} | `{f.name}` |")
-            if len(rs) >= 3:  # a confirmed setting: its test AUC per scenario, against the best published
+            if len(rs) >= 3 and v.endswith("+hist+text"):  # a confirmed setting: test AUC per scenario
                 x = d["table"][v]
-                full.append(f"`{what}`, test AUC per scenario (mean ± std over {len(rs)} seeds; best published in "
-                            "brackets): " + ", ".join(f"{sc} {m['auc']['mean']:.4f} ± {m['auc']['std']:.4f} "
-                                                      f"[{BEST_PUBLISHED[sc]:.4f}]" for sc, m in x["by_scenario"].items())
+                full.append(f"`{what}`, `{v}`, test AUC per scenario (mean ± std over {len(rs)} seeds; best published "
+                            "in brackets): " + ", ".join(f"{sc} {m['auc']['mean']:.4f} ± {m['auc']['std']:.4f} "
+                                                        f"[{BEST_PUBLISHED[sc]:.4f}]" for sc, m in x["by_scenario"].items())
                             + f"; overall {x['auc']['mean']:.4f} ± {x['auc']['std']:.4f} "
                             f"[{BEST_PUBLISHED['overall']:.4f}].")
-    return ("`shared_bottom+hist+text`, the protocol above, with the settings named changed "
-            "(`bench/accuracy_bench.py --set` / `--history-length`); Δ against the reference run of the same seed "
-            "in `bench/results/history.json`; a setting is kept only if validation says so:\n\n"
-            "| setting | seeds | valid AUC | Δ valid | test AUC | Δ test | best epoch | results |\n"
-            "|---|---|---:|---:|---:|---:|---|---|\n" + "\n".join(rows) + "\n"
+        parts = []  # each LLM part at these settings: the variant with it against the one without, same seeds
+        for a, b, part in (("+hist", "+hist+text", "text"), ("+hist+text", "+hist+text+profile", "LLM profiles")):
+            pairs = [(r, done[(v[: -len(a)] + b, s)]) for (v, s), r in done.items()
+                     if v.endswith(a) and (v[: -len(a)] + b, s) in done]
+            if len(pairs) >= 2:
+                dv = [q["val_auc"] - p["val_auc"] for p, q in pairs]
+                dt = [q["auc"] - p["auc"] for p, q in pairs]
+                parts.append(f"{part} Δ valid {statistics.fmean(dv):+.4f}{sd(dv)}, Δ test {statistics.fmean(dt):+.4f}{sd(dt)} "
+                             f"({len(pairs)} seeds)")
+        if parts:
+            full.append(f"What the LLM parts add at `{what}` (`{f.name}`, paired by seed): " + "; ".join(parts) + ".")
+    return ("The protocol above with the settings named changed (`bench/accuracy_bench.py --set` / "
+            "`--history-length`); Δ against the reference run of the same variant and seed in "
+            "`bench/results/history.json`; a setting is kept only if validation says so:\n\n"
+            "| setting | variant | seeds | valid AUC | Δ valid | test AUC | Δ test | best epoch | results |\n"
+            "|---|---|---|---:|---:|---:|---:|---|---|\n" + "\n".join(rows) + "\n"
             + "".join(f"\n{line}\n" for line in full))
 
 
