@@ -123,8 +123,9 @@ def test_target_attention_masks_padding_and_scores_rows_alone(backbone):
 
 
 def test_history_item_text_compares_items_by_content_and_keeps_the_masking():
-    """model.history.item_text: an item's text vector enters its history entries and DIN's query (so
-    two ids with the same text look alike to the attention); padding stays masked, rows stay alone."""
+    """model.history.item_text: an item's text vector enters its history entries and DIN's query
+    through the history's own projection; padding stays masked, a row alone scores as in a batch."""
+    from mcl_ray.models.blocks import HistoryPooling
     from mcl_ray.models.text import TextFields
 
     spec = SPEC.model_copy(update={"features": [*SPEC.features, Feature(name="item_text", kind="text_embedding",
@@ -151,7 +152,8 @@ def test_history_item_text_compares_items_by_content_and_keeps_the_masking():
         assert not torch.allclose(model(b)[row], base[row])
     model.train(True)
     model(b).sum().backward()
-    assert text.weight.grad is None  # frozen, the projection learns
+    pool = next(m for m in model.modules() if isinstance(m, HistoryPooling))
+    assert text.weight.grad is None and pool.text_proj.weight.grad.abs().sum() > 0  # frozen; the projection learns
     with pytest.raises(ValueError, match="item_text"):
         ModelConfig(history={"pooling": ["din"], "item_text": True})  # text off
 
