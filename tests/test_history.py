@@ -97,6 +97,20 @@ def hist_batch(n: int, seed: int = 0) -> Batch:
                  scenario=torch.randint(0, 2, (n,), generator=g), hist=hist)
 
 
+def assert_masks_padding_and_scores_rows_alone(model: torch.nn.Module, b: Batch) -> torch.Tensor:
+    """Padding (label 0) may hold anything without moving a score, and a row alone scores as it does
+    in the batch; returns the batch's scores."""
+    base = model(b)
+    junk = b.hist.clone()
+    pad = junk[:, 1] == 0
+    junk[:, 0][pad] = 5
+    junk[:, 2][pad] = 1
+    assert torch.allclose(model(Batch(cat=b.cat, num=b.num, scenario=b.scenario, hist=junk)), base, atol=1e-6)
+    for i in (0, 7, 15):
+        assert torch.allclose(model(b.slice(i, i + 1)), base[i:i + 1], atol=1e-6)
+    return base
+
+
 @pytest.mark.parametrize("backbone", ["shared_bottom", "mmoe", "star", "m2m"])
 def test_target_attention_masks_padding_and_scores_rows_alone(backbone):
     torch.manual_seed(0)
@@ -104,16 +118,7 @@ def test_target_attention_masks_padding_and_scores_rows_alone(backbone):
     model.train(False)
     b = hist_batch(16)
     with torch.no_grad():
-        base = model(b)
-        # padding (label 0) may hold anything: the scores do not move
-        junk = b.hist.clone()
-        pad = junk[:, 1] == 0
-        junk[:, 0][pad] = 5
-        junk[:, 2][pad] = 1
-        assert torch.allclose(model(Batch(cat=b.cat, num=b.num, scenario=b.scenario, hist=junk)), base, atol=1e-6)
-        # a row alone scores as it does in the batch
-        for i in (0, 7, 15):
-            assert torch.allclose(model(b.slice(i, i + 1)), base[i:i + 1], atol=1e-6)
+        base = assert_masks_padding_and_scores_rows_alone(model, b)
         # and the history is used: a row with one real entry changed scores differently
         row = next(i for i in range(16) if b.hist[i, 1, 0] > 0)
         other = b.hist.clone()
@@ -139,13 +144,7 @@ def test_history_item_text_compares_items_by_content_and_keeps_the_masking():
     text.weight.data.normal_()  # what the encode stage's embeddings fill in
     b = hist_batch(16)
     with torch.no_grad():
-        base = model(b)
-        junk = b.hist.clone()
-        pad = junk[:, 1] == 0
-        junk[:, 0][pad] = 5
-        assert torch.allclose(model(Batch(cat=b.cat, num=b.num, scenario=b.scenario, hist=junk)), base, atol=1e-6)
-        for i in (0, 7, 15):
-            assert torch.allclose(model(b.slice(i, i + 1)), base[i:i + 1], atol=1e-6)
+        base = assert_masks_padding_and_scores_rows_alone(model, b)
         # the text is used: changing the text of an item some history holds (not the target) moves its rows
         row = next(i for i in range(16) if b.hist[i, 1, 0] > 0 and b.hist[i, 0, 0] != b.cat[i, 1])
         text.weight.data[int(b.hist[row, 0, 0])] += 1.0
