@@ -72,19 +72,16 @@ class HistoryPooling(nn.Module):
             hist = batch.cat.new_zeros(len(batch), 3, self.length, dtype=torch.int32)
         items, labels, scens = hist.unbind(1)  # [B, L] each
         mask = (labels > 0).unsqueeze(-1).to(torch.float32)  # [B, L, 1]
-
-        def item_vec(ids: torch.Tensor) -> torch.Tensor:  # [...] -> [..., D]
-            v = item_table(ids)
-            if self.text_proj is not None:  # each distinct item's text projected once per batch
-                uniq, inv = torch.unique(ids, return_inverse=True)
-                v = v + self.text_proj(item_text(uniq))[inv]
-            return v
-
-        k = (item_vec(items) + self.label(labels) + self.scenario(scens)) * mask  # [B, L, D]
+        q_ids = batch.cat[:, self.item_index]  # [B] the target items
+        e_items, q = item_table(items), item_table(q_ids)  # [B, L, D], [B, D]
+        if self.text_proj is not None:  # each distinct item (history or target) projected once per batch
+            uniq, inv = torch.unique(torch.cat([items.flatten(), q_ids]), return_inverse=True)
+            t = self.text_proj(item_text(uniq))[inv]  # [B*L + B, D]
+            e_items, q = e_items + t[: items.numel()].view_as(e_items), q + t[items.numel():]
+        k = (e_items + self.label(labels) + self.scenario(scens)) * mask  # [B, L, D]
         fields = []
         for p in self.pooling:
             if p == "din":
-                q = item_vec(batch.cat[:, self.item_index])  # [B, D]
                 w = self.din_weights(q, k) * mask  # [B, L, 1]
                 fields.append((w * k).sum(1))  # [B, D]
             else:
@@ -130,9 +127,8 @@ class InputLayer(nn.Module):
         self.text_names = [f"{f}_text" for f in self.text.fields] if self.text is not None else []
         self.history = None
         if history is not None and history.pooling:
-            text_dim = None
-            if history.item_text and self.text is not None and self.text.mode == "frozen" and "item" in self.text.fields:
-                text_dim = self.text.tables["item"].embedding_dim
+            # ModelConfig guarantees frozen item texts when item_text is set
+            text_dim = self.text.tables["item"].embedding_dim if history.item_text else None
             self.history = HistoryPooling(spec, dim, history, text_dim)
             if text_dim is not None and self.text.keys["item"] != self.history.item_index:
                 raise ValueError("model.history.item_text: the history's item ids (prepare.history.item_feature) are "
