@@ -98,6 +98,7 @@ CORRUPT_SHARE = 0.2  # robustness: AUC when this share of the test rows' categor
 HISTORY_LEN = 20  # prepare.history.length of +hist runs
 AUG_USERS = 400  # thin users (<= 30 train interactions) prompted once, shared by every +aug variant
 THIN = 30
+EPOCHS = 15  # the protocol's epoch cap (with patience 4 on validation AUC)
 PROFILE_OVERRIDES = ["profile.backend=vllm", "profile.batch_size=64", "profile.torch_threads=2", "ray.num_cpus=4"]
 PROFILE_FIELDS = "model.text.fields=[item, user, profile]"
 
@@ -217,10 +218,11 @@ def auc_corrupted(train_dir: Path, prepare_dir: Path, share: float = CORRUPT_SHA
     return float(roc_auc_score(data.label.numpy(), p))
 
 
-def job_dir_name(backbone: str, seed: int, extra: list[str]) -> str:
-    """A job's train folder; runs with --set overrides get their own (a hash of them), so they never
-    overwrite or reuse the plain runs of the same run dir."""
-    tag = "_" + hashlib.sha1(json.dumps(extra).encode()).hexdigest()[:8] if extra else ""
+def job_dir_name(backbone: str, seed: int, extra: list[str], epochs: int = EPOCHS) -> str:
+    """A job's train folder; runs with --set overrides or another --epochs cap get their own (a hash of
+    them), so they never overwrite or reuse the plain runs of the same run dir."""
+    key = [*extra, *([f"--epochs={epochs}"] if epochs != EPOCHS else [])]
+    tag = "_" + hashlib.sha1(json.dumps(key).encode()).hexdigest()[:8] if key else ""
     return f"{backbone}_seed{seed}{tag}"
 
 
@@ -233,7 +235,7 @@ def child(backbone: str, seed: int, epochs: int, run_dir: str, history: int, ext
                       [f"run_dir={run_dir}", *overrides(backbone, epochs, history), *extra])
     init_ray(cfg.ray)
     t0 = time.perf_counter()
-    res = train_one(cfg, Path(run_dir) / "prepare", Path(run_dir) / "train" / job_dir_name(backbone, seed, extra), seed)
+    res = train_one(cfg, Path(run_dir) / "prepare", Path(run_dir) / "train" / job_dir_name(backbone, seed, extra, epochs), seed)
     m = res.metrics
     ref = auc_on_sample(res.train_dir, Path(run_dir) / "prepare", seed)
     thin = auc_thin(res.train_dir, Path(run_dir) / "prepare")
@@ -306,7 +308,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbones", nargs="*", default=ORDER)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--run-dir", default=str(ROOT / "runs" / "bench_accuracy"))
     ap.add_argument("--out", default=str(ROOT / "bench/results/accuracy.json"))
@@ -338,6 +340,9 @@ def main() -> None:
         if old.get("history_length") != (a.history or None):
             raise SystemExit(f"--resume: {a.out} was prepared with history length {old.get('history_length')}, "
                              f"this run with {a.history or None}: use the same --history-length or another --out")
+        if old.get("epochs_cap", a.epochs) != a.epochs:
+            raise SystemExit(f"--resume: {a.out} was run with --epochs {old['epochs_cap']}, this run with "
+                             f"{a.epochs}: use the same --epochs or another --out")
         done = {(r["backbone"], r["seed"]): r for r in old["runs"] if "error" not in r}
         kept = [done[j] for j in jobs if j in done]
         jobs = [j for j in jobs if j not in done]

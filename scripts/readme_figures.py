@@ -392,16 +392,24 @@ def history_levers() -> str:
     for f in sorted(RESULTS.glob("history_lever_*.json")):
         d = json.loads(f.read_text())
         what = ", ".join([*([f"prepare.history.length={d['history_length']}"] if d["history_length"] != 20 else []),
+                          *([f"epoch cap {d['epochs_cap']}"] if d["epochs_cap"] != 15 else []),
                           *d.get("overrides", [])]) or "(reference settings)"
         done = {(r["backbone"], r["seed"]): r for r in d["runs"] if "error" not in r}
         for v in d["table"]:
-            rs = [r for (b, s), r in done.items() if b == v and (b, s) in ref]
-            dv = [r["val_auc"] - ref[(v, r["seed"])]["val_auc"] for r in rs]
-            dt = [r["auc"] - ref[(v, r["seed"])]["auc"] for r in rs]
+            rs = [r for (b, s), r in sorted(done.items()) if b == v]
+            if not rs:
+                continue
+            if all((v, r["seed"]) in ref for r in rs):
+                dv = [r["val_auc"] - ref[(v, r["seed"])]["val_auc"] for r in rs]
+                dt = [r["auc"] - ref[(v, r["seed"])]["auc"] for r in rs]
+                dvs = f"{statistics.fmean(dv):+.4f}{sd(dv)}"
+                dts = f"{statistics.fmean(dt):+.4f}{sd(dt)}"
+            else:  # history.json has no run of this variant (another backbone): nothing to compare with
+                dvs = dts = "(no reference run)"
             seeds = ", ".join(str(r["seed"]) for r in rs) + (" (run not finished)" if d.get("pending_jobs") else "")
             rows.append(f"| `{what}` | `{v}` | {seeds} | "
-                        f"{statistics.fmean(r['val_auc'] for r in rs):.4f} | {statistics.fmean(dv):+.4f}{sd(dv)} | "
-                        f"{statistics.fmean(r['auc'] for r in rs):.4f} | {statistics.fmean(dt):+.4f}{sd(dt)} | "
+                        f"{statistics.fmean(r['val_auc'] for r in rs):.4f} | {dvs} | "
+                        f"{statistics.fmean(r['auc'] for r in rs):.4f} | {dts} | "
                         f"{', '.join(str(r['best_epoch']) for r in rs)} | `{f.name}` |")
             if len(rs) >= 3 and v.endswith("+hist+text"):  # a confirmed setting: test AUC per scenario
                 x = d["table"][v]

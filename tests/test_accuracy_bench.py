@@ -1,5 +1,5 @@
 """bench/accuracy_bench.py's bookkeeping (no training here): results written after every job, in job
-order; --set runs in folders of their own; a resume never mixes overrides or history lengths."""
+order; --set runs in folders of their own; a resume never mixes overrides, history lengths or epoch caps."""
 
 import importlib.util
 import json
@@ -31,6 +31,10 @@ def test_set_overrides_get_their_own_train_folder(bench):
     assert plain == "shared_bottom+hist_seed2024"
     lr = bench.job_dir_name("shared_bottom+hist", 2024, ["train.lr=0.003"])
     assert lr.startswith(plain + "_") and lr != bench.job_dir_name("shared_bottom+hist", 2024, ["train.lr=0.01"])
+    # another epoch cap is another run: it must not retrain into (or reuse) the protocol's folder
+    assert bench.job_dir_name("shared_bottom+hist", 2024, [], bench.EPOCHS) == plain
+    longer = bench.job_dir_name("shared_bottom+hist", 2024, ["train.lr=0.003"], 25)
+    assert longer.startswith(plain + "_") and longer != lr
 
 
 def test_results_are_written_in_job_order_with_pending_jobs(bench, tmp_path):
@@ -53,10 +57,11 @@ def test_results_are_written_in_job_order_with_pending_jobs(bench, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--set", "train.lr=0.01"], "--set"),
     (["--history-length", "50"], "history length"),
+    (["--epochs", "25"], "--epochs"),
 ])
 def test_resume_refuses_a_file_run_otherwise(bench, tmp_path, monkeypatch, argv, message):
     out = tmp_path / "r.json"
-    out.write_text(json.dumps({"runs": [], "overrides": [], "history_length": 20}))
+    out.write_text(json.dumps({"runs": [], "overrides": [], "history_length": 20, "epochs_cap": 15}))
     monkeypatch.setattr(sys, "argv", ["accuracy_bench.py", "--backbones", "shared_bottom+hist", "--resume",
                                       "--out", str(out), *argv])
     with pytest.raises(SystemExit) as e:
