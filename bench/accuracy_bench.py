@@ -46,7 +46,8 @@ recorded.
 
 --set KEY=VALUE (repeatable) adds one config override to every job, after the variant's own (e.g. a
 learning rate to compare on validation): it is recorded in --out, and those jobs train in folders of
-their own, next to the plain runs of the same --run-dir:
+their own, next to the plain runs of the same --run-dir. A prepare.* key also shapes the run's one prepare,
+which rebuilds the --run-dir's prepare folder: give such a run a --run-dir of its own:
 
   python bench/accuracy_bench.py --backbones shared_bottom+hist+text --seeds 1 --set train.lr=0.003 \
       --run-dir runs/bench_history --out bench/results/screen_lr.json
@@ -349,7 +350,10 @@ def main() -> None:
         print(f"resume: {len(kept)} finished runs kept from {a.out}, {len(jobs)} to run", flush=True)
     # the profile stage runs when a +profile job is left to run; a resumed file keeps its recorded stats
     profile = any("+profile" in b for b, _ in jobs)
-    base = [f"run_dir={a.run_dir}", *history_overrides(a.history), *(PROFILE_OVERRIDES if profile else [])]
+    # --set prepare.* keys shape the prepared data, so the one prepare of the run applies them too (they rebuild
+    # the --run-dir's prepare folder: give such a run a --run-dir of its own)
+    prep_set = [s for s in a.set if s.startswith("prepare.")]
+    base = [f"run_dir={a.run_dir}", *history_overrides(a.history), *prep_set, *(PROFILE_OVERRIDES if profile else [])]
     cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", base)
     init_ray(cfg.ray)
     res = prepare(cfg)  # once; every job reuses it
@@ -371,7 +375,7 @@ def main() -> None:
         from mcl_ray.llm.augment import augment_stage
 
         acfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={a.run_dir}", *history_overrides(a.history),
-                                                                 *augment_overrides(["aug1"])])
+                                                                 *prep_set, *augment_overrides(["aug1"])])
         print("augment:", {k: v for k, v in augment_stage(acfg, res.out_dir).stats.items() if k != "fingerprint"})
     import ray
 

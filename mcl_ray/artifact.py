@@ -115,11 +115,11 @@ def export_artifact(train_dir: Path, prepare_dir: Path, out_dir: Path, source: d
 
 def write_history(prepare_dir: Path, spec: FeatureSpec, path: Path, row_group: int = 16_384) -> None:
     """The train split's real rows (no synthetic ones) as (user_key, item_key, label), sorted by user;
-    with history features also their time, scenario and item ids, sorted by time within a user
+    with history features also their time, scenario, item ids (and label buckets), sorted by time within a user
     (what serving builds a request's behaviour history from: data/history.py:UserHistory)."""
     import pyarrow.compute as pc
 
-    seq = [f.ids_of for f in spec.sequence if f.ids_of]
+    seq = [f.ids_of for f in spec.sequence if f.ids_of]  # the item ids, and the label buckets when bucketed
     extra = [spec.timestamp_column, spec.scenario_column, *seq] if seq else []
     t = read_split(prepare_dir, spec, "train", columns=[spec.user_key, spec.item_key, spec.label_column,
                                                        spec.provenance_column, *extra])

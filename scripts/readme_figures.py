@@ -17,11 +17,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+BENCH = ROOT / "bench" / "accuracy_bench.py"
 BLOCK = re.compile(r"(<!-- figures:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)", re.S)
 
 
 def _load(name: str) -> dict:
     return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def _protocol() -> tuple[int, int]:
+    """(epoch cap, history length) of the accuracy protocol, read from the bench that defines them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("accuracy_bench", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.EPOCHS, mod.HISTORY_LEN
 
 
 def _mmss(seconds: float) -> str:
@@ -388,11 +399,12 @@ def history_levers() -> str:
 
     ref = {(r["backbone"], r["seed"]): r for r in _load("history")["runs"] if "error" not in r}
     sd = lambda xs: f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else ""  # noqa: E731
+    epochs, length = _protocol()
     rows, full = [], []
     for f in sorted(RESULTS.glob("history_lever_*.json")):
         d = json.loads(f.read_text())
-        what = ", ".join([*([f"prepare.history.length={d['history_length']}"] if d["history_length"] != 20 else []),
-                          *([f"epoch cap {d['epochs_cap']}"] if d["epochs_cap"] != 15 else []),
+        what = ", ".join([*([f"prepare.history.length={d['history_length']}"] if d["history_length"] != length else []),
+                          *([f"epoch cap {d['epochs_cap']}"] if d["epochs_cap"] != epochs else []),
                           *d.get("overrides", [])]) or "(reference settings)"
         done = {(r["backbone"], r["seed"]): r for r in d["runs"] if "error" not in r}
         for v in d["table"]:

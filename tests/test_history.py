@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from mcl_ray.core.config import ModelConfig, load_config
-from mcl_ray.core.errors import SetupError
+from mcl_ray.core.errors import ConfigError, SetupError
 from mcl_ray.core.feature_spec import Feature, FeatureSpec
-from mcl_ray.data.history import add_history, sequence_features, windows
+from mcl_ray.data.history import add_history, label_ids, sequence_features, windows
 from mcl_ray.models.backbones import build_model
 from mcl_ray.models.batch import Batch
 
@@ -22,7 +22,7 @@ def test_windows_hold_only_strictly_earlier_train_rows_most_recent_first():
     # one user's train rows, sorted by time: items 11..15 at t = 10, 20, 20, 30, 40
     ts = np.array([10, 20, 20, 30, 40])
     item, label, scen = np.array([11, 12, 13, 14, 15]), np.array([1, 0, 1, 1, 0]), np.array([0, 1, 1, 2, 0])
-    items, labels, scens = windows(ts, item, label, scen, np.array([5, 10, 20, 25, 40, 99]), L)
+    items, labels, scens = windows(ts, item, label_ids(label, None), scen, np.array([5, 10, 20, 25, 40, 99]), L)
     assert items.tolist() == [[0, 0, 0, 0],  # nothing earlier
                               [0, 0, 0, 0],  # t=10: the row at 10 itself is not earlier
                               [11, 0, 0, 0],  # t=20: the two rows of the same second are left out
@@ -39,6 +39,13 @@ def test_add_history_reads_train_rows_only():
     out = add_history(group, 3, "item_id").to_pydict()
     assert out["hist_item_id"] == [[0, 0, 0], [7, 0, 0], [7, 0, 0], [7, 0, 0]]  # never 8 or 9 (valid/test)
     assert out["hist_label"] == [[0, 0, 0], [2, 0, 0], [2, 0, 0], [2, 0, 0]]
+
+
+def test_add_history_with_label_buckets_holds_the_bucket_ids():
+    group = pa.table({"timestamp": [1, 2, 3], "split": ["train", "train", "train"], "item_id": [7, 8, 9],
+                      "label": [1.0, 0.0, 1.0], "label_bucket": pa.array([5, 2, 4], pa.int8()), "scenario": [0, 0, 0]})
+    out = add_history(group, 3, "item_id", bucketed=True).to_pydict()
+    assert out["hist_label"] == [[0, 0, 0], [5, 0, 0], [2, 5, 0]]  # the ratings' buckets, not 1 / 2
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +84,40 @@ def test_prepared_history_never_leaks(shop_history):
     assert checked == sum(len(f) for f in frames.values()) and earlier_any > checked // 2
     # valid and test rows do have histories, from train rows only (the independent check above)
     assert frames["test"]["hist_label"].map(lambda x: x[0] > 0).mean() > 0.5
+
+
+def test_prepared_label_buckets_hold_each_earlier_train_rows_rating_bucket(tmp_path, ray_cluster):
+    """prepare.history.label_buckets: every row keeps its rating's bucket, and a history holds the
+    buckets of the user's earlier train rows (checked with pandas); the spec names the column."""
+    from mcl_ray.data.prepare import prepare, prepare_fingerprint
+    from mcl_ray.data.splits import read_split
+
+    over = [f"run_dir={tmp_path}", "data.num_interactions=6000", "data.num_users=300"]
+    cfg = load_config("experiments/synthetic_quick.yaml",
+                      over + [f"prepare.history={{length: {L}, label_buckets: [1.5, 2.5, 3.5, 4.5]}}"])
+    plain = load_config("experiments/synthetic_quick.yaml", over + [f"prepare.history={{length: {L}}}"])
+    assert prepare_fingerprint(cfg) != prepare_fingerprint(plain)
+    res = prepare(cfg)
+    spec = res.spec
+    lab = next(f for f in spec.sequence if f.name == "hist_label")
+    assert (lab.vocab_size, lab.ids_of) == (6, "label_bucket") and spec.sequence[0].name == "hist_item_id"
+    cols = ["user_key", "timestamp", "item_id", "label", "label_bucket", "hist_label"]
+    frames = {s: read_split(res.out_dir, spec, s, columns=cols).to_pandas() for s in ("train", "test")}
+    train = frames["train"].sort_values(["user_key", "timestamp", "item_id"])
+    # synthetic ratings: 4-5 clicked, 1-3 not; the label is rating > 3
+    assert set(train["label_bucket"]) == {1, 2, 3, 4, 5}
+    assert ((train["label_bucket"] >= 4) == (train["label"] > 0)).all()
+    by_user = dict(list(train.groupby("user_key")))
+    for df in frames.values():
+        for r in df.itertuples():
+            g = by_user.get(r.user_key, train.iloc[:0])
+            prior = g[g["timestamp"] < r.timestamp].iloc[::-1].head(L)
+            assert list(r.hist_label[:len(prior)]) == prior["label_bucket"].tolist()
+
+
+def test_label_buckets_must_ascend():
+    with pytest.raises(ConfigError, match="strictly ascending"):
+        load_config("experiments/synthetic_quick.yaml", ["prepare.history={length: 4, label_buckets: [2.5, 1.5]}"])
 
 
 SPEC = FeatureSpec(features=[Feature(name="user_id", kind="categorical", source="user", vocab_size=9),
@@ -125,6 +166,24 @@ def test_target_attention_masks_padding_and_scores_rows_alone(backbone):
         other[row, 0, 0] = other[row, 0, 0] % 6 + 1
         assert not torch.allclose(model(Batch(cat=b.cat, num=b.num, scenario=b.scenario, hist=other))[row],
                                   base[row])
+
+
+def test_label_bucket_histories_embed_each_bucket_and_keep_the_masking():
+    item = Feature(name="item_id", kind="categorical", source="item", vocab_size=7)
+    seq = sequence_features(item, L, 2, [1.5, 2.5, 3.5, 4.5])
+    spec = SPEC.model_copy(update={"features": [*SPEC.features[:2], *seq]})
+    torch.manual_seed(0)
+    model = build_model(spec, ModelConfig(dropout=0.0, history={"pooling": ["din", "mean"]}))
+    model.train(False)
+    assert model.inputs.history.label.num_embeddings == 6
+    b = hist_batch(16)
+    b.hist[:, 1] = b.hist[:, 1] * 2 + (b.hist[:, 1] > 0)  # labels 1, 2 -> buckets 3, 5 (padding stays 0)
+    with torch.no_grad():
+        base = assert_masks_padding_and_scores_rows_alone(model, b)
+        row = next(i for i in range(16) if b.hist[i, 1, 0] > 0)
+        other = b.hist.clone()
+        other[row, 1, 0] = 4 if other[row, 1, 0] != 4 else 1  # another rating bucket, same item
+        assert not torch.allclose(model(Batch(cat=b.cat, num=b.num, scenario=b.scenario, hist=other))[row], base[row])
 
 
 def test_history_item_text_compares_items_by_content_and_keeps_the_masking():
@@ -197,9 +256,12 @@ def test_history_needs_a_timestamp():
         plan_fusion(cfg, ["user_id", "item_id", "clicked", "surface"], None, None, {"a": 0})
 
 
-def test_serving_a_history_model_scores_as_offline_evaluation(tmp_path, ray_cluster):
+@pytest.mark.parametrize("history", ["{length: 8}", "{length: 8, label_buckets: [1.5, 2.5, 3.5, 4.5]}"],
+                         ids=["binary", "rating_buckets"])
+def test_serving_a_history_model_scores_as_offline_evaluation(tmp_path, ray_cluster, history):
     """The served model builds each request's history from the artifact (as of the row's time) and
-    scores the test rows exactly as evaluation does from the prepared split."""
+    scores the test rows exactly as evaluation does from the prepared split (with the binary label or
+    the rating buckets in the history)."""
     from mcl_ray.artifact import export_artifact
     from mcl_ray.data.prepare import prepare
     from mcl_ray.data.splits import read_split
@@ -210,7 +272,7 @@ def test_serving_a_history_model_scores_as_offline_evaluation(tmp_path, ray_clus
 
     cfg = load_config("experiments/synthetic_quick.yaml", [
         f"run_dir={tmp_path}", "data.num_interactions=20000", "train.epochs=2", "evaluate.ranking_users=50",
-        "train.batch_size=1024", "model.hidden=[32]", "model.tower_hidden=[16]", "prepare.history={length: 8}",
+        "train.batch_size=1024", "model.hidden=[32]", "model.tower_hidden=[16]", f"prepare.history={history}",
         "model.history.pooling=[din, mean]"])
     res = prepare(cfg)
     tdir = tmp_path / "train" / "seed_1"

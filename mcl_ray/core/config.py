@@ -212,6 +212,18 @@ class HistoryConfig(Strict):
                         "strictly earlier in time (item id, label, scenario; most recent first).")
     item_feature: str = Field("item_id", description="The categorical feature whose ids the history holds (its "
                               "embedding table is shared with the history).")
+    label_buckets: list[float] | None = Field(
+        None, min_length=1, max_length=100,
+        description="Entries carry the bucket of the label's source value (prepare.label.column, e.g. the rating) "
+        "instead of the binary label: ascending boundaries, a value v goes to bucket 1 + (number of boundaries <= v). "
+        "[1.5, 2.5, 3.5, 4.5] gives ratings 1..5 an id each. Null: the binary label (negative / positive).")
+
+    @model_validator(mode="after")
+    def _buckets(self) -> "HistoryConfig":
+        b = self.label_buckets
+        if b is not None and any(x >= y for x, y in zip(b, b[1:])):
+            raise ValueError(f"prepare.history.label_buckets must be strictly ascending, got {b}")
+        return self
 
 
 class PrepareConfig(Strict):

@@ -33,7 +33,8 @@ class Feature(_Spec):
     std: float | None = None
     dim: int | None = Field(None, description="text_embedding: embedding width")
     length: int | None = Field(None, description="sequence: entries per row (a fixed-size list, most recent first)")
-    ids_of: str | None = Field(None, description="sequence: the categorical feature whose ids it holds")
+    ids_of: str | None = Field(None, description="sequence: the column whose ids it holds (the item feature's; "
+                               "for the label, the label bucket column when bucketed)")
 
 
 class TextField(_Spec):
@@ -90,8 +91,9 @@ class FeatureSpec(_Spec):
 
     @property
     def sequence(self) -> list[Feature]:
-        """Behaviour-history columns: item ids (ids_of set) first, then label, then scenario."""
-        return sorted((f for f in self.features if f.kind == "sequence"), key=lambda f: f.ids_of is None)
+        """Behaviour-history columns: item ids (ids_of a categorical feature) first, then label, then scenario."""
+        cat = {f.name for f in self.categorical}
+        return sorted((f for f in self.features if f.kind == "sequence"), key=lambda f: f.ids_of not in cat)
 
     @property
     def num_scenarios(self) -> int:

@@ -23,6 +23,7 @@ from mcl_ray.core.errors import ConfigError
 from mcl_ray.core.config import LabelRule, PrepareConfig, ScenarioRule
 from mcl_ray.core.keys import keys_of
 from mcl_ray.data.csv_tables import LINE, MALFORMED
+from mcl_ray.data.history import BUCKET
 from mcl_ray.data.synthetic import uniform
 
 CONTEXT = ("hour", "weekday", "month")
@@ -130,13 +131,14 @@ class FusionPlan:
     interaction_extra: list[str] = field(default_factory=list)  # interaction columns kept as features
     has_timestamp: bool = True  # without one, timestamp is 0 (nothing time-based was asked for)
     numeric: list[str] = field(default_factory=list)  # numeric features (text in a CSV: parsed here)
+    label_buckets: list[float] | None = None  # prepare.history.label_buckets: the label source's bucket column
 
     @property
     def output_columns(self) -> list[str]:
         base = ["user_id", "item_id", "timestamp"]
         label_src = [self.label.column] if self.label.column not in base else []
         cols = base + label_src + self.interaction_extra + self.user_cols + self.item_cols + self.derived
-        cols += self.context + ["scenario", "label", "split"]
+        cols += self.context + ["scenario", "label", "split"] + ([BUCKET] if self.label_buckets else [])
         return list(dict.fromkeys(cols))
 
 
@@ -188,6 +190,7 @@ def plan_fusion(cfg: PrepareConfig, interaction_columns: list[str], users: pd.Da
         users=users[user_cols] if users is not None else None,
         items=with_derived(items, derived)[item_cols + derived] if items is not None else None,
         interaction_extra=extra, has_timestamp=has_timestamp, numeric=list(cfg.numeric),
+        label_buckets=cfg.history.label_buckets if cfg.history is not None else None,
     )
 
 
@@ -302,6 +305,8 @@ def fuse_batch(batch: pa.Table, plan: FusionPlan) -> pd.DataFrame:
     _flag(reasons, scen < 0, f"unknown_scenario:{scen_col}")
     out["scenario"] = scen
     out["label"] = np.nan_to_num(label).astype(np.float32)
+    if plan.label_buckets:  # ids 1..len+1 (0 is the history's padding); a null source is quarantined above
+        out[BUCKET] = 1 + np.searchsorted(plan.label_buckets, np.nan_to_num(label_src), side="right").astype(np.int8)
 
     if plan.split_kind == "random":
         out["split"] = assign_random_split(

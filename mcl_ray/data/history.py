@@ -1,14 +1,16 @@
 """Behaviour-history sequence features: for every row, its user's last L train-split interactions
-strictly earlier in time (item id, label, scenario), most recent first.
+strictly earlier in time (item id, label or label-source bucket, scenario), most recent first.
 
 One pure function (`windows`) computes them; prepare runs it per user on Ray Data
 (`groupby(user).map_groups(add_history)`), and serving and ranking evaluation run it on the
 artifact's / train split's rows of one user (`UserHistory`), so training and serving agree.
 
 Columns (fixed-size lists of L): hist_<item feature> (the item feature's ids; 0 past the end),
-hist_label (0 padding, 1 negative, 2 positive), hist_scenario (scenario index; 0 past the end, masked
-by hist_label). Only train rows are ever read, so no valid/test label reaches a history; "strictly
-earlier" keeps a row, and rows of the same second, out of its own history.
+hist_label (0 padding, 1 negative, 2 positive; with prepare.history.label_buckets the bucket id 1..B of
+the label's source value, e.g. the rating, which prepare stores per row in the `label_bucket` column),
+hist_scenario (scenario index; 0 past the end, masked by hist_label). Only train rows are ever read,
+so no valid/test label reaches a history; "strictly earlier" keeps a row, and rows of the same
+second, out of its own history.
 """
 
 from __future__ import annotations
@@ -21,16 +23,28 @@ from mcl_ray.core.keys import key_array
 
 LABEL = "hist_label"
 SCENARIO = "hist_scenario"
+BUCKET = "label_bucket"  # per row: the bucket id of the label's source value (prepare.history.label_buckets)
 
 
 def item_column(item_feature: str) -> str:
     return f"hist_{item_feature}"
 
 
+def label_ids(label: np.ndarray, bucket: np.ndarray | None) -> np.ndarray:
+    """The history's label ids of some rows: their bucket ids when bucketed, else 1 negative / 2 positive."""
+    return bucket.astype(np.int8) if bucket is not None else (label > 0).astype(np.int8) + 1
+
+
+def label_source(spec: FeatureSpec) -> str | None:
+    """The column holding the history's label bucket ids (None: the history holds the binary label)."""
+    return next((f.ids_of for f in spec.sequence if f.name == LABEL), None)
+
+
 def windows(train_ts: np.ndarray, item: np.ndarray, label: np.ndarray, scenario: np.ndarray,
             query_ts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One user's train rows (sorted by time) and query times [n] -> (items, labels, scenarios),
-    each [n, L]: the train rows with timestamp < query time, the most recent first."""
+    """One user's train rows (sorted by time; `label`: their label ids, label_ids) and query times [n]
+    -> (items, labels, scenarios), each [n, L]: the train rows with timestamp < query time, the most
+    recent first."""
     n = len(query_ts)
     if len(train_ts) == 0:
         z = np.zeros((n, length), np.int32)
@@ -40,7 +54,7 @@ def windows(train_ts: np.ndarray, item: np.ndarray, label: np.ndarray, scenario:
     valid = idx >= 0
     idx = np.clip(idx, 0, None)
     items = np.where(valid, item[idx], 0).astype(np.int32)
-    labels = np.where(valid, (label[idx] > 0).astype(np.int8) + 1, 0).astype(np.int8)
+    labels = np.where(valid, label[idx], 0).astype(np.int8)
     scens = np.where(valid, scenario[idx], 0).astype(np.int16)
     return items, labels, scens
 
@@ -50,24 +64,30 @@ def fixed_lists(x: np.ndarray, dtype: pa.DataType) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), dtype), x.shape[1])
 
 
-def add_history(group: pa.Table, length: int, item_feature: str, split_column: str = "split") -> pa.Table:
-    """map_groups over one user's encoded rows (every split): adds the three history columns."""
+def add_history(group: pa.Table, length: int, item_feature: str, split_column: str = "split",
+                bucketed: bool = False) -> pa.Table:
+    """map_groups over one user's encoded rows (every split): adds the three history columns
+    (bucketed: the labels are the rows' `label_bucket` ids)."""
     ts = group["timestamp"].to_numpy()
     train = np.asarray(group[split_column].to_pylist()) == "train"
     order = np.lexsort((group[item_feature].to_numpy()[train], ts[train]))  # by time, ties by item id: deterministic
     t_ts = ts[train][order]
     col = lambda c: group[c].to_numpy()[train][order]  # noqa: E731
-    items, labels, scens = windows(t_ts, col(item_feature), col("label"), col("scenario"), ts, length)
+    labels = label_ids(col("label"), col(BUCKET) if bucketed else None)
+    items, labels, scens = windows(t_ts, col(item_feature), labels, col("scenario"), ts, length)
     return (group.append_column(item_column(item_feature), fixed_lists(items, pa.int32()))
             .append_column(LABEL, fixed_lists(labels, pa.int8()))
             .append_column(SCENARIO, fixed_lists(scens, pa.int16())))
 
 
-def sequence_features(item: Feature, length: int, num_scenarios: int) -> list[Feature]:
-    """The spec's entries for the three history columns."""
+def sequence_features(item: Feature, length: int, num_scenarios: int,
+                      label_buckets: list[float] | None = None) -> list[Feature]:
+    """The spec's entries for the three history columns (bucketed labels: ids_of names the column)."""
     return [Feature(name=item_column(item.name), kind="sequence", source="interaction", vocab_size=item.vocab_size,
                     length=length, ids_of=item.name),
-            Feature(name=LABEL, kind="sequence", source="interaction", vocab_size=3, length=length),
+            Feature(name=LABEL, kind="sequence", source="interaction", length=length,
+                    vocab_size=len(label_buckets) + 2 if label_buckets else 3,
+                    ids_of=BUCKET if label_buckets else None),
             Feature(name=SCENARIO, kind="sequence", source="interaction", vocab_size=num_scenarios, length=length)]
 
 
@@ -85,14 +105,15 @@ class UserHistory:
     computed it. Built from the artifact's history.parquet (serving) or the train split (evaluation)."""
 
     def __init__(self, table: pa.Table, spec: FeatureSpec):
-        item_f = next(f for f in spec.sequence if f.ids_of)
+        item_f = spec.sequence[0]
         self.length = item_f.length
         t = table.sort_by([(spec.user_key, "ascending"), (spec.timestamp_column, "ascending"),
                            (item_f.ids_of, "ascending")])  # the order prepare uses
         users = np.asarray(t[spec.user_key].to_pylist(), dtype=object)
         self.ts = t[spec.timestamp_column].to_numpy()
         self.item = t[item_f.ids_of].to_numpy()
-        self.label = t[spec.label_column].to_numpy()
+        bucket = label_source(spec)
+        self.label = label_ids(t[spec.label_column].to_numpy(), t[bucket].to_numpy() if bucket else None)
         self.scenario = t[spec.scenario_column].to_numpy()
         starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, int)
         ends = np.r_[starts[1:], len(users)]
@@ -113,9 +134,10 @@ def read_user_history(prepare_dir, spec: FeatureSpec, users) -> UserHistory:
 
     from mcl_ray.data.splits import iter_split
 
-    item = next(f.ids_of for f in spec.sequence if f.ids_of)
+    item = spec.sequence[0].ids_of
     wanted = key_array(pa.array(list(users)))
-    cols = [spec.user_key, spec.timestamp_column, item, spec.label_column, spec.scenario_column]
+    cols = [spec.user_key, spec.timestamp_column, item, spec.label_column, spec.scenario_column,
+            *filter(None, [label_source(spec)])]
     parts = []
     # only the columns needed (the history lists themselves are 60 values a row)
     for t in iter_split(prepare_dir, spec, "train", columns=cols + [spec.provenance_column]):
@@ -125,5 +147,6 @@ def read_user_history(prepare_dir, spec: FeatureSpec, users) -> UserHistory:
             parts.append(pa.table({c: key_array(t[c]) if c == spec.user_key else t[c] for c in cols}))
     empty = pa.table({spec.user_key: pa.array([], pa.string()), spec.timestamp_column: pa.array([], pa.int64()),
                       item: pa.array([], pa.int64()), spec.label_column: pa.array([], pa.float32()),
-                      spec.scenario_column: pa.array([], pa.int64())})
+                      spec.scenario_column: pa.array([], pa.int64()),
+                      **({b: pa.array([], pa.int8())} if (b := label_source(spec)) else {})})
     return UserHistory(pa.concat_tables(parts, promote_options="permissive") if parts else empty, spec)

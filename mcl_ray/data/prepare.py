@@ -68,8 +68,11 @@ def input_files(cfg: ExperimentConfig) -> list[str]:
 
 
 def prepare_fingerprint(cfg: ExperimentConfig) -> str:
-    # without history the prepared data is what it was before the option existed (caches stay valid)
-    prep = cfg.prepare.model_dump(mode="json", exclude=None if cfg.prepare.history else {"history"})
+    # without history (or label buckets) the prepared data is what it was before the option existed:
+    # caches stay valid
+    hc = cfg.prepare.history
+    prep = cfg.prepare.model_dump(mode="json", exclude={"history"} if hc is None else
+                                  {"history": {"label_buckets"}} if hc.label_buckets is None else None)
     return fingerprint({"v": PREPARE_VERSION, "data": cfg.data.model_dump(mode="json"), "prepare": prep},
                        files=input_files(cfg))
 
@@ -254,6 +257,8 @@ def encode_batch(batch: pa.Table, vocabs: dict[str, pa.Array], numeric: dict[str
         cols[f] = zscores(batch[f], mean, std)  # missing: the train mean
     cols[col("scenario_column")] = pc.cast(batch["scenario"], pa.int64())
     cols[col("label_column")] = pc.cast(batch["label"], pa.float32())
+    if history.BUCKET in batch.column_names:  # prepare.history.label_buckets: the label source's bucket
+        cols[history.BUCKET] = pc.cast(batch[history.BUCKET], pa.int8())
     cols[col("weight_column")] = pa.array(np.ones(n, np.float32))
     cols[col("provenance_column")] = pa.array(np.zeros(n, np.int8))
     cols["split"] = batch["split"]
@@ -349,7 +354,8 @@ class PrepareStage(Stage[PrepareResult]):
             # as many partitions as blocks came in (Ray's default of 200 writes 200 tiny files per split)
             encoded = encoded.groupby(FeatureSpec.column("user_key"), num_partitions=max(1, rows.num_blocks())).map_groups(
                 history.add_history, batch_format="pyarrow",
-                fn_kwargs={"length": hc.length, "item_feature": hc.item_feature})
+                fn_kwargs={"length": hc.length, "item_feature": hc.item_feature,
+                           "bucketed": hc.label_buckets is not None})
         encoded.write_parquet(str((self.out / "data").resolve()), partition_cols=["split"])
         n_quarantined = self._write_quarantine(bad_ds, quarantine, reason_counts)
         text_fields = self._write_entity_tables(users, items, plan)
@@ -370,7 +376,7 @@ class PrepareStage(Stage[PrepareResult]):
                      for f, (mean, std) in numeric_stats.items()]
         if hc is not None:
             item = next(f for f in features if f.name == hc.item_feature)
-            features += history.sequence_features(item, hc.length, len(names))
+            features += history.sequence_features(item, hc.length, len(names), hc.label_buckets)
         spec = FeatureSpec(
             features=features, scenario_names=names, text=text_fields,
             splits={s: f"data/split={s}" for s in SPLITS if per_split[s]["rows"]},

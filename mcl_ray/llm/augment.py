@@ -36,7 +36,7 @@ from mcl_ray.core.feature_spec import FeatureSpec, SyntheticData
 from mcl_ray.core.keys import key_array
 from mcl_ray.core.ray_env import dataset_in_blocks
 from mcl_ray.core.stage import fingerprint
-from mcl_ray.data.history import UserHistory, fixed_lists
+from mcl_ray.data.history import UserHistory, fixed_lists, label_source
 from mcl_ray.data.splits import read_pairs, read_split
 from mcl_ray.llm.backends import generate_transformers, generate_vllm, score_transformers, score_vllm
 from mcl_ray.llm.generator import GeneratorStage, request_blocks
@@ -345,8 +345,8 @@ def synthetic_rows(pairs: list[tuple], spec: FeatureSpec, train: pd.DataFrame) -
     out[spec.timestamp_column] = 0
     out = out.astype({c: t for c, t in train.dtypes.items() if c not in {f.name for f in spec.sequence}})
     if spec.sequence:  # behaviour history: the user's whole train history (a synthetic row has no time)
-        item = next(f.ids_of for f in spec.sequence if f.ids_of)
-        cols_h = [spec.user_key, spec.timestamp_column, item, spec.label_column, spec.scenario_column]
+        cols_h = [spec.user_key, spec.timestamp_column, spec.sequence[0].ids_of, spec.label_column,
+                  spec.scenario_column, *filter(None, [label_source(spec)])]
         mine = train[train[spec.user_key].isin(set(p[spec.user_key]))][cols_h]
         users = UserHistory(pa.Table.from_pandas(mine, preserve_index=False), spec)
         h = np.stack([users.of(u) for u in p[spec.user_key]])  # [n, 3, L]

@@ -32,7 +32,8 @@ class Batch:
     weight: torch.Tensor | None = None  # [B] float32
     synthetic: torch.Tensor | None = None  # [B] bool: an augment-stage row
     # behaviour history (prepare.history), most recent first; None when the data has none
-    hist: torch.Tensor | None = None  # [B, 3, L] int32: item ids, labels (0 padding, 1 neg, 2 pos), scenarios
+    # [B, 3, L] int32: item ids, labels (0 padding, 1 neg, 2 pos; or label bucket ids), scenarios
+    hist: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.scenario.shape[0])

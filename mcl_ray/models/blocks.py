@@ -38,9 +38,10 @@ class HistoryPooling(nn.Module):
     the user's last L train interactions (prepare.history).
 
     An entry's vector is its item's embedding (the item feature's own table, passed in, so history
-    and target share it) + its label's + its scenario's. Padding (label 0) is masked out, and no row
-    looks at another, so a row alone scores as it does in a batch. DIN (Zhou et al. 2018): weights
-    from an MLP over [q, k, q-k, q*k] with q the target item's embedding, not softmax-normalised.
+    and target share it) + its label's (or label bucket's) + its scenario's. Padding (label 0) is
+    masked out, and no row looks at another, so a row alone scores as it does in a batch. DIN (Zhou
+    et al. 2018): weights from an MLP over [q, k, q-k, q*k] with q the target item's embedding, not
+    softmax-normalised.
     With item_text, an item's vector (in the history and as q) adds its frozen text embedding through
     a projection of its own (text_dim wide in)."""
 
@@ -52,7 +53,7 @@ class HistoryPooling(nn.Module):
         self.pooling = list(hc.pooling)
         self.item_index = [f.name for f in spec.categorical].index(seq[0].ids_of)  # target item id's column
         self.length = seq[0].length
-        self.label = nn.Embedding(3, dim)
+        self.label = nn.Embedding(seq[1].vocab_size, dim)  # 0 padding, then negative / positive or label buckets
         self.scenario = nn.Embedding(spec.num_scenarios, dim)
         for e in (self.label, self.scenario):
             nn.init.normal_(e.weight, std=0.01)
