@@ -109,6 +109,13 @@ def history_overrides(length: int) -> list[str]:
     return [f"prepare.history={{length: {length}}}"] if length else []
 
 
+def parent_overrides(run_dir: str, history: int, sets: list[str]) -> list[str]:
+    """The config of the run's one prepare (and encode, profile, augment). --set prepare.* keys shape the
+    prepared data, so they apply here too (they rebuild the --run-dir's prepare folder: give such a run a
+    --run-dir of its own); the other --set keys are the jobs' own."""
+    return [f"run_dir={run_dir}", *history_overrides(history), *[s for s in sets if s.startswith("prepare.")]]
+
+
 def overrides(variant: str, epochs: int, history: int = 0) -> list[str]:
     backbone, *extras = variant.split("+")
     o = [f"model.backbone={backbone}", f"train.epochs={epochs}", "train.num_workers=1", "train.torch_threads=1",
@@ -350,10 +357,7 @@ def main() -> None:
         print(f"resume: {len(kept)} finished runs kept from {a.out}, {len(jobs)} to run", flush=True)
     # the profile stage runs when a +profile job is left to run; a resumed file keeps its recorded stats
     profile = any("+profile" in b for b, _ in jobs)
-    # --set prepare.* keys shape the prepared data, so the one prepare of the run applies them too (they rebuild
-    # the --run-dir's prepare folder: give such a run a --run-dir of its own)
-    prep_set = [s for s in a.set if s.startswith("prepare.")]
-    base = [f"run_dir={a.run_dir}", *history_overrides(a.history), *prep_set, *(PROFILE_OVERRIDES if profile else [])]
+    base = [*parent_overrides(a.run_dir, a.history, a.set), *(PROFILE_OVERRIDES if profile else [])]
     cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", base)
     init_ray(cfg.ray)
     res = prepare(cfg)  # once; every job reuses it
@@ -374,8 +378,8 @@ def main() -> None:
     if any("+aug" in b for b, _ in jobs):  # one generation, every weight trains on it
         from mcl_ray.llm.augment import augment_stage
 
-        acfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [f"run_dir={a.run_dir}", *history_overrides(a.history),
-                                                                 *prep_set, *augment_overrides(["aug1"])])
+        acfg = load_config(ROOT / "experiments/ml1m_swr.yaml", [*parent_overrides(a.run_dir, a.history, a.set),
+                                                                 *augment_overrides(["aug1"])])
         print("augment:", {k: v for k, v in augment_stage(acfg, res.out_dir).stats.items() if k != "fingerprint"})
     import ray
 

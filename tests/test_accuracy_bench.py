@@ -1,5 +1,6 @@
 """bench/accuracy_bench.py's bookkeeping (no training here): results written after every job, in job
-order; --set runs in folders of their own; a resume never mixes overrides, history lengths or epoch caps."""
+order; --set runs in folders of their own (and prepare.* keys reach the run's prepare); a resume never mixes
+overrides, history lengths or epoch caps."""
 
 import importlib.util
 import json
@@ -35,6 +36,15 @@ def test_set_overrides_get_their_own_train_folder(bench):
     assert bench.job_dir_name("shared_bottom+hist", 2024, [], bench.EPOCHS) == plain
     longer = bench.job_dir_name("shared_bottom+hist", 2024, ["train.lr=0.003"], 25)
     assert longer.startswith(plain + "_") and longer != lr
+
+
+def test_set_prepare_keys_shape_the_runs_one_prepare(bench, tmp_path):
+    from mcl_ray.core.config import load_config
+
+    sets = ["train.lr=0.003", "prepare.history.label_buckets=[1.5, 2.5, 3.5, 4.5]"]
+    cfg = load_config(ROOT / "experiments/ml1m_swr.yaml", bench.parent_overrides(str(tmp_path), 20, sets))
+    assert cfg.prepare.history.length == 20 and cfg.prepare.history.label_buckets == [1.5, 2.5, 3.5, 4.5]
+    assert cfg.train.lr == load_config(ROOT / "experiments/ml1m_swr.yaml").train.lr  # a job's key, not prepare's
 
 
 def test_results_are_written_in_job_order_with_pending_jobs(bench, tmp_path):
