@@ -400,12 +400,17 @@ def history_levers() -> str:
     ref = {(r["backbone"], r["seed"]): r for r in _load("history")["runs"] if "error" not in r}
     sd = lambda xs: f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else ""  # noqa: E731
     epochs, length = _protocol()
+    files = [(f, json.loads(f.read_text())) for f in sorted(RESULTS.glob("history_lever_*.json"))]
+    setting = lambda d: ", ".join([  # noqa: E731
+        *([f"prepare.history.length={d['history_length']}"] if d["history_length"] != length else []),
+        *([f"epoch cap {d['epochs_cap']}"] if d["epochs_cap"] != epochs else []),
+        *d.get("overrides", [])]) or "(reference settings)"
+    # shared_bottom's runs per setting: the other backbones are compared with them, paired by seed
+    sb = {(setting(d), r["backbone"], r["seed"]): r for _, d in files for r in d["runs"]
+          if "error" not in r and r["backbone"].startswith("shared_bottom+")}
     rows, full = [], []
-    for f in sorted(RESULTS.glob("history_lever_*.json")):
-        d = json.loads(f.read_text())
-        what = ", ".join([*([f"prepare.history.length={d['history_length']}"] if d["history_length"] != length else []),
-                          *([f"epoch cap {d['epochs_cap']}"] if d["epochs_cap"] != epochs else []),
-                          *d.get("overrides", [])]) or "(reference settings)"
+    for f, d in files:
+        what = setting(d)
         done = {(r["backbone"], r["seed"]): r for r in d["runs"] if "error" not in r}
         for v in d["table"]:
             rs = [r for (b, s), r in sorted(done.items()) if b == v]
@@ -423,6 +428,13 @@ def history_levers() -> str:
                         f"{statistics.fmean(r['val_auc'] for r in rs):.4f} | {dvs} | "
                         f"{statistics.fmean(r['auc'] for r in rs):.4f} | {dts} | "
                         f"{', '.join(str(r['best_epoch']) for r in rs)} | `{f.name}` |")
+            base = "shared_bottom" + v[v.index("+"):] if "+" in v else None
+            pairs = [(sb[(what, base, r["seed"])], r) for r in rs if (what, base, r["seed"]) in sb]
+            if base and base != v and pairs:
+                dv = [q["val_auc"] - p["val_auc"] for p, q in pairs]
+                dt = [q["auc"] - p["auc"] for p, q in pairs]
+                full.append(f"`{v}` against `{base}` at `{what}` (paired by seed, {len(pairs)} seed{'s' * (len(pairs) > 1)}): "
+                            f"Δ valid {statistics.fmean(dv):+.4f}{sd(dv)}, Δ test {statistics.fmean(dt):+.4f}{sd(dt)}.")
             if len(rs) >= 3 and v.endswith("+hist+text"):  # a confirmed setting: test AUC per scenario
                 x = d["table"][v]
                 full.append(f"`{what}`, `{v}`, test AUC per scenario (mean ± std over {len(rs)} seeds; best published "
