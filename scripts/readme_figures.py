@@ -433,8 +433,9 @@ def history_levers() -> str:
             if base and base != v and pairs:
                 dv = [q["val_auc"] - p["val_auc"] for p, q in pairs]
                 dt = [q["auc"] - p["auc"] for p, q in pairs]
-                full.append(f"`{v}` against `{base}` at `{what}` (paired by seed, {len(pairs)} seed{'s' * (len(pairs) > 1)}): "
-                            f"Δ valid {statistics.fmean(dv):+.4f}{sd(dv)}, Δ test {statistics.fmean(dt):+.4f}{sd(dt)}.")
+                n = f"{len(pairs)} seed" + "s" * (len(pairs) > 1)
+                full.append(f"`{v}` against `{base}` at `{what}` (paired by seed, {n}): Δ valid "
+                            f"{statistics.fmean(dv):+.4f}{sd(dv)}, Δ test {statistics.fmean(dt):+.4f}{sd(dt)}.")
             if len(rs) >= 3 and v.endswith("+hist+text"):  # a confirmed setting: test AUC per scenario
                 x = d["table"][v]
                 full.append(f"`{what}`, `{v}`, test AUC per scenario (mean ± std over {len(rs)} seeds; best published "
