@@ -40,6 +40,13 @@ def label_source(spec: FeatureSpec) -> str | None:
     return next((f.ids_of for f in spec.sequence if f.name == LABEL), None)
 
 
+def source_columns(spec: FeatureSpec) -> list[str]:
+    """The train-row columns a UserHistory is built from (user, time, item id, label, scenario, and
+    the label buckets when bucketed)."""
+    return [spec.user_key, spec.timestamp_column, spec.sequence[0].ids_of, spec.label_column, spec.scenario_column,
+            *filter(None, [label_source(spec)])]
+
+
 def windows(train_ts: np.ndarray, item: np.ndarray, label: np.ndarray, scenario: np.ndarray,
             query_ts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One user's train rows (sorted by time; `label`: their label ids, label_ids) and query times [n]
@@ -136,8 +143,7 @@ def read_user_history(prepare_dir, spec: FeatureSpec, users) -> UserHistory:
 
     item = spec.sequence[0].ids_of
     wanted = key_array(pa.array(list(users)))
-    cols = [spec.user_key, spec.timestamp_column, item, spec.label_column, spec.scenario_column,
-            *filter(None, [label_source(spec)])]
+    cols = source_columns(spec)
     parts = []
     # only the columns needed (the history lists themselves are 60 values a row)
     for t in iter_split(prepare_dir, spec, "train", columns=cols + [spec.provenance_column]):

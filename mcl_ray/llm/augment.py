@@ -36,7 +36,7 @@ from mcl_ray.core.feature_spec import FeatureSpec, SyntheticData
 from mcl_ray.core.keys import key_array
 from mcl_ray.core.ray_env import dataset_in_blocks
 from mcl_ray.core.stage import fingerprint
-from mcl_ray.data.history import UserHistory, fixed_lists, label_source
+from mcl_ray.data.history import UserHistory, fixed_lists, source_columns
 from mcl_ray.data.splits import read_pairs, read_split
 from mcl_ray.llm.backends import generate_transformers, generate_vllm, score_transformers, score_vllm
 from mcl_ray.llm.generator import GeneratorStage, request_blocks
@@ -345,9 +345,7 @@ def synthetic_rows(pairs: list[tuple], spec: FeatureSpec, train: pd.DataFrame) -
     out[spec.timestamp_column] = 0
     out = out.astype({c: t for c, t in train.dtypes.items() if c not in {f.name for f in spec.sequence}})
     if spec.sequence:  # behaviour history: the user's whole train history (a synthetic row has no time)
-        cols_h = [spec.user_key, spec.timestamp_column, spec.sequence[0].ids_of, spec.label_column,
-                  spec.scenario_column, *filter(None, [label_source(spec)])]
-        mine = train[train[spec.user_key].isin(set(p[spec.user_key]))][cols_h]
+        mine = train[train[spec.user_key].isin(set(p[spec.user_key]))][source_columns(spec)]
         users = UserHistory(pa.Table.from_pandas(mine, preserve_index=False), spec)
         h = np.stack([users.of(u) for u in p[spec.user_key]])  # [n, 3, L]
         for j, f in enumerate(spec.sequence):
