@@ -164,3 +164,64 @@ def test_every_parameter_is_in_the_graph_even_when_a_scenario_is_absent(name, nu
     model(batch).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert missing == []
+
+
+def _randomize_cross(model: torch.nn.Module, seed: int = 1) -> None:
+    """Cross layers start as the identity (zero W, b): give them weights so a test exercises them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".cross." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("name", ID_BACKBONES)
+def test_cross_layers_in_every_backbone_score_rows_alone_as_in_a_batch_and_get_gradients(name):
+    torch.manual_seed(0)
+    model = build_model(make_spec(), CFG.model_copy(update={"backbone": name, "cross_layers": 2})).eval()
+    _randomize_cross(model)
+    batch = make_batch(64)
+    full = model(batch)
+    alone = torch.cat([model(batch.slice(i, i + 1)) for i in range(8)])
+    torch.testing.assert_close(full[:8], alone, rtol=1e-5, atol=1e-6)
+    model.train()
+    model(batch).sum().backward()
+    cross = [p for n, p in model.named_parameters() if ".cross." in n]
+    assert len(cross) == (4 * S if name == "single" else 4)  # 2 layers x (W, b), per scenario for single
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cross)
+
+
+def test_untrained_cross_layers_are_the_identity():
+    """W = b = 0 at the start: the model scores as the same model without cross layers."""
+    torch.manual_seed(0)
+    plain = build_model(make_spec(), CFG.model_copy(update={"backbone": "shared_bottom"})).eval()
+    crossed = build_model(make_spec(), CFG.model_copy(update={"backbone": "shared_bottom", "cross_layers": 3})).eval()
+    missing, unexpected = crossed.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(".cross." in k for k in missing)
+    batch = make_batch(16)
+    torch.testing.assert_close(crossed(batch), plain(batch))
+
+
+def test_cross_layer_computes_x0_times_linear_plus_residual():
+    torch.manual_seed(0)
+    net = blocks.CrossNet(6, 2)
+    _randomize_cross(torch.nn.ModuleDict({"cross": net}))
+    x0 = torch.randn(5, 6)
+    (l1, l2) = net.layers
+    x1 = x0 * (x0 @ l1.weight.T + l1.bias) + x0
+    x2 = x0 * (x1 @ l2.weight.T + l2.bias) + x1
+    torch.testing.assert_close(net(x0), x2)
+    # layer 1 holds the pair products: W[0, 3] = 1 adds x0[0] * x0[3] (e.g. a user x item term) to entry 0
+    one = blocks.CrossNet(6, 1)
+    with torch.no_grad():
+        one.layers[0].weight[0, 3] = 1.0
+    expected = x0.clone()
+    expected[:, 0] += x0[:, 0] * x0[:, 3]
+    torch.testing.assert_close(one(x0), expected)
+
+
+def test_cross_layers_config_is_bounded():
+    with pytest.raises(ValueError, match="cross_layers"):
+        ModelConfig(cross_layers=-1)
+    with pytest.raises(ValueError, match="cross_layers"):
+        ModelConfig(cross_layers=9)

@@ -316,6 +316,10 @@ class ModelConfig(Strict):
     specific_experts: int = Field(1, ge=1, le=16, description="ple: experts per scenario.")
     scenario_embedding_dim: int = Field(16, ge=1, description="star aux net / pepnet / m2m: scenario embedding width.")
     attention_heads: int = Field(2, ge=1, description="m2m: heads of the within-sample field attention.")
+    cross_layers: int = Field(
+        0, ge=0, le=8, description="DCN-v2 cross layers over the flattened input fields, before any backbone: "
+        "x_{l+1} = x_0 * (W_l x_l + b_l) + x_l, explicit feature crosses (e.g. user x item) that an MLP learns "
+        "poorly. 0: none.")
     temperature: float = Field(0.05, gt=0, le=10, description="two_tower: softmax temperature of the cosine scores.")
     text: TextFeatureConfig = Field(default_factory=TextFeatureConfig,
                                     description="LLM semantic features (text embeddings of items and users).")

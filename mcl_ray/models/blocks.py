@@ -33,6 +33,26 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class CrossNet(nn.Module):
+    """DCN-v2 cross layers (Wang et al. 2021), full rank: x_{l+1} = x_0 * (W_l x_l + b_l) + x_l.
+    Each layer raises the degree of the explicit feature crosses by one (layer 1: products of field pairs,
+    such as user x item, which an MLP approximates poorly). W and b start at zero, so an untrained
+    cross network is the identity and the model starts as the one without it."""
+
+    def __init__(self, width: int, layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(width, width) for _ in range(layers)])
+        for lin in self.layers:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:  # [B, W] -> [B, W]
+        x = x0
+        for lin in self.layers:
+            x = x0 * lin(x) + x
+        return x
+
+
 class HistoryPooling(nn.Module):
     """Behaviour-history fields (model.history.pooling): DIN target attention and/or the mean over
     the user's last L train interactions (prepare.history).
@@ -108,10 +128,12 @@ class InputLayer(nn.Module):
 
     categorical: embedding (id 0 = OOV); numeric: value * w + b; text (model.text.mode frozen or
     finetune): the item / user text's embedding through a learned projection (models/text.py);
-    history (model.history.pooling): one field per pooling of the behaviour history."""
+    history (model.history.pooling): one field per pooling of the behaviour history. With cross_layers
+    (model.cross_layers), the fields then pass through a DCN-v2 cross network (CrossNet) as one
+    flat vector and come back in the same [B, F, D] shape, so every backbone takes them as before."""
 
     def __init__(self, spec: FeatureSpec, dim: int, text: TextFeatureConfig | None = None,
-                 history: HistoryFeatureConfig | None = None):
+                 history: HistoryFeatureConfig | None = None, cross_layers: int = 0):
         super().__init__()
         self.cat_names = [f.name for f in spec.categorical]
         self.num_names = [f.name for f in spec.numeric]
@@ -137,6 +159,7 @@ class InputLayer(nn.Module):
         self.hist_names = [f"history_{p}" for p in self.history.pooling] if self.history is not None else []
         self.num_fields = len(self.cat_names) + len(self.num_names) + len(self.text_names) + len(self.hist_names)
         self.dim = dim
+        self.cross = CrossNet(self.num_fields * dim, cross_layers) if cross_layers else None
         # training-time perturbation (train/perturb.py): the last output, and a delta to add to it
         self.capture = False
         self.last: torch.Tensor | None = None
@@ -154,7 +177,11 @@ class InputLayer(nn.Module):
         x = torch.stack(fields, dim=1)
         if self.capture:
             self.last = x
-        return x if self.delta is None else x + self.delta
+        if self.delta is not None:  # the perturbation acts on the embeddings, ahead of the crosses
+            x = x + self.delta
+        if self.cross is not None:
+            x = self.cross(x.flatten(1)).view_as(x)  # [B, F*D] -> [B, F, D]
+        return x
 
 
 class ScenarioTowers(nn.Module):
