@@ -171,7 +171,7 @@ def _randomize_cross(model: torch.nn.Module, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".cross." in name:
+            if "cross" in name.split("."):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
@@ -225,3 +225,5 @@ def test_cross_layers_config_is_bounded():
         ModelConfig(cross_layers=-1)
     with pytest.raises(ValueError, match="cross_layers"):
         ModelConfig(cross_layers=9)
+    with pytest.raises(ValueError, match="cross_layers"):  # a cross-encoder over texts has no fields to cross
+        ModelConfig(backbone="llm_ranker", text=TextFeatureConfig(mode="off"), cross_layers=1)
