@@ -23,8 +23,7 @@ class SinglePerScenario(nn.Module):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig):
         super().__init__()
-        self.inputs = nn.ModuleList([InputLayer(spec, cfg.embedding_dim, cfg.text, cfg.history, cfg.cross_layers)
-                                     for _ in range(spec.num_scenarios)])
+        self.inputs = nn.ModuleList([InputLayer.from_config(spec, cfg) for _ in range(spec.num_scenarios)])
         in_dim = self.inputs[0].num_fields * cfg.embedding_dim
         self.mlps = nn.ModuleList([nn.Sequential(MLP(in_dim, cfg.hidden + cfg.tower_hidden, cfg.dropout),
                                                  nn.Linear((cfg.hidden + cfg.tower_hidden)[-1], 1))
@@ -43,7 +42,7 @@ class SinglePerScenario(nn.Module):
 class SharedBottom(nn.Module):
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig):
         super().__init__()
-        self.inputs = InputLayer(spec, cfg.embedding_dim, cfg.text, cfg.history, cfg.cross_layers)
+        self.inputs = InputLayer.from_config(spec, cfg)
         self.bottom = MLP(self.inputs.num_fields * cfg.embedding_dim, cfg.hidden, cfg.dropout)
         self.towers = ScenarioTowers(self.bottom.out_dim, cfg.tower_hidden, spec.num_scenarios, cfg.dropout)
 
@@ -55,7 +54,7 @@ class SharedBottom(nn.Module):
 class MMoE(nn.Module):
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig):
         super().__init__()
-        self.inputs = InputLayer(spec, cfg.embedding_dim, cfg.text, cfg.history, cfg.cross_layers)
+        self.inputs = InputLayer.from_config(spec, cfg)
         in_dim = self.inputs.num_fields * cfg.embedding_dim
         self.experts = Experts(in_dim, cfg.hidden, cfg.num_experts, cfg.dropout)
         self.gate = Gate(in_dim, cfg.num_experts, spec.num_scenarios)
@@ -75,7 +74,7 @@ class PLE(nn.Module):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig):
         super().__init__()
-        self.inputs = InputLayer(spec, cfg.embedding_dim, cfg.text, cfg.history, cfg.cross_layers)
+        self.inputs = InputLayer.from_config(spec, cfg)
         in_dim = self.inputs.num_fields * cfg.embedding_dim
         s, k = spec.num_scenarios, cfg.specific_experts
         self.shared = Experts(in_dim, cfg.hidden, cfg.num_experts, cfg.dropout)
@@ -104,7 +103,7 @@ class STAR(nn.Module):
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig):
         super().__init__()
         s = spec.num_scenarios
-        self.inputs = InputLayer(spec, cfg.embedding_dim, cfg.text, cfg.history, cfg.cross_layers)
+        self.inputs = InputLayer.from_config(spec, cfg)
         in_dim = self.inputs.num_fields * cfg.embedding_dim
         self.pn = PartitionedNorm(in_dim, s)
         widths = cfg.hidden + cfg.tower_hidden
@@ -132,7 +131,7 @@ class PEPNet(nn.Module):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig):
         super().__init__()
-        self.inputs = InputLayer(spec, cfg.embedding_dim, cfg.text, cfg.history, cfg.cross_layers)
+        self.inputs = InputLayer.from_config(spec, cfg)
         f, d, z = self.inputs.num_fields, cfg.embedding_dim, cfg.scenario_embedding_dim
         self.scen_emb = nn.Embedding(spec.num_scenarios, z)
         self.ep_gate = GateNU(z + f * d, f)
@@ -166,7 +165,7 @@ class M2M(nn.Module):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig):
         super().__init__()
-        self.inputs = InputLayer(spec, cfg.embedding_dim, cfg.text, cfg.history, cfg.cross_layers)
+        self.inputs = InputLayer.from_config(spec, cfg)
         f, d, z = self.inputs.num_fields, cfg.embedding_dim, cfg.scenario_embedding_dim
         self.field_attn = nn.TransformerEncoderLayer(d, cfg.attention_heads, dim_feedforward=2 * d,
                                                      dropout=cfg.dropout, batch_first=True)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcl_ray.core.config import HistoryFeatureConfig, TextFeatureConfig
+from mcl_ray.core.config import HistoryFeatureConfig, ModelConfig, TextFeatureConfig
 from mcl_ray.core.feature_spec import FeatureSpec
 from mcl_ray.models.batch import Batch
 from mcl_ray.models.text import TextFields
@@ -164,6 +164,11 @@ class InputLayer(nn.Module):
         self.capture = False
         self.last: torch.Tensor | None = None
         self.delta: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, spec: FeatureSpec, cfg: ModelConfig) -> "InputLayer":
+        """The input layer every backbone builds: the model config's width, text, history and crosses."""
+        return cls(spec, cfg.embedding_dim, cfg.text, cfg.history, cfg.cross_layers)
 
     def forward(self, batch: Batch) -> torch.Tensor:  # -> [B, F, D]
         fields = [emb(batch.cat[:, i]) for i, emb in enumerate(self.embeddings)]  # F_cat x [B, D]
