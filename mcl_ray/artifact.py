@@ -119,7 +119,8 @@ def write_history(prepare_dir: Path, spec: FeatureSpec, path: Path, row_group: i
     (what serving builds a request's behaviour history from: data/history.py:UserHistory)."""
     import pyarrow.compute as pc
 
-    seq = [f.ids_of for f in spec.sequence if f.ids_of]  # the item ids, and the label buckets when bucketed
+    # the item ids, and the label buckets when bucketed; with raters, the user ids too
+    seq = list(dict.fromkeys(f.ids_of for f in spec.sequence + spec.raters if f.ids_of))
     extra = [spec.timestamp_column, spec.scenario_column, *seq] if seq else []
     t = read_split(prepare_dir, spec, "train", columns=[spec.user_key, spec.item_key, spec.label_column,
                                                        spec.provenance_column, *extra])

@@ -256,12 +256,12 @@ def test_history_needs_a_timestamp():
         plan_fusion(cfg, ["user_id", "item_id", "clicked", "surface"], None, None, {"a": 0})
 
 
-@pytest.mark.parametrize("history", ["{length: 8}", "{length: 8, label_buckets: [1.5, 2.5, 3.5, 4.5]}"],
-                         ids=["binary", "rating_buckets"])
+@pytest.mark.parametrize("history", ["{length: 8}", "{length: 8, label_buckets: [1.5, 2.5, 3.5, 4.5]}",
+                                     "{length: 8, raters: 6}"], ids=["binary", "rating_buckets", "raters"])
 def test_serving_a_history_model_scores_as_offline_evaluation(tmp_path, ray_cluster, history):
-    """The served model builds each request's history from the artifact (as of the row's time) and
-    scores the test rows exactly as evaluation does from the prepared split (with the binary label or
-    the rating buckets in the history)."""
+    """The served model builds each request's history (and each candidate item's raters) from the
+    artifact (as of the row's time) and scores the test rows exactly as evaluation does from the prepared
+    split (with the binary label or the rating buckets in the history; with the items' raters)."""
     from mcl_ray.artifact import export_artifact
     from mcl_ray.data.prepare import prepare
     from mcl_ray.data.splits import read_split
@@ -273,7 +273,7 @@ def test_serving_a_history_model_scores_as_offline_evaluation(tmp_path, ray_clus
     cfg = load_config("experiments/synthetic_quick.yaml", [
         f"run_dir={tmp_path}", "data.num_interactions=20000", "train.epochs=2", "evaluate.ranking_users=50",
         "train.batch_size=1024", "model.hidden=[32]", "model.tower_hidden=[16]", f"prepare.history={history}",
-        "model.history.pooling=[din, mean]"])
+        "model.history.pooling=[din, mean]", *(["model.history.raters=[din]"] if "raters" in history else [])])
     res = prepare(cfg)
     tdir = tmp_path / "train" / "seed_1"
     out = train_one(cfg, res.out_dir, tdir, seed=1)
@@ -303,6 +303,8 @@ def test_serving_a_history_model_scores_as_offline_evaluation(tmp_path, ray_clus
                                              as_of=r["timestamp"]))
     fields = {f["field"]: f for f in ex["fields"]}
     assert fields["history_din"]["source"] == "history" and fields["history_mean"]["value"] == "behaviour history"
+    if "raters" in history:
+        assert fields["raters_din"]["source"] == "history" and fields["raters_din"]["value"] == "behaviour history"
     assert abs(1 / (1 + np.exp(-ex["logit"])) - served[0]) < 1e-5
 
 
@@ -325,3 +327,32 @@ def test_synthetic_rows_get_the_users_whole_train_history():
     assert got["hist_item_id"] == [[1, 3, 2, 0], [1, 0, 0, 0]]  # u1 by time: i1 (30), i3 (20), i2 (10)
     assert got["hist_label"] == [[2, 2, 1, 0], [2, 0, 0, 0]]
     assert got["hist_scenario"] == [[0, 0, 1, 0], [1, 0, 0, 0]] and got["is_synthetic"] == [1, 1]
+
+
+def test_history_encoder_layers_mask_padding_score_rows_alone_and_see_the_other_entries():
+    """model.history.encoder_layers: a transformer layer over the entries before the pooling; padding
+    stays masked (a row with no history too: no NaN), a row alone scores as in a batch, and an entry's
+    vector now depends on the other entries (mean pooling alone would not move otherwise)."""
+    from mcl_ray.models.blocks import HistoryPooling
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(dropout=0.0, history={"pooling": ["din", "mean"], "encoder_layers": 1})
+    model = build_model(SPEC, cfg)
+    model.train(False)
+    b = hist_batch(16)
+    b.hist[3] = 0  # a row with no history
+    with torch.no_grad():
+        base = assert_masks_padding_and_scores_rows_alone(model, b)
+        assert torch.isfinite(base).all()
+    pool = next(m for m in model.modules() if isinstance(m, HistoryPooling))
+    k = torch.randn(2, L, 16)
+    mask = torch.ones(2, L, 1)
+    mask[1, 2:] = 0
+    out = pool.encode(k, mask)
+    k2 = k.clone()
+    k2[:, 1] += 1.0  # another entry changed: entry 0's encoding moves
+    assert not torch.allclose(pool.encode(k2, mask)[:, 0], out[:, 0])
+    assert (out[1, 2:] == 0).all()
+    model.train(True)
+    model(b).sum().backward()
+    assert all(p.grad is not None for p in pool.encoder.parameters()) and pool.position.weight.grad is not None

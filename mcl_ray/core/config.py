@@ -217,6 +217,11 @@ class HistoryConfig(Strict):
         description="Entries carry the bucket of the label's source value (prepare.label.column, e.g. the rating) "
         "instead of the binary label: ascending boundaries, a value v goes to bucket 1 + (number of boundaries <= v). "
         "[1.5, 2.5, 3.5, 4.5] gives ratings 1..5 an id each. Null: the binary label (negative / positive).")
+    raters: int = Field(0, ge=0, le=500, description="K: item-side behaviour, a row's target item's last K train-split "
+                        "raters strictly earlier in time (their user ids and labels; columns raters_*), for "
+                        "model.history.raters. 0: none.")
+    user_feature: str = Field("user_id", description="raters: the categorical feature whose ids they hold (its "
+                              "embedding table is shared with the target user's).")
 
     @model_validator(mode="after")
     def _buckets(self) -> "HistoryConfig":
@@ -258,6 +263,10 @@ class PrepareConfig(Strict):
         if self.history is not None and any(f.hash_buckets for f in self.categorical
                                             if f.name == self.history.item_feature):
             raise ValueError("prepare.history.item_feature must have a vocabulary, not hash_buckets")
+        if self.history is not None and self.history.raters and not any(
+                f.name == self.history.user_feature and not f.hash_buckets for f in self.categorical):
+            raise ValueError(f"prepare.history.user_feature {self.history.user_feature!r} must be a categorical "
+                             "feature with a vocabulary (the raters hold its ids)")
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"features listed twice (categorical/numeric/context): {dup}")
@@ -301,6 +310,13 @@ class HistoryFeatureConfig(Strict):
         False, description="History entries and DIN's query also carry the item's text embedding (needs model.text "
         "frozen with the item field) through a projection of their own, so the attention compares items by content "
         "as well as by id.")
+    encoder_layers: int = Field(
+        0, ge=0, le=4, description="Self-attention (transformer encoder) layers over the history entries before the "
+        "pooling, with a learned position embedding (BST, Chen et al. 2019), so each entry sees the others and its "
+        "recency. 0: none.")
+    raters: list[Literal["din", "mean"]] = Field(
+        default_factory=list, description="Fields made from the target item's recent raters (needs "
+        "prepare.history.raters): din (attention with the target user as query), mean. Empty: raters unused.")
 
 
 class ModelConfig(Strict):

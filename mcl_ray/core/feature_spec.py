@@ -23,7 +23,7 @@ class _Spec(BaseModel):
 
 class Feature(_Spec):
     name: str
-    kind: Literal["categorical", "numeric", "text_embedding", "sequence"]
+    kind: Literal["categorical", "numeric", "text_embedding", "sequence", "item_sequence"]
     source: Literal["interaction", "user", "item", "context"]
     vocab_size: int | None = Field(None, description="categorical: ids 0..vocab_size-1, 0 is OOV/unknown/null")
     min_count: int | None = None
@@ -32,9 +32,11 @@ class Feature(_Spec):
     mean: float | None = Field(None, description="numeric: train-split mean used for normalisation")
     std: float | None = None
     dim: int | None = Field(None, description="text_embedding: embedding width")
-    length: int | None = Field(None, description="sequence: entries per row (a fixed-size list, most recent first)")
+    length: int | None = Field(None, description="sequence, item_sequence: entries per row (a fixed-size list, most "
+                               "recent first)")
     ids_of: str | None = Field(None, description="sequence: the column whose ids it holds (the item feature's; "
-                               "for the label, the label bucket column when bucketed)")
+                               "for the label, the label bucket column when bucketed); item_sequence: the user "
+                               "feature's, or the label bucket column")
 
 
 class TextField(_Spec):
@@ -94,6 +96,12 @@ class FeatureSpec(_Spec):
         """Behaviour-history columns: item ids (ids_of a categorical feature) first, then label, then scenario."""
         cat = {f.name for f in self.categorical}
         return sorted((f for f in self.features if f.kind == "sequence"), key=lambda f: f.ids_of not in cat)
+
+    @property
+    def raters(self) -> list[Feature]:
+        """Item-side behaviour columns (the target item's recent raters): user ids first, then label."""
+        cat = {f.name for f in self.categorical}
+        return sorted((f for f in self.features if f.kind == "item_sequence"), key=lambda f: f.ids_of not in cat)
 
     @property
     def num_scenarios(self) -> int:

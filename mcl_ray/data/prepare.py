@@ -71,8 +71,10 @@ def prepare_fingerprint(cfg: ExperimentConfig) -> str:
     # without history (or label buckets) the prepared data is what it was before the option existed:
     # caches stay valid
     hc = cfg.prepare.history
-    prep = cfg.prepare.model_dump(mode="json", exclude={"history"} if hc is None else
-                                  {"history": {"label_buckets"}} if hc.label_buckets is None else None)
+    unset = set() if hc is None else ({"label_buckets"} if hc.label_buckets is None else set()) | (
+        {"raters", "user_feature"} if not hc.raters else set())
+    prep = cfg.prepare.model_dump(mode="json", exclude={"history"} if hc is None else {"history": unset} if unset
+                                  else None)
     return fingerprint({"v": PREPARE_VERSION, "data": cfg.data.model_dump(mode="json"), "prepare": prep},
                        files=input_files(cfg))
 
@@ -356,6 +358,13 @@ class PrepareStage(Stage[PrepareResult]):
                 history.add_history, batch_format="pyarrow",
                 fn_kwargs={"length": hc.length, "item_feature": hc.item_feature,
                            "bucketed": hc.label_buckets is not None})
+            if hc.raters:
+                self.step("item-side behaviour", f"last {hc.raters} train raters of each row's item (Ray Data groupby "
+                          "item)")
+                encoded = encoded.groupby(hc.item_feature, num_partitions=max(1, rows.num_blocks())).map_groups(
+                    history.add_raters, batch_format="pyarrow",
+                    fn_kwargs={"length": hc.raters, "user_feature": hc.user_feature,
+                               "bucketed": hc.label_buckets is not None})
         encoded.write_parquet(str((self.out / "data").resolve()), partition_cols=["split"])
         n_quarantined = self._write_quarantine(bad_ds, quarantine, reason_counts)
         text_fields = self._write_entity_tables(users, items, plan)
@@ -377,6 +386,9 @@ class PrepareStage(Stage[PrepareResult]):
         if hc is not None:
             item = next(f for f in features if f.name == hc.item_feature)
             features += history.sequence_features(item, hc.length, len(names), hc.label_buckets)
+            if hc.raters:
+                user = next(f for f in features if f.name == hc.user_feature)
+                features += history.rater_features(user, hc.raters, hc.label_buckets)
         spec = FeatureSpec(
             features=features, scenario_names=names, text=text_fields,
             splits={s: f"data/split={s}" for s in SPLITS if per_split[s]["rows"]},

@@ -20,7 +20,7 @@ import torch
 from mcl_ray.core.config import ConfigError, ExperimentConfig
 from mcl_ray.core.feature_spec import FeatureSpec
 from mcl_ray.core.keys import key_array
-from mcl_ray.data.history import read_user_history
+from mcl_ray.data.history import ItemRaters, latest_rater_rows, read_user_history
 from mcl_ray.data.splits import iter_split, read_pairs, read_split, unique_keys, value_counts
 from mcl_ray.data.vocab import Vocabularies, encode_entities, entity_table
 from mcl_ray.evaluate.fairness import by_group, exposure, popularity_buckets
@@ -71,6 +71,8 @@ def ranking(model, spec: FeatureSpec, cfg: ExperimentConfig, prepare_dir: Path, 
     pos_items = pos.groupby(spec.user_key)[spec.item_key].apply(set)
     # behaviour history: a ranked user's history after all of their train rows, as serving builds it
     hist = read_user_history(prepare_dir, spec, users) if spec.sequence else None
+    # item-side behaviour: every item's raters after all train rows (each item's last K train rows suffice)
+    raters = ItemRaters(latest_rater_rows(prepare_dir, spec), spec) if spec.raters else None
 
     def table(name, key, wanted=None):
         if not name:
@@ -97,6 +99,7 @@ def ranking(model, spec: FeatureSpec, cfg: ExperimentConfig, prepare_dir: Path, 
     cat_names = [f.name for f in spec.categorical]
     num_names = [f.name for f in spec.numeric]
     all_items = np.arange(n_items)
+    item_raters = raters.of(i_feats[spec.sequence[0].ids_of]) if raters is not None else None  # [items, 2, K]
     # metrics per user as soon as it is scored: no [users x catalogue] score matrix is kept (a
     # steady trickle of such rows between big model temporaries fragments the heap, too)
     per_scen: dict[int, dict[str, list]] = {}
@@ -112,7 +115,7 @@ def ranking(model, spec: FeatureSpec, cfg: ExperimentConfig, prepare_dir: Path, 
         s = int(scen_of[u])
         feats = {f: v[user_row[u]] for f, v in u_feats.items()}
         batch = Batch.candidates(cat_names, num_names, i_feats, [(feats, all_items, s)],
-                                 history=[hist.of(u)] if hist is not None else None)
+                                 history=[hist.of(u)] if hist is not None else None, raters=item_raters)
         scores = model(batch).float()
         for it in seen_of.get(u, set()):
             if it in item_pos:

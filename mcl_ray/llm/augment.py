@@ -36,7 +36,7 @@ from mcl_ray.core.feature_spec import FeatureSpec, SyntheticData
 from mcl_ray.core.keys import key_array
 from mcl_ray.core.ray_env import dataset_in_blocks
 from mcl_ray.core.stage import fingerprint
-from mcl_ray.data.history import UserHistory, fixed_lists, source_columns
+from mcl_ray.data.history import ItemRaters, UserHistory, fixed_lists, rater_source_columns, source_columns
 from mcl_ray.data.splits import read_pairs, read_split
 from mcl_ray.llm.backends import generate_transformers, generate_vllm, score_transformers, score_vllm
 from mcl_ray.llm.generator import GeneratorStage, request_blocks
@@ -343,20 +343,26 @@ def synthetic_rows(pairs: list[tuple], spec: FeatureSpec, train: pd.DataFrame) -
     out[spec.weight_column] = np.float32(1.0)
     out[spec.provenance_column] = np.int8(1)
     out[spec.timestamp_column] = 0
-    out = out.astype({c: t for c, t in train.dtypes.items() if c not in {f.name for f in spec.sequence}})
+    out = out.astype({c: t for c, t in train.dtypes.items() if c not in {f.name for f in spec.sequence + spec.raters}})
     if spec.sequence:  # behaviour history: the user's whole train history (a synthetic row has no time)
         mine = train[train[spec.user_key].isin(set(p[spec.user_key]))][source_columns(spec)]
         users = UserHistory(pa.Table.from_pandas(mine, preserve_index=False), spec)
         h = np.stack([users.of(u) for u in p[spec.user_key]])  # [n, 3, L]
         for j, f in enumerate(spec.sequence):
             out[f.name] = list(h[:, j])
+    if spec.raters:  # item-side behaviour: the item's raters after every train row, for the same reason
+        raters = ItemRaters(pa.Table.from_pandas(train[rater_source_columns(spec)], preserve_index=False), spec)
+        r = raters.of(out[spec.sequence[0].ids_of].to_numpy())  # [n, 2, K]
+        for j, f in enumerate(spec.raters):
+            out[f.name] = list(r[:, j])
     return out
 
 
 def rows_table(rows: pd.DataFrame, spec: FeatureSpec) -> pa.Table:
     """Synthetic rows as Arrow, the history columns as the train split's fixed-size lists."""
-    t = pa.Table.from_pandas(rows.drop(columns=[f.name for f in spec.sequence]), preserve_index=False)
-    for f, dt in zip(spec.sequence, (pa.int32(), pa.int8(), pa.int16())):
+    seq = spec.sequence + spec.raters
+    t = pa.Table.from_pandas(rows.drop(columns=[f.name for f in seq]), preserve_index=False)
+    for f, dt in zip(seq, (pa.int32(), pa.int8(), pa.int16()) + (pa.int32(), pa.int8())):
         x = np.stack(rows[f.name].to_numpy()) if len(rows) else np.zeros((0, f.length), np.int64)
         t = t.append_column(f.name, fixed_lists(x, dt))
     return t

@@ -34,6 +34,9 @@ class Batch:
     # behaviour history (prepare.history), most recent first; None when the data has none
     # [B, 3, L] int32: item ids, labels (0 padding, 1 neg, 2 pos; or label bucket ids), scenarios
     hist: torch.Tensor | None = None
+    # the target item's recent raters (prepare.history.raters), most recent first; None when the data has none
+    # [B, 2, K] int32: user ids, labels (as hist's)
+    raters: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.scenario.shape[0])
@@ -79,17 +82,20 @@ class Batch:
             synthetic=torch.from_numpy(col(spec.provenance_column, np.int64) > 0),
             hist=(torch.from_numpy(np.stack(sequence_arrays(table, spec), 1).astype(np.int32)) if spec.sequence
                   else None),
+            raters=(torch.from_numpy(np.stack(sequence_arrays(table, spec, raters=True), 1).astype(np.int32))
+                    if spec.raters else None),
         )
 
     @classmethod
     def candidates(cls, cat_names: list[str], num_names: list[str], item_cols: dict[str, np.ndarray],
                    queries: list[tuple[dict[str, float], np.ndarray, int]],
-                   history: list[np.ndarray] | None = None) -> "Batch":
+                   history: list[np.ndarray] | None = None, raters: np.ndarray | None = None) -> "Batch":
         """(query, candidate item) pairs of several queries in one batch. A query is (its user,
         interaction and context features: categorical ids and numeric z-scores by name, candidate
         item positions, scenario index): item-side features come from `item_cols` at those
         positions, every other feature from the query (0 when it has none: OOV, or the train mean).
-        `history`: each query's behaviour history [3, L] (UserHistory.of), repeated for its candidates."""
+        `history`: each query's behaviour history [3, L] (UserHistory.of), repeated for its candidates;
+        `raters`: every candidate's raters [total, 2, K] (ItemRaters.of), in candidate order."""
         total = sum(len(idx) for _, idx, _ in queries)
         cat = np.zeros((total, len(cat_names)), np.int64)
         num = np.zeros((total, len(num_names)), np.float32)
@@ -106,7 +112,8 @@ class Batch:
         if history is not None:
             hist = torch.from_numpy(np.concatenate([np.repeat(h[None], len(idx), 0)
                                                     for h, (_, idx, _) in zip(history, queries)]).astype(np.int32))
-        return cls(cat=torch.from_numpy(cat), num=torch.from_numpy(num), scenario=torch.from_numpy(scen), hist=hist)
+        return cls(cat=torch.from_numpy(cat), num=torch.from_numpy(num), scenario=torch.from_numpy(scen), hist=hist,
+                   raters=torch.from_numpy(raters.astype(np.int32)) if raters is not None else None)
 
 
 def load_split(prepare_dir: str | Path, spec: FeatureSpec, split: str, sample: int | None = None,

@@ -53,53 +53,19 @@ class CrossNet(nn.Module):
         return x
 
 
-class HistoryPooling(nn.Module):
-    """Behaviour-history fields (model.history.pooling): DIN target attention and/or the mean over
-    the user's last L train interactions (prepare.history).
+class SequencePooling(nn.Module):
+    """Pools a sequence of entry vectors k [B, L, D] against a query q [B, D] (padding masked): DIN
+    target attention (Zhou et al. 2018: weights from an MLP over [q, k, q-k, q*k], not
+    softmax-normalised) and/or the mean. Subclasses build q, k and the mask."""
 
-    An entry's vector is its item's embedding (the item feature's own table, passed in, so history
-    and target share it) + its label's (or label bucket's) + its scenario's. Padding (label 0) is
-    masked out, and no row looks at another, so a row alone scores as it does in a batch. DIN (Zhou
-    et al. 2018): weights from an MLP over [q, k, q-k, q*k] with q the target item's embedding, not
-    softmax-normalised.
-    With item_text, an item's vector (in the history and as q) adds its frozen text embedding through
-    a projection of its own (text_dim wide in)."""
-
-    def __init__(self, spec: FeatureSpec, dim: int, hc: HistoryFeatureConfig, text_dim: int | None = None):
+    def __init__(self, pooling: list[str], dim: int, attention_hidden: list[int]):
         super().__init__()
-        seq = spec.sequence
-        if not seq:
-            raise ValueError("model.history.pooling needs history columns: set prepare.history and re-run prepare")
-        self.pooling = list(hc.pooling)
-        self.item_index = [f.name for f in spec.categorical].index(seq[0].ids_of)  # target item id's column
-        self.length = seq[0].length
-        self.label = nn.Embedding(seq[1].vocab_size, dim)  # 0 padding, then negative / positive or label buckets
-        self.scenario = nn.Embedding(spec.num_scenarios, dim)
-        for e in (self.label, self.scenario):
-            nn.init.normal_(e.weight, std=0.01)
+        self.pooling = list(pooling)
         if "din" in self.pooling:
-            mlp = MLP(4 * dim, hc.attention_hidden)
+            mlp = MLP(4 * dim, attention_hidden)
             self.attention = nn.Sequential(mlp, nn.Linear(mlp.out_dim, 1))
-        self.text_proj = None
-        if hc.item_text:
-            if text_dim is None:
-                raise ValueError("model.history.item_text needs the item text embeddings (model.text frozen, item field)")
-            self.text_proj = nn.Linear(text_dim, dim)
 
-    def forward(self, batch: Batch, item_table: nn.Embedding,
-                item_text: nn.Embedding | None = None) -> list[torch.Tensor]:  # -> P x [B, D]
-        hist = batch.hist
-        if hist is None:  # no history known (e.g. a batch built without one): as for a user with none
-            hist = batch.cat.new_zeros(len(batch), 3, self.length, dtype=torch.int32)
-        items, labels, scens = hist.unbind(1)  # [B, L] each
-        mask = (labels > 0).unsqueeze(-1).to(torch.float32)  # [B, L, 1]
-        q_ids = batch.cat[:, self.item_index]  # [B] the target items
-        e_items, q = item_table(items), item_table(q_ids)  # [B, L, D], [B, D]
-        if self.text_proj is not None:  # each distinct item (history or target) projected once per batch
-            uniq, inv = torch.unique(torch.cat([items.flatten(), q_ids]), return_inverse=True)
-            t = self.text_proj(item_text(uniq))[inv]  # [B*L + B, D]
-            e_items, q = e_items + t[: items.numel()].view_as(e_items), q + t[items.numel():]
-        k = (e_items + self.label(labels) + self.scenario(scens)) * mask  # [B, L, D]
+    def pool(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:  # -> P x [B, D]
         fields = []
         for p in self.pooling:
             if p == "din":
@@ -123,12 +89,103 @@ class HistoryPooling(nn.Module):
         return x
 
 
+class HistoryPooling(SequencePooling):
+    """Behaviour-history fields (model.history.pooling): DIN target attention and/or the mean over
+    the user's last L train interactions (prepare.history).
+
+    An entry's vector is its item's embedding (the item feature's own table, passed in, so history
+    and target share it) + its label's (or label bucket's) + its scenario's. Padding (label 0) is
+    masked out, and no row looks at another, so a row alone scores as it does in a batch. DIN (Zhou
+    et al. 2018): weights from an MLP over [q, k, q-k, q*k] with q the target item's embedding, not
+    softmax-normalised.
+    With item_text, an item's vector (in the history and as q) adds its frozen text embedding through
+    a projection of its own (text_dim wide in)."""
+
+    def __init__(self, spec: FeatureSpec, dim: int, hc: HistoryFeatureConfig, text_dim: int | None = None):
+        super().__init__(hc.pooling, dim, hc.attention_hidden)
+        seq = spec.sequence
+        if not seq:
+            raise ValueError("model.history.pooling needs history columns: set prepare.history and re-run prepare")
+        self.item_index = [f.name for f in spec.categorical].index(seq[0].ids_of)  # target item id's column
+        self.length = seq[0].length
+        self.label = nn.Embedding(seq[1].vocab_size, dim)  # 0 padding, then negative / positive or label buckets
+        self.scenario = nn.Embedding(spec.num_scenarios, dim)
+        for e in (self.label, self.scenario):
+            nn.init.normal_(e.weight, std=0.01)
+        self.encoder = None
+        if hc.encoder_layers:  # heads must divide dim: 2 when they can, else 1
+            layer = nn.TransformerEncoderLayer(dim, 2 if dim % 2 == 0 else 1, 4 * dim, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, hc.encoder_layers, enable_nested_tensor=False)
+            self.position = nn.Embedding(self.length, dim)
+            nn.init.normal_(self.position.weight, std=0.01)
+        self.text_proj = None
+        if hc.item_text:
+            if text_dim is None:
+                raise ValueError("model.history.item_text needs the item text embeddings (model.text frozen, item field)")
+            self.text_proj = nn.Linear(text_dim, dim)
+
+    def forward(self, batch: Batch, item_table: nn.Embedding,
+                item_text: nn.Embedding | None = None) -> list[torch.Tensor]:  # -> P x [B, D]
+        hist = batch.hist
+        if hist is None:  # no history known (e.g. a batch built without one): as for a user with none
+            hist = batch.cat.new_zeros(len(batch), 3, self.length, dtype=torch.int32)
+        items, labels, scens = hist.unbind(1)  # [B, L] each
+        mask = (labels > 0).unsqueeze(-1).to(torch.float32)  # [B, L, 1]
+        q_ids = batch.cat[:, self.item_index]  # [B] the target items
+        e_items, q = item_table(items), item_table(q_ids)  # [B, L, D], [B, D]
+        if self.text_proj is not None:  # each distinct item (history or target) projected once per batch
+            uniq, inv = torch.unique(torch.cat([items.flatten(), q_ids]), return_inverse=True)
+            t = self.text_proj(item_text(uniq))[inv]  # [B*L + B, D]
+            e_items, q = e_items + t[: items.numel()].view_as(e_items), q + t[items.numel():]
+        k = (e_items + self.label(labels) + self.scenario(scens)) * mask  # [B, L, D]
+        if self.encoder is not None:
+            k = self.encode(k + self.position.weight, mask)
+        return self.pool(q, k, mask)
+
+    def encode(self, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # [B, L, D], [B, L, 1] -> [B, L, D]
+        """The transformer layers over the real entries (padding neither attends nor is attended to)."""
+        pad = mask.squeeze(-1) == 0  # [B, L]
+        pad[:, 0] &= ~pad.all(1)  # a row with no entries attends to its first slot (masked after): no NaN
+        return self.encoder(k, src_key_padding_mask=pad) * mask
+
+
+class RaterPooling(SequencePooling):
+    """Item-side behaviour fields (model.history.raters): DIN attention and/or the mean over the target
+    item's last K train raters (prepare.history.raters), the target user as DIN's query, so the model
+    weighs how people like this user rated the item lately.
+
+    An entry's vector is its rater's user embedding (the user feature's own table, passed in, shared with
+    the target user's) + its label's. Padding (label 0) is masked out; no row looks at another."""
+
+    def __init__(self, spec: FeatureSpec, dim: int, hc: HistoryFeatureConfig):
+        super().__init__(hc.raters, dim, hc.attention_hidden)
+        seq = spec.raters
+        if not seq:
+            raise ValueError("model.history.raters needs the raters columns: set prepare.history.raters and re-run "
+                             "prepare")
+        self.user_index = [f.name for f in spec.categorical].index(seq[0].ids_of)  # target user id's column
+        self.length = seq[0].length
+        self.label = nn.Embedding(seq[1].vocab_size, dim)  # 0 padding, then negative / positive or label buckets
+        nn.init.normal_(self.label.weight, std=0.01)
+
+    def forward(self, batch: Batch, user_table: nn.Embedding) -> list[torch.Tensor]:  # -> P x [B, D]
+        r = batch.raters
+        if r is None:  # no raters known: as for an item nobody rated
+            r = batch.cat.new_zeros(len(batch), 2, self.length, dtype=torch.int32)
+        users, labels = r.unbind(1)  # [B, K] each
+        mask = (labels > 0).unsqueeze(-1).to(torch.float32)  # [B, K, 1]
+        q = user_table(batch.cat[:, self.user_index])  # [B, D] the target users
+        k = (user_table(users) + self.label(labels)) * mask  # [B, K, D]
+        return self.pool(q, k, mask)
+
+
 class InputLayer(nn.Module):
     """Every feature of the spec becomes one D-wide field.
 
     categorical: embedding (id 0 = OOV); numeric: value * w + b; text (model.text.mode frozen or
     finetune): the item / user text's embedding through a learned projection (models/text.py);
-    history (model.history.pooling): one field per pooling of the behaviour history. With cross_layers
+    history (model.history.pooling): one field per pooling of the behaviour history, then one per pooling of
+    the target item's raters (model.history.raters). With cross_layers
     (model.cross_layers), the fields then pass through a DCN-v2 cross network (CrossNet) as one
     flat vector and come back in the same [B, F, D] shape, so every backbone takes them as before."""
 
@@ -156,7 +213,10 @@ class InputLayer(nn.Module):
             if text_dim is not None and self.text.keys["item"] != self.history.item_index:
                 raise ValueError("model.history.item_text: the history's item ids (prepare.history.item_feature) are "
                                  "not the ids the item texts are keyed by")
-        self.hist_names = [f"history_{p}" for p in self.history.pooling] if self.history is not None else []
+        self.raters = RaterPooling(spec, dim, history) if history is not None and history.raters else None
+        # behaviour fields: the user's history, then the item's raters
+        self.hist_names = ([f"history_{p}" for p in self.history.pooling] if self.history is not None else []) + (
+            [f"raters_{p}" for p in self.raters.pooling] if self.raters is not None else [])
         self.num_fields = len(self.cat_names) + len(self.num_names) + len(self.text_names) + len(self.hist_names)
         self.dim = dim
         self.cross = CrossNet(self.num_fields * dim, cross_layers) if cross_layers else None
@@ -179,6 +239,8 @@ class InputLayer(nn.Module):
         if self.history is not None:
             text = self.text.tables["item"] if self.history.text_proj is not None else None
             fields += self.history(batch, self.embeddings[self.history.item_index], text)  # P x [B, D]
+        if self.raters is not None:
+            fields += self.raters(batch, self.embeddings[self.raters.user_index])  # P x [B, D]
         x = torch.stack(fields, dim=1)
         if self.capture:
             self.last = x

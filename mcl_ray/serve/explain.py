@@ -58,8 +58,8 @@ class Explainer:
         self.history = hist if hist.exists() else None
 
     def _logit(self, cat: torch.Tensor, num: torch.Tensor, scenario: torch.Tensor,
-               hist: torch.Tensor | None = None) -> torch.Tensor:
-        return self.rec.model(Batch(cat=cat, num=num, scenario=scenario, hist=hist)).float()
+               hist: torch.Tensor | None = None, raters: torch.Tensor | None = None) -> torch.Tensor:
+        return self.rec.model(Batch(cat=cat, num=num, scenario=scenario, hist=hist, raters=raters)).float()
 
     def _row(self, q: ExplainQuery) -> tuple[Batch, int]:
         rec = self.rec
@@ -68,9 +68,10 @@ class Explainer:
         pos = rec.items.pos.get(q.item_id)
         if pos is None:
             raise RequestError(404, f"unknown item {q.item_id!r}")
+        idx = np.array([pos], np.int64)
         batch = Batch.candidates([f.name for f in rec.spec.categorical], [f.name for f in rec.spec.numeric],
-                                 rec.items.cols, [(feats, np.array([pos], np.int64), rec.scenarios.index(q.scenario))],
-                                 history=rec.user_history([query]))
+                                 rec.items.cols, [(feats, idx, rec.scenarios.index(q.scenario))],
+                                 history=rec.user_history([query]), raters=rec.item_raters([query], [idx]))
         return batch, pos
 
     def _value(self, j: int, batch: Batch):
@@ -92,10 +93,11 @@ class Explainer:
                                     "attribute to")
         base = (torch.zeros_like(batch.cat), torch.zeros_like(batch.num))
         with torch.no_grad():
-            logit = float(self._logit(batch.cat, batch.num, batch.scenario, batch.hist)[0])
-            base_logit = float(self._logit(*base, batch.scenario, batch.hist)[0])
+            logit = float(self._logit(batch.cat, batch.num, batch.scenario, batch.hist, batch.raters)[0])
+            base_logit = float(self._logit(*base, batch.scenario, batch.hist, batch.raters)[0])
         attr, delta = self.ig.attribute((batch.cat, batch.num), baselines=base,
-                                        additional_forward_args=(batch.scenario, batch.hist), n_steps=self.cfg.steps,
+                                        additional_forward_args=(batch.scenario, batch.hist, batch.raters),
+                                        n_steps=self.cfg.steps,
                                         return_convergence_delta=True)
         per_field = attr.detach().sum(-1)[0]  # [1, F, D] -> [F]
         rows = [{"field": name, "source": self.source.get(name, "history" if name in self.input.hist_names else "text"),

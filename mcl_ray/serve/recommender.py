@@ -23,7 +23,7 @@ import torch
 from mcl_ray.artifact import HISTORY, ITEM_KEYS, RETRIEVAL, Artifact, ArtifactError, load_model, open_artifact
 from mcl_ray.core.config import ExperimentConfig
 from mcl_ray.core.feature_spec import FeatureSpec
-from mcl_ray.data.history import UserHistory
+from mcl_ray.data.history import ItemRaters, UserHistory
 from mcl_ray.data.vocab import Vocabularies, encode_entities, entity_table, zscore
 from mcl_ray.models.batch import Batch
 from mcl_ray.models.blocks import InputLayer
@@ -166,13 +166,23 @@ class Recommender:
         self.retriever = (Retriever(art, self.items, torch_threads) if (art.file(RETRIEVAL) / INDEX).exists()
                           else None)
         # behaviour history (prepare.history): each user's train rows, in memory like the known users
-        self.history = UserHistory(pq.read_table(art.file(HISTORY)), spec) if spec.sequence else None
+        rows = pq.read_table(art.file(HISTORY)) if spec.sequence else None
+        self.history = UserHistory(rows, spec) if spec.sequence else None
+        # item-side behaviour (prepare.history.raters): each item's raters, from the same train rows
+        self.raters = ItemRaters(rows, spec) if spec.raters else None
 
     def user_history(self, qs: list[Query]) -> list[np.ndarray] | None:
         """Each request's behaviour history [3, L] (empty for a cold-start user), or None without history."""
         if self.history is None:
             return None
         return [self.history.of(q.user_id, q.as_of) for q in qs]
+
+    def item_raters(self, qs: list[Query], idx: list[np.ndarray]) -> np.ndarray | None:
+        """Every (request, candidate) pair's item raters [n, 2, K] in candidate order, or None without them."""
+        if self.raters is None:
+            return None
+        items = self.items.cols[self.spec.sequence[0].ids_of]
+        return np.concatenate([self.raters.of(items[ii], q.as_of) for q, ii in zip(qs, idx)])
 
     def _table(self, name: str | None, key: str, seen_keys) -> pa.Table:
         """The users/items table; without one (interactions only), every id the model knows."""
@@ -245,7 +255,7 @@ class Recommender:
         batch = Batch.candidates([f.name for f in self.spec.categorical], [f.name for f in self.spec.numeric],
                                  self.items.cols,
                                  [(f, ii, self.scenarios.index(q.scenario)) for q, f, ii in zip(qs, feats, idx)],
-                                 history=self.user_history(qs))
+                                 history=self.user_history(qs), raters=self.item_raters(qs, idx))
         p = torch.sigmoid(self.model(batch).float())
         return list(torch.split(p, [len(i) for i in idx]))
 

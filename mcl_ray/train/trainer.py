@@ -34,7 +34,10 @@ class TrainResult:
 
 def train_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec, seed: int, prepare_dir: Path | None = None) -> str:
     # a model without history fields fingerprints as before the history option existed (runs stay reusable)
-    model = cfg.model.model_dump(mode="json", exclude=None if cfg.model.history.pooling else {"history"})
+    h = cfg.model.history
+    unset = {k for k, v in (("raters", h.raters), ("encoder_layers", h.encoder_layers)) if not v}  # later options
+    model = cfg.model.model_dump(mode="json", exclude={"history"} if not (h.pooling or h.raters) else
+                                 {"history": unset} if unset else None)
     blob = {"model": model, "train": cfg.train.model_dump(mode="json"), "seed": seed, "data": spec.data_fingerprint}
     if uses_synthetic(cfg):  # other synthetic rows or weight: another run
         blob["augment"] = {"weight": cfg.augment.weight, "rows": spec.synthetic.fingerprint if spec.synthetic else None}
@@ -160,6 +163,9 @@ def check_ready(cfg: ExperimentConfig, spec: FeatureSpec) -> None:
     if cfg.model.history.pooling and not spec.sequence:
         raise SetupError(f"model.history.pooling={cfg.model.history.pooling} needs behaviour-history columns, which "
                          "the prepared data lacks: set prepare.history (e.g. {length: 20}) and re-run `mcl-ray prepare`")
+    if cfg.model.history.raters and not spec.raters:
+        raise SetupError(f"model.history.raters={cfg.model.history.raters} needs the items' raters columns, which the "
+                         "prepared data lacks: set prepare.history.raters (e.g. 20) and re-run `mcl-ray prepare`")
     unknown = [n for n in cfg.train.holdout_scenarios if n not in spec.scenario_names]
     if unknown:
         raise SetupError(f"train.holdout_scenarios: unknown scenario(s) {unknown}; the prepared data has "
@@ -254,7 +260,8 @@ def shard_mib(cfg: ExperimentConfig, spec: FeatureSpec) -> float:
     """What one worker's train shard takes as tensors (MiB), counting the Arrow copy it is made from."""
     rows = cfg.train.sample_rows.get("train", spec.num_rows.get("train", 0))
     row_bytes = (8 * len(spec.categorical) + 4 * len(spec.numeric) + 8 + 4 + 4 + 1  # ids, values, scenario, label...
-                 + 4 * 3 * max([f.length or 0 for f in spec.sequence], default=0))  # history [3, L] int32
+                 + 4 * 3 * max([f.length or 0 for f in spec.sequence], default=0)  # history [3, L] int32
+                 + 4 * 2 * max([f.length or 0 for f in spec.raters], default=0))  # raters [2, K] int32
     return 2 * rows / max(cfg.train.num_workers, 1) * row_bytes / 2**20
 
 
