@@ -163,3 +163,17 @@ def test_synthetic_rows_get_the_items_raters_after_every_train_row():
     got = t.to_pydict()
     assert got["raters_user_id"] == [[1, 3, 2], [1, 0, 0]]  # i1 by time: u1 (30), u3 (20), u2 (10)
     assert got["raters_label"] == [[2, 2, 1], [2, 0, 0]]
+
+
+def test_rater_table_own_keeps_the_raters_vectors_apart_from_the_target_users():
+    """model.history.rater_table=own: the raters' user vectors come from the pooling's own table, so
+    the rater path sends no gradient to the user feature's table (only the target user's row does)."""
+    torch.manual_seed(0)
+    model = build_model(SPEC_R, ModelConfig(dropout=0.0, history={"raters": ["din", "mean"], "rater_table": "own"}))
+    b = rater_batch(16)
+    b.cat[:, 0] = 1  # every row's target user is user 1
+    model(b).sum().backward()
+    user_grad = model.inputs.embeddings[0].weight.grad
+    assert user_grad[2:].abs().sum() == 0 and user_grad[1].abs().sum() > 0  # raters 1..8 reach no row of it
+    own = model.inputs.raters.users.weight.grad
+    assert own[b.raters[:, 0][b.raters[:, 1] > 0].unique()].abs().sum(1).gt(0).all()

@@ -139,6 +139,8 @@ class LabelRule(Strict):
         "gt", description="gt/ge/eq: label = column OP threshold; binary: the column already holds 0/1."
     )
     threshold: float | None = Field(3.0, description="Threshold for gt/ge/eq (SWR: rating > 3).")
+    soft: bool = Field(False, description="Also store label_soft, the label's source value scaled to [0, 1] by "
+                       "prepare.validation.rating_range (min 0, max 1), for train.soft_label (gt/ge/eq only).")
 
     @model_validator(mode="after")
     def _check(self) -> "LabelRule":
@@ -263,6 +265,9 @@ class PrepareConfig(Strict):
         if self.history is not None and any(f.hash_buckets for f in self.categorical
                                             if f.name == self.history.item_feature):
             raise ValueError("prepare.history.item_feature must have a vocabulary, not hash_buckets")
+        if self.label.soft and (self.label.op == "binary" or self.validation.rating_range is None):
+            raise ValueError("prepare.label.soft scales the label's source value by prepare.validation.rating_range: "
+                             "it needs label.op gt/ge/eq and a rating_range")
         if self.history is not None and self.history.raters and not any(
                 f.name == self.history.user_feature and not f.hash_buckets for f in self.categorical):
             raise ValueError(f"prepare.history.user_feature {self.history.user_feature!r} must be a categorical "
@@ -317,6 +322,9 @@ class HistoryFeatureConfig(Strict):
     raters: list[Literal["din", "mean"]] = Field(
         default_factory=list, description="Fields made from the target item's recent raters (needs "
         "prepare.history.raters): din (attention with the target user as query), mean. Empty: raters unused.")
+    rater_table: Literal["shared", "own"] = Field(
+        "shared", description="raters: the raters' user vectors come from the user feature's own table (shared, "
+        "so DIN compares the target user with each rater) or from a table of their own (own).")
 
 
 class ModelConfig(Strict):
@@ -371,6 +379,10 @@ class TrainConfig(Strict):
         "(SparseAdam: a step updates only the rows in the batch, so its cost does not grow with the table; no weight "
         "decay on them). CPU training only (NCCL has no sparse all-reduce). 0: every table dense.")
     patience: int = Field(4, ge=1, description="Early stopping: epochs without a better validation AUC.")
+    soft_label: float = Field(
+        0.0, ge=0.0, le=1.0, description="Train the ranking model towards (1 - a) * label + a * label_soft (the "
+        "rating scaled to [0, 1]: prepare.label.soft), so it also learns how much a row was liked: a 5 above a 4, "
+        "a 3 above a 1. Metrics stay on the binary label. 0: the binary label alone.")
     perturbation: Literal["none", "random", "fgm", "pgd"] = Field(
         "none", description="Embedding perturbation in training (robustness): random (Gaussian noise of norm "
         "perturbation_eps per row), fgm (one step along the loss gradient, norm perturbation_eps; trains on clean + "

@@ -68,6 +68,8 @@ class FeatureSpec(_Spec):
     user_key: str = "user_key"
     item_key: str = "item_key"
     timestamp_column: str = "timestamp"
+    soft_label_column: str | None = Field(None, description="the label's source value scaled to [0, 1] "
+                                          "(prepare.label.soft), for train.soft_label; None: not stored")
     text: dict[str, TextField] = Field(default_factory=dict)
     synthetic: SyntheticData | None = Field(None, description="filled in by the augment stage")
     splits: dict[str, str] = Field(description="split name -> parquet folder relative to the prepare dir")

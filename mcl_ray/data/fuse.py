@@ -23,7 +23,7 @@ from mcl_ray.core.errors import ConfigError
 from mcl_ray.core.config import LabelRule, PrepareConfig, ScenarioRule
 from mcl_ray.core.keys import keys_of
 from mcl_ray.data.csv_tables import LINE, MALFORMED
-from mcl_ray.data.history import BUCKET
+from mcl_ray.data.history import BUCKET, SOFT
 from mcl_ray.data.synthetic import uniform
 
 CONTEXT = ("hour", "weekday", "month")
@@ -132,6 +132,7 @@ class FusionPlan:
     has_timestamp: bool = True  # without one, timestamp is 0 (nothing time-based was asked for)
     numeric: list[str] = field(default_factory=list)  # numeric features (text in a CSV: parsed here)
     label_buckets: list[float] | None = None  # prepare.history.label_buckets: the label source's bucket column
+    soft_range: tuple[float, float] | None = None  # prepare.label.soft: the label source scaled to [0, 1] by it
 
     @property
     def output_columns(self) -> list[str]:
@@ -139,6 +140,7 @@ class FusionPlan:
         label_src = [self.label.column] if self.label.column not in base else []
         cols = base + label_src + self.interaction_extra + self.user_cols + self.item_cols + self.derived
         cols += self.context + ["scenario", "label", "split"] + ([BUCKET] if self.label_buckets else [])
+        cols += [SOFT] if self.soft_range else []
         return list(dict.fromkeys(cols))
 
 
@@ -191,6 +193,7 @@ def plan_fusion(cfg: PrepareConfig, interaction_columns: list[str], users: pd.Da
         items=with_derived(items, derived)[item_cols + derived] if items is not None else None,
         interaction_extra=extra, has_timestamp=has_timestamp, numeric=list(cfg.numeric),
         label_buckets=cfg.history.label_buckets if cfg.history is not None else None,
+        soft_range=tuple(cfg.validation.rating_range) if cfg.label.soft else None,
     )
 
 
@@ -307,6 +310,9 @@ def fuse_batch(batch: pa.Table, plan: FusionPlan) -> pd.DataFrame:
     out["label"] = np.nan_to_num(label).astype(np.float32)
     if plan.label_buckets:  # ids 1..len+1 (0 is the history's padding); a null source is quarantined above
         out[BUCKET] = 1 + np.searchsorted(plan.label_buckets, np.nan_to_num(label_src), side="right").astype(np.int8)
+    if plan.soft_range:  # out-of-range values are quarantined above (rating_range)
+        lo, hi = plan.soft_range
+        out[SOFT] = np.clip((np.nan_to_num(label_src) - lo) / max(hi - lo, 1e-12), 0, 1).astype(np.float32)
 
     if plan.split_kind == "random":
         out["split"] = assign_random_split(

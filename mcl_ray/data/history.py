@@ -30,6 +30,7 @@ from mcl_ray.core.keys import key_array
 LABEL = "hist_label"
 SCENARIO = "hist_scenario"
 BUCKET = "label_bucket"  # per row: the bucket id of the label's source value (prepare.history.label_buckets)
+SOFT = "label_soft"  # per row: the label's source value scaled to [0, 1] (prepare.label.soft, train.soft_label)
 
 
 RATER_LABEL = "raters_label"

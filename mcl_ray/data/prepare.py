@@ -75,6 +75,8 @@ def prepare_fingerprint(cfg: ExperimentConfig) -> str:
         {"raters", "user_feature"} if not hc.raters else set())
     prep = cfg.prepare.model_dump(mode="json", exclude={"history"} if hc is None else {"history": unset} if unset
                                   else None)
+    if not cfg.prepare.label.soft:  # an option added later: data prepared without it keeps its fingerprint
+        del prep["label"]["soft"]
     return fingerprint({"v": PREPARE_VERSION, "data": cfg.data.model_dump(mode="json"), "prepare": prep},
                        files=input_files(cfg))
 
@@ -261,6 +263,8 @@ def encode_batch(batch: pa.Table, vocabs: dict[str, pa.Array], numeric: dict[str
     cols[col("label_column")] = pc.cast(batch["label"], pa.float32())
     if history.BUCKET in batch.column_names:  # prepare.history.label_buckets: the label source's bucket
         cols[history.BUCKET] = pc.cast(batch[history.BUCKET], pa.int8())
+    if history.SOFT in batch.column_names:  # prepare.label.soft
+        cols[history.SOFT] = pc.cast(batch[history.SOFT], pa.float32())
     cols[col("weight_column")] = pa.array(np.ones(n, np.float32))
     cols[col("provenance_column")] = pa.array(np.zeros(n, np.int8))
     cols["split"] = batch["split"]
@@ -395,7 +399,7 @@ class PrepareStage(Stage[PrepareResult]):
             num_rows={s: per_split[s]["rows"] for s in SPLITS},
             users_table="users.parquet" if users is not None else None,
             items_table="items.parquet" if items is not None else None,
-            data_fingerprint=fp,
+            data_fingerprint=fp, soft_label_column=history.SOFT if self.pc.label.soft else None,
         )
         spec.save(self.out / "feature_spec.json")
         (self.out / "vocabs.json").write_text(json.dumps(vocabs, ensure_ascii=False))

@@ -18,7 +18,9 @@ from mcl_ray.core.feature_spec import FeatureSpec
 def model_columns(spec: FeatureSpec) -> list[str]:
     """The columns a model batch is made of (features, scenario, label, weight, provenance)."""
     return ([f.name for f in spec.categorical] + [f.name for f in spec.numeric] + [f.name for f in spec.sequence]
-            + [f.name for f in spec.raters] + [spec.scenario_column, spec.label_column, spec.weight_column, spec.provenance_column])
+            + [f.name for f in spec.raters]
+            + [spec.scenario_column, spec.label_column, spec.weight_column, spec.provenance_column]
+            + ([spec.soft_label_column] if spec.soft_label_column else []))
 
 
 def _split_files(prepare_dir: str | Path, spec: FeatureSpec, split: str) -> list[Path]:

@@ -340,6 +340,8 @@ def synthetic_rows(pairs: list[tuple], spec: FeatureSpec, train: pd.DataFrame) -
     out[item_cols] = by_item.loc[p[spec.item_key], item_cols].to_numpy()
     out[spec.scenario_column] = p[spec.scenario_column].values
     out[spec.label_column] = p[spec.label_column].astype(np.float32).values
+    if spec.soft_label_column:  # no rating of its own: its soft label is its label
+        out[spec.soft_label_column] = out[spec.label_column]
     out[spec.weight_column] = np.float32(1.0)
     out[spec.provenance_column] = np.int8(1)
     out[spec.timestamp_column] = 0

@@ -31,6 +31,7 @@ class Batch:
     label: torch.Tensor | None = None  # [B] float32 in {0, 1}
     weight: torch.Tensor | None = None  # [B] float32
     synthetic: torch.Tensor | None = None  # [B] bool: an augment-stage row
+    soft: torch.Tensor | None = None  # [B] float32 in [0, 1]: the label's source value scaled (prepare.label.soft)
     # behaviour history (prepare.history), most recent first; None when the data has none
     # [B, 3, L] int32: item ids, labels (0 padding, 1 neg, 2 pos; or label bucket ids), scenarios
     hist: torch.Tensor | None = None
@@ -80,6 +81,7 @@ class Batch:
             label=torch.from_numpy(col(spec.label_column, np.float32)),
             weight=torch.from_numpy(col(spec.weight_column, np.float32)),
             synthetic=torch.from_numpy(col(spec.provenance_column, np.int64) > 0),
+            soft=torch.from_numpy(col(spec.soft_label_column, np.float32)) if spec.soft_label_column else None,
             hist=(torch.from_numpy(np.stack(sequence_arrays(table, spec), 1).astype(np.int32)) if spec.sequence
                   else None),
             raters=(torch.from_numpy(np.stack(sequence_arrays(table, spec, raters=True), 1).astype(np.int32))

@@ -167,6 +167,10 @@ class RaterPooling(SequencePooling):
         self.length = seq[0].length
         self.label = nn.Embedding(seq[1].vocab_size, dim)  # 0 padding, then negative / positive or label buckets
         nn.init.normal_(self.label.weight, std=0.01)
+        self.users = None
+        if hc.rater_table == "own":  # the raters' vectors apart from the target user's (no shared updates)
+            self.users = nn.Embedding(seq[0].vocab_size, dim)
+            nn.init.normal_(self.users.weight, std=0.01)
 
     def forward(self, batch: Batch, user_table: nn.Embedding) -> list[torch.Tensor]:  # -> P x [B, D]
         r = batch.raters
@@ -175,7 +179,7 @@ class RaterPooling(SequencePooling):
         users, labels = r.unbind(1)  # [B, K] each
         mask = (labels > 0).unsqueeze(-1).to(torch.float32)  # [B, K, 1]
         q = user_table(batch.cat[:, self.user_index])  # [B, D] the target users
-        k = (user_table(users) + self.label(labels)) * mask  # [B, K, D]
+        k = ((self.users if self.users is not None else user_table)(users) + self.label(labels)) * mask  # [B, K, D]
         return self.pool(q, k, mask)
 
 

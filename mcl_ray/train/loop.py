@@ -225,6 +225,11 @@ def denoise_weights(loss: torch.Tensor, synthetic: torch.Tensor, w: torch.Tensor
     return w.index_fill(0, drop, 0.0)
 
 
+def soft_target(b: Batch, soft: float) -> torch.Tensor:
+    """train.soft_label: the ranking loss's target, (1 - a) * label + a * label_soft ([B]); a = 0: the label."""
+    return b.label if not soft else (1 - soft) * b.label + soft * b.soft
+
+
 def train_epoch(model, opt, batches: Iterable[Batch], n: int, epoch: int, args: LoopArgs, rank: int, world: int,
                 device: torch.device) -> float:
     """One pass over this rank's n rows (from memory or a stream); returns the mean batch loss."""
@@ -239,6 +244,7 @@ def train_epoch(model, opt, batches: Iterable[Batch], n: int, epoch: int, args: 
     aug_w = cfg.augment.weight if cfg.augment.enabled else 0.0
     denoise = cfg.augment.denoise_share if aug_w > 0 else 0.0
     perturb = tc.perturbation != "none"
+    soft = tc.soft_label
     for layer in input_layers(model):
         layer.capture = perturb
     backward = (lambda x: scaler.scale(x).backward()) if scaler is not None else (lambda x: x.backward())  # noqa: E731
@@ -258,7 +264,7 @@ def train_epoch(model, opt, batches: Iterable[Batch], n: int, epoch: int, args: 
                     loss = F.cross_entropy(logits.float(), torch.arange(len(logits), device=logits.device),
                                            reduction="none")
                 else:
-                    loss = F.binary_cross_entropy_with_logits(logits.float(), b.label, reduction="none")
+                    loss = F.binary_cross_entropy_with_logits(logits.float(), soft_target(b, soft), reduction="none")
                     if denoise > 0:
                         w = denoise_weights(loss.detach(), b.synthetic, w, denoise)
                 return (loss * w).sum() / w.sum().clamp(min=1e-12)

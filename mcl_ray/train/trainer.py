@@ -35,10 +35,12 @@ class TrainResult:
 def train_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec, seed: int, prepare_dir: Path | None = None) -> str:
     # a model without history fields fingerprints as before the history option existed (runs stay reusable)
     h = cfg.model.history
-    unset = {k for k, v in (("raters", h.raters), ("encoder_layers", h.encoder_layers)) if not v}  # later options
+    unset = {k for k, v in (("raters", h.raters), ("encoder_layers", h.encoder_layers),
+                            ("rater_table", h.rater_table != "shared")) if not v}  # options added later
     model = cfg.model.model_dump(mode="json", exclude={"history"} if not (h.pooling or h.raters) else
                                  {"history": unset} if unset else None)
-    blob = {"model": model, "train": cfg.train.model_dump(mode="json"), "seed": seed, "data": spec.data_fingerprint}
+    train = cfg.train.model_dump(mode="json", exclude=None if cfg.train.soft_label else {"soft_label"})
+    blob = {"model": model, "train": train, "seed": seed, "data": spec.data_fingerprint}
     if uses_synthetic(cfg):  # other synthetic rows or weight: another run
         blob["augment"] = {"weight": cfg.augment.weight, "rows": spec.synthetic.fingerprint if spec.synthetic else None}
         if cfg.augment.denoise_share:  # only when set: earlier runs keep their fingerprint
@@ -163,6 +165,9 @@ def check_ready(cfg: ExperimentConfig, spec: FeatureSpec) -> None:
     if cfg.model.history.pooling and not spec.sequence:
         raise SetupError(f"model.history.pooling={cfg.model.history.pooling} needs behaviour-history columns, which "
                          "the prepared data lacks: set prepare.history (e.g. {length: 20}) and re-run `mcl-ray prepare`")
+    if cfg.train.soft_label and not spec.soft_label_column:
+        raise SetupError(f"train.soft_label={cfg.train.soft_label} needs the label_soft column, which the prepared "
+                         "data lacks: set prepare.label.soft: true and re-run `mcl-ray prepare`")
     if cfg.model.history.raters and not spec.raters:
         raise SetupError(f"model.history.raters={cfg.model.history.raters} needs the items' raters columns, which the "
                          "prepared data lacks: set prepare.history.raters (e.g. 20) and re-run `mcl-ray prepare`")
