@@ -436,6 +436,19 @@ def history_levers() -> str:
                 n = f"{len(pairs)} seed" + "s" * (len(pairs) > 1)
                 full.append(f"`{v}` against `{base}` at `{what}` (paired by seed, {n}): Δ valid "
                             f"{statistics.fmean(dv):+.4f}{sd(dv)}, Δ test {statistics.fmean(dt):+.4f}{sd(dt)}.")
+            # a setting on top of another file's (its overrides extended): paired against that one on 3+ seeds
+            under = max((e for _, e in files if 0 < len(e.get("overrides", [])) < len(d.get("overrides", []))
+                         and d["overrides"][:len(e["overrides"])] == e["overrides"]),
+                        key=lambda e: len(e["overrides"]), default=None)
+            if under is not None:
+                prev = {(r["backbone"], r["seed"]): r for r in under["runs"] if "error" not in r}
+                pairs = [(prev[(v, r["seed"])], r) for r in rs if (v, r["seed"]) in prev]
+                if len(pairs) >= 3:
+                    dv = [q["val_auc"] - p["val_auc"] for p, q in pairs]
+                    dt = [q["auc"] - p["auc"] for p, q in pairs]
+                    full.append(f"`{what}`, `{v}` against `{setting(under)}` (paired by seed, {len(pairs)} seeds): "
+                                f"Δ valid {statistics.fmean(dv):+.4f}{sd(dv)}, "
+                                f"Δ test {statistics.fmean(dt):+.4f}{sd(dt)}.")
             if len(rs) >= 3 and v.endswith("+hist+text"):  # a confirmed setting: test AUC per scenario
                 x = d["table"][v]
                 full.append(f"`{what}`, `{v}`, test AUC per scenario (mean ± std over {len(rs)} seeds; best published "

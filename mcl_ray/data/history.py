@@ -195,14 +195,14 @@ class ItemRaters:
     def of(self, items: np.ndarray, as_of: int | None = None) -> np.ndarray:
         """[n, 2, K] int64: the raters of items [n] (item ids) at time as_of (None: after every train row)."""
         items = np.asarray(items, np.int64)
+        if not len(self.key):  # no train rows: every item unrated
+            return np.zeros((len(items), 2, self.length), np.int64)
         off = 2**32 if as_of is None else min(max(as_of - self.t0, 0), 2**32)
         first = np.searchsorted(self.key, items * 2**32, side="left")
         before = np.searchsorted(self.key, items * 2**32 + off, side="left")  # rows strictly earlier
         idx = before[:, None] - 1 - np.arange(self.length)[None, :]  # [n, K] most recent first
         valid = idx >= first[:, None]
         idx = np.clip(idx, 0, None)
-        if not len(self.key):
-            return np.zeros((len(items), 2, self.length), np.int64)
         return np.stack([np.where(valid, self.user[idx], 0), np.where(valid, self.label[idx], 0)], 1).astype(np.int64)
 
 
