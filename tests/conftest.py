@@ -30,3 +30,15 @@ def ml1m_folder():
     from mcl_ray.data import package_data
 
     return package_data.locate(package_data.MOVIELENS_1M)
+
+
+@pytest.fixture(scope="session")
+def shop_history(tmp_path_factory, ray_cluster):
+    """The README's shop tables (several scenarios per user), prepared once with a behaviour history of 4
+    and 3 item raters: the leakage checks of test_history.py and test_raters.py read it."""
+    from mcl_ray.core.config import load_config
+    from mcl_ray.data.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("hist_shop")
+    return prepare(load_config(ROOT / "experiments/shop_tables.yaml",
+                               [f"run_dir={tmp}", "prepare.history={length: 4, raters: 3}"]))

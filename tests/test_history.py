@@ -7,6 +7,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
+from leakage import rows_with_prior
 
 from mcl_ray.core.config import ModelConfig, load_config
 from mcl_ray.core.errors import ConfigError, SetupError
@@ -15,7 +16,7 @@ from mcl_ray.data.history import add_history, label_ids, sequence_features, wind
 from mcl_ray.models.backbones import build_model
 from mcl_ray.models.batch import Batch
 
-L = 4
+L = 4  # the history length of conftest's shop_history
 
 
 def test_windows_hold_only_strictly_earlier_train_rows_most_recent_first():
@@ -48,16 +49,6 @@ def test_add_history_with_label_buckets_holds_the_bucket_ids():
     assert out["hist_label"] == [[0, 0, 0], [5, 0, 0], [2, 5, 0]]  # the ratings' buckets, not 1 / 2
 
 
-@pytest.fixture(scope="module")
-def shop_history(tmp_path_factory, ray_cluster):
-    """The README's shop tables (several scenarios per user), prepared with history."""
-    from mcl_ray.data.prepare import prepare
-
-    tmp = tmp_path_factory.mktemp("hist_shop")
-    cfg = load_config("experiments/shop_tables.yaml", [f"run_dir={tmp}", f"prepare.history={{length: {L}}}"])
-    return prepare(cfg)
-
-
 def test_prepared_history_never_leaks(shop_history):
     """Every row's history equals the user's last L train rows strictly earlier in time, computed
     independently with pandas: never the row itself, a later or same-time row, or a valid/test row."""
@@ -67,20 +58,15 @@ def test_prepared_history_never_leaks(shop_history):
     assert [f.name for f in spec.sequence] == ["hist_item_id", "hist_label", "hist_scenario"]
     cols = ["user_key", "timestamp", "item_id", "label", "scenario", "hist_item_id", "hist_label", "hist_scenario"]
     frames = {s: read_split(pdir, spec, s, columns=cols).to_pandas() for s in ("train", "valid", "test")}
-    train = frames["train"].sort_values(["user_key", "timestamp", "item_id"])
-    by_user = {u: g for u, g in train.groupby("user_key")}
     checked = earlier_any = 0
-    for split, df in frames.items():
-        for r in df.itertuples():
-            g = by_user.get(r.user_key, train.iloc[:0])
-            prior = g[g["timestamp"] < r.timestamp].iloc[::-1].head(L)  # most recent first
-            n = len(prior)
-            assert list(r.hist_item_id[:n]) == prior["item_id"].tolist(), (split, r.user_key, r.timestamp)
-            assert list(r.hist_label[:n]) == (prior["label"].astype(int) + 1).tolist()
-            assert list(r.hist_scenario[:n]) == prior["scenario"].tolist()
-            assert not any(r.hist_label[n:]) and not any(r.hist_item_id[n:])  # the rest is padding
-            checked += 1
-            earlier_any += n > 0
+    for split, r, prior in rows_with_prior(frames, "user_key", ["item_id"], L):
+        n = len(prior)
+        assert list(r.hist_item_id[:n]) == prior["item_id"].tolist(), (split, r.user_key, r.timestamp)
+        assert list(r.hist_label[:n]) == (prior["label"].astype(int) + 1).tolist()
+        assert list(r.hist_scenario[:n]) == prior["scenario"].tolist()
+        assert not any(r.hist_label[n:]) and not any(r.hist_item_id[n:])  # the rest is padding
+        checked += 1
+        earlier_any += n > 0
     assert checked == sum(len(f) for f in frames.values()) and earlier_any > checked // 2
     # valid and test rows do have histories, from train rows only (the independent check above)
     assert frames["test"]["hist_label"].map(lambda x: x[0] > 0).mean() > 0.5

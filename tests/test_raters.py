@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
+from leakage import rows_with_prior
 
 from mcl_ray.core.config import ModelConfig, load_config
 from mcl_ray.core.errors import SetupError
@@ -17,7 +18,7 @@ from mcl_ray.data.history import ItemRaters, add_raters, latest_rater_rows, rate
 from mcl_ray.models.backbones import build_model
 from mcl_ray.models.batch import Batch
 
-L, K = 4, 3
+L, K = 4, 3  # conftest's shop_history prepares with these
 
 
 def test_add_raters_holds_the_items_strictly_earlier_train_raters_most_recent_first():
@@ -57,44 +58,29 @@ SPEC_R = FeatureSpec(features=[USER, ITEM, *sequence_features(ITEM, L, 2), *rate
                      scenario_names=["a", "b"], splits={}, num_rows={}, data_fingerprint="x")
 
 
-@pytest.fixture(scope="module")
-def shop_raters(tmp_path_factory, ray_cluster):
-    """The README's shop tables, prepared with history and raters."""
-    from mcl_ray.data.prepare import prepare
-
-    tmp = tmp_path_factory.mktemp("raters_shop")
-    cfg = load_config("experiments/shop_tables.yaml", [f"run_dir={tmp}", f"prepare.history={{length: {L}, raters: {K}}}"])
-    return prepare(cfg)
-
-
-def test_prepared_raters_never_leak_and_serving_builds_the_same(shop_raters):
+def test_prepared_raters_never_leak_and_serving_builds_the_same(shop_history):
     """Every row's raters equal its item's last K train raters strictly earlier in time, computed
     independently with pandas: never the row itself, a later or same-time row, or a valid/test row. What
     serving and ranking evaluation build (ItemRaters from the train rows, or from each item's last K) agrees."""
     from mcl_ray.data.splits import read_split
 
-    spec, pdir = shop_raters.spec, shop_raters.out_dir
+    spec, pdir = shop_history.spec, shop_history.out_dir
     assert [f.name for f in spec.raters] == ["raters_user_id", "raters_label"]
     assert spec.raters[0].vocab_size == next(f for f in spec.categorical if f.name == "user_id").vocab_size
     cols = ["user_key", "timestamp", "item_id", "user_id", "label", "raters_user_id", "raters_label"]
     frames = {s: read_split(pdir, spec, s, columns=cols + ["is_synthetic"]).to_pandas()
               for s in ("train", "valid", "test")}
-    train = frames["train"].sort_values(["item_id", "timestamp", "user_id", "label"])
-    by_item = {i: g for i, g in train.groupby("item_id")}
     full = ItemRaters(pa.Table.from_pandas(frames["train"], preserve_index=False), spec)
     checked = earlier_any = 0
-    for split, df in frames.items():
-        for r in df.itertuples():
-            g = by_item.get(r.item_id, train.iloc[:0])
-            prior = g[g["timestamp"] < r.timestamp].iloc[::-1].head(K)  # most recent first
-            n = len(prior)
-            assert list(r.raters_user_id[:n]) == prior["user_id"].tolist(), (split, r.item_id, r.timestamp)
-            assert list(r.raters_label[:n]) == (prior["label"].astype(int) + 1).tolist()
-            assert not any(r.raters_label[n:]) and not any(r.raters_user_id[n:])  # the rest is padding
-            served = full.of(np.array([r.item_id]), int(r.timestamp))[0]
-            assert served[0].tolist() == list(r.raters_user_id) and served[1].tolist() == list(r.raters_label)
-            checked += 1
-            earlier_any += n > 0
+    for split, r, prior in rows_with_prior(frames, "item_id", ["user_id", "label"], K):
+        n = len(prior)
+        assert list(r.raters_user_id[:n]) == prior["user_id"].tolist(), (split, r.item_id, r.timestamp)
+        assert list(r.raters_label[:n]) == (prior["label"].astype(int) + 1).tolist()
+        assert not any(r.raters_label[n:]) and not any(r.raters_user_id[n:])  # the rest is padding
+        served = full.of(np.array([r.item_id]), int(r.timestamp))[0]
+        assert served[0].tolist() == list(r.raters_user_id) and served[1].tolist() == list(r.raters_label)
+        checked += 1
+        earlier_any += n > 0
     assert checked == sum(len(f) for f in frames.values()) and earlier_any > checked // 2
     # ranking evaluation's streamed last-K rows give every item's raters after all train rows, as the full table
     items = np.arange(spec.sequence[0].vocab_size)
