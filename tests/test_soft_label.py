@@ -49,7 +49,8 @@ def test_soft_label_settings_that_cannot_work_are_clear_errors():
     from mcl_ray.train.trainer import check_ready
 
     with pytest.raises((ConfigError, ValueError), match="rating_range"):
-        load_config("experiments/synthetic_quick.yaml", ["prepare.label.soft=true", "prepare.validation.rating_range=null"])
+        load_config("experiments/synthetic_quick.yaml",
+                    ["prepare.label.soft=true", "prepare.validation.rating_range=null"])
     cfg = load_config("experiments/synthetic_quick.yaml", ["train.soft_label=0.3"])
     spec = FeatureSpec(features=[Feature(name="item_id", kind="categorical", source="item", vocab_size=3)],
                        scenario_names=["a"], splits={}, num_rows={}, data_fingerprint="x")
