@@ -342,3 +342,5 @@ def test_history_encoder_layers_mask_padding_score_rows_alone_and_see_the_other_
     model.train(True)
     model(b).sum().backward()
     assert all(p.grad is not None for p in pool.encoder.parameters()) and pool.position.weight.grad is not None
+    with pytest.raises(ValueError, match="model.history.pooling"):
+        ModelConfig(history={"encoder_layers": 1})  # nothing to pool the encoded entries

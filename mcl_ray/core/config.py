@@ -358,6 +358,9 @@ class ModelConfig(Strict):
         if self.history.item_text and (self.text.mode != "frozen" or "item" not in self.text.fields):
             raise ValueError("model.history.item_text needs the item texts' embeddings: set model.text.mode=frozen "
                              "with item in model.text.fields")
+        if self.history.encoder_layers and not self.history.pooling:
+            raise ValueError("model.history.encoder_layers encodes the history for its pooling: set "
+                             "model.history.pooling (e.g. [din, mean]) too")
         if self.backbone == "llm_ranker" and self.cross_layers:
             raise ValueError("model.cross_layers crosses feature fields; model.backbone=llm_ranker has none (it reads "
                              "the texts): set model.cross_layers to 0")
