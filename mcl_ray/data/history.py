@@ -71,13 +71,17 @@ def windows(train_ts: np.ndarray, item: np.ndarray, label: np.ndarray, scenario:
         z = np.zeros((n, length), np.int32)
         return z, z.astype(np.int8), z.astype(np.int16)
     before = np.searchsorted(train_ts, query_ts, side="left")  # [n] train rows strictly earlier
-    idx = before[:, None] - 1 - np.arange(length)[None, :]  # [n, L] most recent first
-    valid = idx >= 0
+    items, labels, scens = gather_windows(before, np.zeros_like(before), length, (item, label, scenario))
+    return items.astype(np.int32), labels.astype(np.int8), scens.astype(np.int16)
+
+
+def gather_windows(before: np.ndarray, first: np.ndarray, length: int, cols) -> list[np.ndarray]:
+    """For each query i, rows first[i] <= r < before[i] of every column, the most recent (highest r)
+    first: [n, L] per column, 0 past the start."""
+    idx = before[:, None] - 1 - np.arange(length)[None, :]  # [n, L]
+    valid = idx >= first[:, None]
     idx = np.clip(idx, 0, None)
-    items = np.where(valid, item[idx], 0).astype(np.int32)
-    labels = np.where(valid, label[idx], 0).astype(np.int8)
-    scens = np.where(valid, scenario[idx], 0).astype(np.int16)
-    return items, labels, scens
+    return [np.where(valid, c[idx], 0) for c in cols]
 
 
 def fixed_lists(x: np.ndarray, dtype: pa.DataType) -> pa.Array:
@@ -198,12 +202,9 @@ class ItemRaters:
         if not len(self.key):  # no train rows: every item unrated
             return np.zeros((len(items), 2, self.length), np.int64)
         off = 2**32 if as_of is None else min(max(as_of - self.t0, 0), 2**32)
-        first = np.searchsorted(self.key, items * 2**32, side="left")
+        first = np.searchsorted(self.key, items * 2**32, side="left")  # each item's first row
         before = np.searchsorted(self.key, items * 2**32 + off, side="left")  # rows strictly earlier
-        idx = before[:, None] - 1 - np.arange(self.length)[None, :]  # [n, K] most recent first
-        valid = idx >= first[:, None]
-        idx = np.clip(idx, 0, None)
-        return np.stack([np.where(valid, self.user[idx], 0), np.where(valid, self.label[idx], 0)], 1).astype(np.int64)
+        return np.stack(gather_windows(before, first, self.length, (self.user, self.label)), 1).astype(np.int64)
 
 
 def rater_source_columns(spec: FeatureSpec) -> list[str]:
