@@ -399,6 +399,12 @@ def history_levers() -> str:
 
     ref = {(r["backbone"], r["seed"]): r for r in _load("history")["runs"] if "error" not in r}
     sd = lambda xs: f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else ""  # noqa: E731
+
+    def deltas(pairs) -> str:
+        """(before, after) runs paired by seed -> "Δ valid m ± s, Δ test m ± s"."""
+        dv = [q["val_auc"] - p["val_auc"] for p, q in pairs]
+        dt = [q["auc"] - p["auc"] for p, q in pairs]
+        return f"Δ valid {statistics.fmean(dv):+.4f}{sd(dv)}, Δ test {statistics.fmean(dt):+.4f}{sd(dt)}"
     epochs, length = _protocol()
     files = [(f, json.loads(f.read_text())) for f in sorted(RESULTS.glob("history_lever_*.json"))]
     setting = lambda d: ", ".join([  # noqa: E731
@@ -431,11 +437,8 @@ def history_levers() -> str:
             base = "shared_bottom" + v[v.index("+"):] if "+" in v else None
             pairs = [(sb[(what, base, r["seed"])], r) for r in rs if (what, base, r["seed"]) in sb]
             if base and base != v and pairs:
-                dv = [q["val_auc"] - p["val_auc"] for p, q in pairs]
-                dt = [q["auc"] - p["auc"] for p, q in pairs]
                 n = f"{len(pairs)} seed" + "s" * (len(pairs) > 1)
-                full.append(f"`{v}` against `{base}` at `{what}` (paired by seed, {n}): Δ valid "
-                            f"{statistics.fmean(dv):+.4f}{sd(dv)}, Δ test {statistics.fmean(dt):+.4f}{sd(dt)}.")
+                full.append(f"`{v}` against `{base}` at `{what}` (paired by seed, {n}): {deltas(pairs)}.")
             # a setting on top of another file's (its overrides extended): paired against that one on 3+ seeds
             under = max((e for _, e in files if 0 < len(e.get("overrides", [])) < len(d.get("overrides", []))
                          and d["overrides"][:len(e["overrides"])] == e["overrides"]),
@@ -444,11 +447,8 @@ def history_levers() -> str:
                 prev = {(r["backbone"], r["seed"]): r for r in under["runs"] if "error" not in r}
                 pairs = [(prev[(v, r["seed"])], r) for r in rs if (v, r["seed"]) in prev]
                 if len(pairs) >= 3:
-                    dv = [q["val_auc"] - p["val_auc"] for p, q in pairs]
-                    dt = [q["auc"] - p["auc"] for p, q in pairs]
                     full.append(f"`{what}`, `{v}` against `{setting(under)}` (paired by seed, {len(pairs)} seeds): "
-                                f"Δ valid {statistics.fmean(dv):+.4f}{sd(dv)}, "
-                                f"Δ test {statistics.fmean(dt):+.4f}{sd(dt)}.")
+                                f"{deltas(pairs)}.")
             if len(rs) >= 3 and v.endswith("+hist+text"):  # a confirmed setting: test AUC per scenario
                 x = d["table"][v]
                 full.append(f"`{what}`, `{v}`, test AUC per scenario (mean ± std over {len(rs)} seeds; best published "
@@ -461,10 +461,7 @@ def history_levers() -> str:
             pairs = [(r, done[(v[: -len(a)] + b, s)]) for (v, s), r in done.items()
                      if v.endswith(a) and (v[: -len(a)] + b, s) in done]
             if len(pairs) >= 2:
-                dv = [q["val_auc"] - p["val_auc"] for p, q in pairs]
-                dt = [q["auc"] - p["auc"] for p, q in pairs]
-                parts.append(f"{part} Δ valid {statistics.fmean(dv):+.4f}{sd(dv)}, Δ test {statistics.fmean(dt):+.4f}{sd(dt)} "
-                             f"({len(pairs)} seeds)")
+                parts.append(f"{part} {deltas(pairs)} ({len(pairs)} seeds)")
         if parts:
             full.append(f"What the LLM parts add at `{what}` (`{f.name}`, paired by seed): " + "; ".join(parts) + ".")
     return ("The protocol above with the settings named changed (`bench/accuracy_bench.py --set` / "
