@@ -123,7 +123,9 @@ def test_retrieval_section_overrides_train_settings_for_the_retrieval_model():
     cfg = load_config(ROOT / "experiments/ml1m_swr_best.yaml")
     r = retrieval_config(cfg)
     assert (cfg.train.lr, cfg.train.weight_decay) == (0.003, 0.0001)  # the ranking model's, chosen on validation
-    assert cfg.prepare.label.soft and cfg.train.soft_label == 0.3  # soft labels, chosen on validation
+    assert cfg.prepare.label.soft and cfg.train.ordinal_cuts == [1, 2, 4]  # ordinal cuts, chosen on validation
+    assert cfg.train.ordinal_weight == 0.25
     assert (r.train.lr, r.train.weight_decay, r.train.epochs) == (0.001, 0.00001, 5)
+    assert r.train.ordinal_cuts == [] and r.train.soft_label == 0  # in-batch softmax: no rating targets
     plain = retrieval_config(load_config(ROOT / "experiments/ml1m_swr.yaml", ["retrieval.lr=null"]))
     assert (plain.train.lr, plain.train.weight_decay) == (0.001, 0.00001)  # null: train's own

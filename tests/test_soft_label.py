@@ -1,6 +1,9 @@
 """Soft labels (prepare.label.soft, train.soft_label): prepare stores the rating scaled to [0, 1], the
 ranking loss trains towards (1 - a) * label + a * that, metrics stay on the binary label, and the
-settings that cannot work are clear errors."""
+settings that cannot work are clear errors. Ordinal cuts (train.ordinal_cuts) read the same column:
+one more target per cut of the rating, on the model's logit plus a learned offset."""
+
+import json
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ from mcl_ray.core.config import load_config
 from mcl_ray.core.errors import SetupError
 from mcl_ray.models.batch import Batch
 from mcl_ray.train.loop import soft_target
+from mcl_ray.train.ordinal import OrdinalCuts
 
 
 def test_soft_target_mixes_the_label_with_the_scaled_rating():
@@ -42,6 +46,16 @@ def test_prepare_stores_the_scaled_rating_and_training_uses_it(tmp_path, ray_clu
     out = train_one(cfg, res.out_dir, tmp_path / "train", seed=1)
     assert np.isfinite(out.history[0]["train_loss"]) and 0 < out.metrics["overall"]["auc"] <= 1
 
+    # ordinal cuts on the same data, under Ray Train with two DDP workers: the learned offsets are
+    # kept in the checkpoint's state (a resumed run continues from them), and they moved
+    ordinal = load_config("experiments/synthetic_quick.yaml",
+                          over + ["train.soft_label=0", "train.ordinal_cuts=[1, 2, 4]", "train.num_workers=2"])
+    out = train_one(ordinal, res.out_dir, tmp_path / "train", seed=1)
+    assert np.isfinite(out.history[0]["train_loss"]) and 0 < out.metrics["overall"]["auc"] <= 1
+    state = json.loads((out.train_dir / "checkpoint" / "state.json").read_text())["state"]
+    start = OrdinalCuts([1.0, 2.0, 4.0], (lo, hi), 3.0).offset.tolist()
+    assert len(state["ordinal_offsets"]) == 3 and state["ordinal_offsets"] != start
+
 
 def test_soft_label_settings_that_cannot_work_are_clear_errors():
     from mcl_ray.core.errors import ConfigError
@@ -52,6 +66,88 @@ def test_soft_label_settings_that_cannot_work_are_clear_errors():
         load_config("experiments/synthetic_quick.yaml",
                     ["prepare.label.soft=true", "prepare.validation.rating_range=null"])
     cfg = load_config("experiments/synthetic_quick.yaml", ["train.soft_label=0.3"])
+    spec = FeatureSpec(features=[Feature(name="item_id", kind="categorical", source="item", vocab_size=3)],
+                       scenario_names=["a"], splits={}, num_rows={}, data_fingerprint="x")
+    with pytest.raises(SetupError, match="prepare.label.soft"):
+        check_ready(cfg, spec)
+
+
+def test_ordinal_cuts_target_every_cut_of_the_rating():
+    cuts = OrdinalCuts([1.0, 2.0, 4.0], (1.0, 5.0), threshold=3.0)
+    assert cuts.offset.tolist() == [2.0, 1.0, -1.0]  # a lower cut is passed more often: it starts higher
+    soft = torch.tensor([1.0, 0.75, 0.5, 0.0])  # ratings 5, 4, 3, 1
+    logits = torch.tensor([0.5, -0.2, 0.1, 1.0], requires_grad=True)
+    loss = cuts(logits, soft)
+    target = torch.tensor([[1.0, 1, 1], [1, 1, 0], [1, 1, 0], [0, 0, 0]])  # rating > 1, > 2, > 4
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits.detach()[:, None] + cuts.offset.detach(), target, reduction="none").sum(1)
+    assert torch.allclose(loss, expected)
+    loss.sum().backward()
+    assert logits.grad.abs().min() > 0 and cuts.offset.grad.abs().min() > 0
+
+
+def test_ordinal_cuts_order_ratings_the_label_alone_cannot():
+    """Free scores for ratings 1-5 fitted with the label's loss alone leave a 5 level with a 4 and a
+    1 level with a 3; with the cuts, the scores follow the ratings."""
+    soft = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]).repeat(20)  # ratings 1-5
+    label = (soft > 0.5).float()
+
+    def fit(cuts: OrdinalCuts | None) -> torch.Tensor:
+        torch.manual_seed(0)
+        score = torch.nn.Parameter(torch.zeros(5))
+        opt = torch.optim.Adam([score] + ([cuts.offset] if cuts else []), lr=0.05)
+        for _ in range(300):
+            s = score.repeat(20)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(s, label, reduction="none")
+            if cuts is not None:
+                loss = loss + 0.5 * cuts(s, soft)
+            opt.zero_grad()
+            loss.mean().backward()
+            opt.step()
+        return score.detach()
+
+    alone = fit(None)
+    assert torch.isclose(alone[3], alone[4], atol=1e-3) and torch.isclose(alone[0], alone[2], atol=1e-3)
+    ordered = fit(OrdinalCuts([1.0, 2.0, 4.0], (1.0, 5.0), threshold=3.0))
+    assert (ordered.diff() > 0.1).all(), ordered
+
+
+def _sync_on_rank(rank: int, port: int, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    cuts = OrdinalCuts([1.0, 4.0], (1.0, 5.0), threshold=3.0)
+    cuts.offset.grad = torch.tensor([1.0, 2.0]) * (rank + 1)  # each rank's own gradient
+    cuts.sync_grads(world=2)
+    torch.save(cuts.offset.grad, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ordinal_offsets_get_the_mean_gradient_of_every_rank(tmp_path):
+    """The offsets live outside DDP's model, so each step averages their gradients itself (real gloo,
+    two processes): otherwise the ranks' offsets would drift apart."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_sync_on_rank, args=(port, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        grad = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.allclose(grad, torch.tensor([1.5, 3.0]))
+
+
+def test_ordinal_cut_settings_that_cannot_work_are_clear_errors():
+    from mcl_ray.core.errors import ConfigError
+    from mcl_ray.core.feature_spec import Feature, FeatureSpec
+    from mcl_ray.train.trainer import check_ready
+
+    base = ["prepare.label.soft=true"]
+    for cuts, match in (("[3]", "threshold"), ("[0.5]", "rating_range"), ("[5]", "rating_range"),
+                        ("[2, 2]", "distinct")):
+        with pytest.raises((ConfigError, ValueError), match=match):
+            load_config("experiments/synthetic_quick.yaml", base + [f"train.ordinal_cuts={cuts}"])
+    with pytest.raises((ConfigError, ValueError), match="prepare.label.soft"):
+        load_config("experiments/synthetic_quick.yaml", ["train.ordinal_cuts=[1, 2, 4]"])
+    cfg = load_config("experiments/synthetic_quick.yaml", base + ["train.ordinal_cuts=[1, 2, 4]"])
     spec = FeatureSpec(features=[Feature(name="item_id", kind="categorical", source="item", vocab_size=3)],
                        scenario_names=["a"], splits={}, num_rows={}, data_fingerprint="x")
     with pytest.raises(SetupError, match="prepare.label.soft"):

@@ -386,6 +386,14 @@ class TrainConfig(Strict):
         0.0, ge=0.0, le=1.0, description="Train the ranking model towards (1 - a) * label + a * label_soft (the "
         "rating scaled to [0, 1]: prepare.label.soft), so it also learns how much a row was liked: a 5 above a 4, "
         "a 3 above a 1. Metrics stay on the binary label. 0: the binary label alone.")
+    ordinal_cuts: list[float] = Field(
+        default_factory=list, description="Ordinal targets next to the label (cumulative link): for each cut c, one "
+        "more loss term P(rating > c) = sigmoid(logit + b_c), on the model's own logit with a learned offset b_c "
+        "per cut, so the one score learns the whole order of ratings (a 5 above a 4, a 3 above a 1) while the "
+        "label's own probability is trained as before. Cuts in rating units, inside prepare.validation.rating_range "
+        "and other than the label's threshold (ML-1M: [1, 2, 4]); needs prepare.label.soft. []: none.")
+    ordinal_weight: float = Field(0.5, gt=0, description="Weight of each ordinal_cuts loss term next to the "
+                                  "label's (weight 1).")
     perturbation: Literal["none", "random", "fgm", "pgd"] = Field(
         "none", description="Embedding perturbation in training (robustness): random (Gaussian noise of norm "
         "perturbation_eps per row), fgm (one step along the loss gradient, norm perturbation_eps; trains on clean + "
@@ -738,6 +746,20 @@ class ExperimentConfig(Strict):
         if self.train.perturbation != "none" and self.model.backbone == "llm_ranker":
             raise ValueError("train.perturbation moves input embeddings, and model.backbone=llm_ranker has none "
                              "(it reads text tokens): set train.perturbation=none or another backbone")
+        return self
+
+    @model_validator(mode="after")
+    def _check_ordinal(self) -> "ExperimentConfig":
+        cuts, label = self.train.ordinal_cuts, self.prepare.label
+        if not cuts:
+            return self
+        if not label.soft:
+            raise ValueError("train.ordinal_cuts needs the rating of every row: set prepare.label.soft: true")
+        lo, hi = self.prepare.validation.rating_range
+        bad = [c for c in cuts if not lo <= c < hi or c == label.threshold]
+        if bad or len(set(cuts)) < len(cuts):
+            raise ValueError(f"train.ordinal_cuts {cuts}: each cut must be distinct, in [{lo}, {hi}) "
+                             f"(prepare.validation.rating_range) and not the label's threshold {label.threshold}")
         return self
 
     @model_validator(mode="after")

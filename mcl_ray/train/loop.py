@@ -30,6 +30,7 @@ from mcl_ray.models.text import attach_texts
 from mcl_ray.models.weights import MODEL, save_weights, weights_digest
 from mcl_ray.train import checkpoint as ck
 from mcl_ray.train.optim import make_optimizer, make_sparse
+from mcl_ray.train.ordinal import OrdinalCuts
 from mcl_ray.train.perturb import clear, input_layers, set_deltas
 
 
@@ -81,8 +82,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     train = None if stream else shard_to_batch(train_it, spec)
     valid = None if stream else shard_to_batch(valid_it, spec)
     load_s = time.perf_counter() - t_load
-    model, opt, sched = build(args, spec, world, device)
+    model, opt, sched, ordinal = build(args, spec, world, device)
     state = resume(args, model, opt, sched)
+    if ordinal is not None and "ordinal_offsets" in state:  # resumed: the learned offsets too
+        ordinal.offset.data.copy_(torch.tensor(state["ordinal_offsets"]))
     if rank == 0:  # lets operators (and the failure test) find the worker process
         (out_dir / f"worker_rank{rank}.pid").write_text(str(os.getpid()))
     # where each rank ran (node, process, data mode): placement on a cluster can be checked
@@ -101,7 +104,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         t0 = time.perf_counter()
         batches = (stream_batches(train_it, spec, n, epoch, args, rank, world) if stream
                    else memory_batches(train, n, epoch, args, rank, world))
-        loss = train_epoch(model, opt, batches, n, epoch, args, rank, world, device)
+        loss = train_epoch(model, opt, batches, n, epoch, args, rank, world, device, ordinal)
         if sched is not None:
             sched.step()
         train_s = time.perf_counter() - t0
@@ -123,6 +126,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                    **{f"val_auc/{k}": v["auc"] for k, v in val["by_scenario"].items()}}
         state["history"].append(metrics)
         state["epoch"] = epoch + 1
+        if ordinal is not None:
+            state["ordinal_offsets"] = ordinal.offset.tolist()
         log.epoch(metrics)
         save_and_report(model, opt, sched, state, metrics, improved, out_dir, rank)
         if state["bad_epochs"] >= tc.patience:
@@ -131,7 +136,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
 
 def build(args: LoopArgs, spec: FeatureSpec, world: int, device: torch.device):
-    """-> (model, optimizer, scheduler), identical initial weights on every rank."""
+    """-> (model, optimizer, scheduler, ordinal cuts or None), identical initial weights on every rank."""
     import ray.train.torch
 
     torch.manual_seed(args.seed)
@@ -147,7 +152,10 @@ def build(args: LoopArgs, spec: FeatureSpec, world: int, device: torch.device):
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     else:
         model = model.to(device)
-    return (model, *make_optimizer(tc, model))
+    ordinal = OrdinalCuts.from_config(args.config)
+    if ordinal is not None:
+        ordinal = ordinal.to(device)
+    return (model, *make_optimizer(tc, model, [] if ordinal is None else [ordinal.offset]), ordinal)
 
 
 def resume(args: LoopArgs, model, opt, sched) -> dict:
@@ -231,7 +239,7 @@ def soft_target(b: Batch, soft: float) -> torch.Tensor:
 
 
 def train_epoch(model, opt, batches: Iterable[Batch], n: int, epoch: int, args: LoopArgs, rank: int, world: int,
-                device: torch.device) -> float:
+                device: torch.device, ordinal: OrdinalCuts | None = None) -> float:
     """One pass over this rank's n rows (from memory or a stream); returns the mean batch loss."""
     cfg, tc = args.config, args.config.train
     model.train()
@@ -265,6 +273,8 @@ def train_epoch(model, opt, batches: Iterable[Batch], n: int, epoch: int, args: 
                                            reduction="none")
                 else:
                     loss = F.binary_cross_entropy_with_logits(logits.float(), soft_target(b, soft), reduction="none")
+                    if ordinal is not None:  # train.ordinal_cuts: the rating's other cuts, on the same logit
+                        loss = loss + tc.ordinal_weight * ordinal(logits.float(), b.soft)
                     if denoise > 0:
                         w = denoise_weights(loss.detach(), b.synthetic, w, denoise)
                 return (loss * w).sum() / w.sum().clamp(min=1e-12)
@@ -286,6 +296,8 @@ def train_epoch(model, opt, batches: Iterable[Batch], n: int, epoch: int, args: 
             finally:
                 clear(input_layers(model))
             backward(adv)
+        if ordinal is not None:
+            ordinal.sync_grads(world)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()

@@ -11,6 +11,8 @@ table dense (dense Adam on a GPU is cheap next to the step)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -80,14 +82,17 @@ class SchedulerSet:
                 s.load_state_dict(sd[name])
 
 
-def make_optimizer(tc: TrainConfig, model: nn.Module) -> tuple[OptimizerSet, SchedulerSet | None]:
+def make_optimizer(tc: TrainConfig, model: nn.Module,
+                   extra: Sequence[nn.Parameter] = ()) -> tuple[OptimizerSet, SchedulerSet | None]:
     """-> (optimizers, schedulers). Parameters of sparse tables (make_sparse) go to SparseAdam, every
-    other trainable parameter to Adam/AdamW; frozen text tables and encoder layers to neither."""
+    other trainable parameter to Adam/AdamW; frozen text tables and encoder layers to neither. `extra`:
+    training-only parameters outside the model (the ordinal offsets), with the dense ones, no decay."""
     sparse = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse and m.weight.requires_grad]
     sparse_ids = {id(p) for p in sparse}
     dense = [p for p in model.parameters() if p.requires_grad and id(p) not in sparse_ids]
     cls = torch.optim.Adam if tc.optimizer == "adam" else torch.optim.AdamW
-    parts: dict[str, torch.optim.Optimizer] = {"dense": cls(dense, lr=tc.lr, weight_decay=tc.weight_decay)}
+    groups = [{"params": dense}] + ([{"params": list(extra), "weight_decay": 0.0}] if extra else [])
+    parts: dict[str, torch.optim.Optimizer] = {"dense": cls(groups, lr=tc.lr, weight_decay=tc.weight_decay)}
     if sparse:
         parts["sparse"] = torch.optim.SparseAdam(sparse, lr=tc.lr)
     opt = OptimizerSet(parts)

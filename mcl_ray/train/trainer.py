@@ -39,7 +39,9 @@ def train_fingerprint(cfg: ExperimentConfig, spec: FeatureSpec, seed: int, prepa
                             ("rater_table", h.rater_table != "shared")) if not v}  # options added later
     model = cfg.model.model_dump(mode="json", exclude={"history"} if not (h.pooling or h.raters) else
                                  {"history": unset} if unset else None)
-    train = cfg.train.model_dump(mode="json", exclude=None if cfg.train.soft_label else {"soft_label"})
+    later = {k for k, v in (("soft_label", cfg.train.soft_label), ("ordinal_cuts", cfg.train.ordinal_cuts),
+                            ("ordinal_weight", cfg.train.ordinal_cuts)) if not v}  # options added later
+    train = cfg.train.model_dump(mode="json", exclude=later)
     blob = {"model": model, "train": train, "seed": seed, "data": spec.data_fingerprint}
     if uses_synthetic(cfg):  # other synthetic rows or weight: another run
         blob["augment"] = {"weight": cfg.augment.weight, "rows": spec.synthetic.fingerprint if spec.synthetic else None}
@@ -140,14 +142,15 @@ class TrainSeed(Stage[TrainResult]):
 
 def retrieval_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The experiment as its retrieval model trains and is evaluated: the two-tower model, the
-    retrieval section's epochs / lr / weight decay / batch size, no perturbation, and top-K metrics
-    up to N (how often a held-out positive is among the N candidates the ranking model will see)."""
+    retrieval section's epochs / lr / weight decay / batch size, no perturbation, no rating targets (its
+    in-batch softmax has no label to soften or cut), and top-K metrics up to N (how often a held-out
+    positive is among the N candidates the ranking model will see)."""
     r = cfg.retrieval
     over = {k: v for k, v in (("epochs", r.epochs), ("lr", r.lr), ("weight_decay", r.weight_decay),
                               ("batch_size", r.batch_size)) if v is not None}
     return cfg.model_copy(update={
         "model": r.model,
-        "train": cfg.train.model_copy(update={**over, "perturbation": "none"}),
+        "train": cfg.train.model_copy(update={**over, "perturbation": "none", "soft_label": 0.0, "ordinal_cuts": []}),
         "evaluate": cfg.evaluate.model_copy(update={"top_k": sorted({10, 100, r.candidates})}),
         "retrieval": r.model_copy(update={"enabled": False}),  # no two-stage evaluation of itself
     })
@@ -165,9 +168,10 @@ def check_ready(cfg: ExperimentConfig, spec: FeatureSpec) -> None:
     if cfg.model.history.pooling and not spec.sequence:
         raise SetupError(f"model.history.pooling={cfg.model.history.pooling} needs behaviour-history columns, which "
                          "the prepared data lacks: set prepare.history (e.g. {length: 20}) and re-run `mcl-ray prepare`")
-    if cfg.train.soft_label and not spec.soft_label_column:
-        raise SetupError(f"train.soft_label={cfg.train.soft_label} needs the label_soft column, which the prepared "
-                         "data lacks: set prepare.label.soft: true and re-run `mcl-ray prepare`")
+    for key, value in (("soft_label", cfg.train.soft_label), ("ordinal_cuts", cfg.train.ordinal_cuts)):
+        if value and not spec.soft_label_column:
+            raise SetupError(f"train.{key}={value} needs the label_soft column (each row's rating), which the "
+                             "prepared data lacks: set prepare.label.soft: true and re-run `mcl-ray prepare`")
     if cfg.model.history.raters and not spec.raters:
         raise SetupError(f"model.history.raters={cfg.model.history.raters} needs the items' raters columns, which the "
                          "prepared data lacks: set prepare.history.raters (e.g. 20) and re-run `mcl-ray prepare`")
