@@ -92,3 +92,32 @@ def test_reads_a_checkpoint_written_with_one_dense_optimizer(tmp_path):
     step(a, opt_a, make_batch(16, seed=1))
     step(b, opt_b, make_batch(16, seed=1))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_extra_training_only_parameters_get_no_decay_and_round_trip(tmp_path):
+    """The ordinal offsets (train.ordinal_cuts) live outside the model: make_optimizer puts them in a
+    group of their own without weight decay, and a checkpoint restores their Adam state too."""
+    from mcl_ray.train.ordinal import OrdinalCuts
+
+    def build():
+        torch.manual_seed(0)
+        model, cuts = build_model(make_spec(), CFG), OrdinalCuts([1.0, 4.0], (1.0, 5.0), threshold=3.0)
+        return (model, cuts, *make_optimizer(TrainConfig(lr=0.01, weight_decay=0.1), model, [cuts.offset]))
+
+    model, cuts, opt, _ = build()
+    groups = opt.parts["dense"].param_groups
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert groups[1]["params"] == [cuts.offset]
+    batch = make_batch(16)
+    batch.soft = torch.rand(16)
+    logits = model(batch)
+    (F.binary_cross_entropy_with_logits(logits, batch.label) + cuts(logits, batch.soft).mean()).backward()
+    start = cuts.offset.detach().clone()
+    opt.step()
+    assert not torch.equal(cuts.offset.detach(), start)
+    ck.save_checkpoint(tmp_path / "c", model, opt, None, {"epoch": 1})
+    model2, cuts2, opt2, _ = build()
+    ck.load_checkpoint(tmp_path / "c", model2, opt2, None)
+    saved = opt.parts["dense"].state[cuts.offset]
+    loaded = opt2.parts["dense"].state[cuts2.offset]
+    assert torch.equal(saved["exp_avg"], loaded["exp_avg"]) and torch.equal(saved["exp_avg_sq"], loaded["exp_avg_sq"])

@@ -12,7 +12,7 @@ import torch
 from mcl_ray.core.config import load_config
 from mcl_ray.core.errors import SetupError
 from mcl_ray.models.batch import Batch
-from mcl_ray.train.loop import soft_target
+from mcl_ray.train.loop import ranking_loss, soft_target
 from mcl_ray.train.ordinal import OrdinalCuts
 
 
@@ -47,7 +47,7 @@ def test_prepare_stores_the_scaled_rating_and_training_uses_it(tmp_path, ray_clu
     assert np.isfinite(out.history[0]["train_loss"]) and 0 < out.metrics["overall"]["auc"] <= 1
 
     # ordinal cuts on the same data, under Ray Train with two DDP workers: the learned offsets are
-    # kept in the checkpoint's state (a resumed run continues from them), and they moved
+    # kept in the checkpoint's state (where a resumed run reads them), and they moved
     ordinal = load_config("experiments/synthetic_quick.yaml",
                           over + ["train.soft_label=0", "train.ordinal_cuts=[1, 2, 4]", "train.num_workers=2"])
     out = train_one(ordinal, res.out_dir, tmp_path / "train", seed=1)
@@ -84,6 +84,21 @@ def test_ordinal_cuts_target_every_cut_of_the_rating():
     assert torch.allclose(loss, expected)
     loss.sum().backward()
     assert logits.grad.abs().min() > 0 and cuts.offset.grad.abs().min() > 0
+
+
+def test_synthetic_rows_get_no_cut_terms_and_denoising_sees_the_label_loss():
+    """Augment rows have no rating (their label_soft is their label): the cuts would read a liked
+    synthetic row as a 5. They keep the label's loss alone, which is also what denoising ranks."""
+    cuts = OrdinalCuts([1.0, 2.0, 4.0], (1.0, 5.0), threshold=3.0)
+    b = Batch(cat=torch.zeros(2, 1, dtype=torch.long), num=torch.zeros(2, 0), scenario=torch.zeros(2, dtype=torch.long),
+              label=torch.tensor([1.0, 1.0]), soft=torch.tensor([1.0, 1.0]), synthetic=torch.tensor([False, True]))
+    logits = torch.tensor([0.3, 0.3])
+    loss, label_loss = ranking_loss(logits, b, 0.0, cuts, 0.5)
+    assert torch.allclose(label_loss, torch.nn.functional.binary_cross_entropy_with_logits(logits, b.label,
+                                                                                           reduction="none"))
+    assert loss[1] == label_loss[1] and loss[0] > label_loss[0]
+    assert torch.allclose(loss[0] - label_loss[0], 0.5 * cuts(logits, b.soft)[0])
+    assert torch.equal(ranking_loss(logits, b, 0.0)[0], label_loss)  # no cuts: the label's loss
 
 
 def test_ordinal_cuts_order_ratings_the_label_alone_cannot():
@@ -141,10 +156,13 @@ def test_ordinal_cut_settings_that_cannot_work_are_clear_errors():
     from mcl_ray.train.trainer import check_ready
 
     base = ["prepare.label.soft=true"]
-    for cuts, match in (("[3]", "threshold"), ("[0.5]", "rating_range"), ("[5]", "rating_range"),
-                        ("[2, 2]", "distinct")):
+    for over, match in (("train.ordinal_cuts=[3]", "cut 3.0 is the label's own threshold"),
+                        ("train.ordinal_cuts=[0.5]", r"cut 0.5 is outside \[1.0, 5.0\)"),
+                        ("train.ordinal_cuts=[5]", r"cut 5.0 is outside \[1.0, 5.0\)"),
+                        ("train.ordinal_cuts=[2, 2]", "listed twice"),
+                        ("prepare.label.op=ge", "needs prepare.label.op: gt")):
         with pytest.raises((ConfigError, ValueError), match=match):
-            load_config("experiments/synthetic_quick.yaml", base + [f"train.ordinal_cuts={cuts}"])
+            load_config("experiments/synthetic_quick.yaml", base + ["train.ordinal_cuts=[1, 2, 4]", over])
     with pytest.raises((ConfigError, ValueError), match="prepare.label.soft"):
         load_config("experiments/synthetic_quick.yaml", ["train.ordinal_cuts=[1, 2, 4]"])
     cfg = load_config("experiments/synthetic_quick.yaml", base + ["train.ordinal_cuts=[1, 2, 4]"])

@@ -390,8 +390,9 @@ class TrainConfig(Strict):
         default_factory=list, description="Ordinal targets next to the label (cumulative link): for each cut c, one "
         "more loss term P(rating > c) = sigmoid(logit + b_c), on the model's own logit with a learned offset b_c "
         "per cut, so the one score learns the whole order of ratings (a 5 above a 4, a 3 above a 1) while the "
-        "label's own probability is trained as before. Cuts in rating units, inside prepare.validation.rating_range "
-        "and other than the label's threshold (ML-1M: [1, 2, 4]); needs prepare.label.soft. []: none.")
+        "label keeps its own loss term. Cuts in rating units, inside prepare.validation.rating_range and other than "
+        "the label's threshold (ML-1M: [1, 2, 4]); needs prepare.label.soft and op gt. Synthetic (augment) rows, "
+        "which have no rating, get no cut terms. []: none.")
     ordinal_weight: float = Field(0.5, gt=0, description="Weight of each ordinal_cuts loss term next to the "
                                   "label's (weight 1).")
     perturbation: Literal["none", "random", "fgm", "pgd"] = Field(
@@ -755,11 +756,18 @@ class ExperimentConfig(Strict):
             return self
         if not label.soft:
             raise ValueError("train.ordinal_cuts needs the rating of every row: set prepare.label.soft: true")
+        if label.op != "gt":  # the label must be one more cut of the same kind (ge / eq are not "rating > c")
+            raise ValueError(f"train.ordinal_cuts needs prepare.label.op: gt (the label is then the cut rating > "
+                             f"threshold); it is {label.op!r}")
         lo, hi = self.prepare.validation.rating_range
-        bad = [c for c in cuts if not lo <= c < hi or c == label.threshold]
-        if bad or len(set(cuts)) < len(cuts):
-            raise ValueError(f"train.ordinal_cuts {cuts}: each cut must be distinct, in [{lo}, {hi}) "
-                             f"(prepare.validation.rating_range) and not the label's threshold {label.threshold}")
+        if len(set(cuts)) < len(cuts):
+            raise ValueError(f"train.ordinal_cuts {cuts}: a cut is listed twice")
+        for c in cuts:
+            if not lo <= c < hi:
+                raise ValueError(f"train.ordinal_cuts: cut {c} is outside [{lo}, {hi}) "
+                                 "(prepare.validation.rating_range)")
+            if c == label.threshold:
+                raise ValueError(f"train.ordinal_cuts: cut {c} is the label's own threshold (prepare.label.threshold)")
         return self
 
     @model_validator(mode="after")

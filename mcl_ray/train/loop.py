@@ -238,6 +238,16 @@ def soft_target(b: Batch, soft: float) -> torch.Tensor:
     return b.label if not soft else (1 - soft) * b.label + soft * b.soft
 
 
+def ranking_loss(logits: torch.Tensor, b: Batch, soft: float, ordinal: OrdinalCuts | None = None,
+                 ordinal_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (each row's loss, its label part) [B]: BCE towards soft_target, plus train.ordinal_cuts' terms on
+    real rows (a synthetic row has no rating to cut). Denoising ranks synthetic rows by the label part."""
+    label_loss = F.binary_cross_entropy_with_logits(logits, soft_target(b, soft), reduction="none")
+    if ordinal is None:
+        return label_loss, label_loss
+    return label_loss + ordinal_weight * ordinal(logits, b.soft) * ~b.synthetic, label_loss
+
+
 def train_epoch(model, opt, batches: Iterable[Batch], n: int, epoch: int, args: LoopArgs, rank: int, world: int,
                 device: torch.device, ordinal: OrdinalCuts | None = None) -> float:
     """One pass over this rank's n rows (from memory or a stream); returns the mean batch loss."""
@@ -272,11 +282,9 @@ def train_epoch(model, opt, batches: Iterable[Batch], n: int, epoch: int, args: 
                     loss = F.cross_entropy(logits.float(), torch.arange(len(logits), device=logits.device),
                                            reduction="none")
                 else:
-                    loss = F.binary_cross_entropy_with_logits(logits.float(), soft_target(b, soft), reduction="none")
-                    if ordinal is not None:  # train.ordinal_cuts: the rating's other cuts, on the same logit
-                        loss = loss + tc.ordinal_weight * ordinal(logits.float(), b.soft)
+                    loss, label_loss = ranking_loss(logits.float(), b, soft, ordinal, tc.ordinal_weight)
                     if denoise > 0:
-                        w = denoise_weights(loss.detach(), b.synthetic, w, denoise)
+                        w = denoise_weights(label_loss.detach(), b.synthetic, w, denoise)
                 return (loss * w).sum() / w.sum().clamp(min=1e-12)
 
         opt.zero_grad(set_to_none=True)
