@@ -57,19 +57,24 @@ def test_prepare_stores_the_scaled_rating_and_training_uses_it(tmp_path, ray_clu
     assert len(state["ordinal_offsets"]) == 3 and state["ordinal_offsets"] != start
 
 
+def spec_without_ratings():
+    """Prepared data without the label_soft column (prepare.label.soft unset)."""
+    from mcl_ray.core.feature_spec import Feature, FeatureSpec
+
+    return FeatureSpec(features=[Feature(name="item_id", kind="categorical", source="item", vocab_size=3)],
+                       scenario_names=["a"], splits={}, num_rows={}, data_fingerprint="x")
+
+
 def test_soft_label_settings_that_cannot_work_are_clear_errors():
     from mcl_ray.core.errors import ConfigError
-    from mcl_ray.core.feature_spec import Feature, FeatureSpec
     from mcl_ray.train.trainer import check_ready
 
     with pytest.raises((ConfigError, ValueError), match="rating_range"):
         load_config("experiments/synthetic_quick.yaml",
                     ["prepare.label.soft=true", "prepare.validation.rating_range=null"])
     cfg = load_config("experiments/synthetic_quick.yaml", ["train.soft_label=0.3"])
-    spec = FeatureSpec(features=[Feature(name="item_id", kind="categorical", source="item", vocab_size=3)],
-                       scenario_names=["a"], splits={}, num_rows={}, data_fingerprint="x")
     with pytest.raises(SetupError, match="prepare.label.soft"):
-        check_ready(cfg, spec)
+        check_ready(cfg, spec_without_ratings())
 
 
 def test_ordinal_cuts_target_every_cut_of_the_rating():
@@ -152,7 +157,6 @@ def test_ordinal_offsets_get_the_mean_gradient_of_every_rank(tmp_path):
 
 def test_ordinal_cut_settings_that_cannot_work_are_clear_errors():
     from mcl_ray.core.errors import ConfigError
-    from mcl_ray.core.feature_spec import Feature, FeatureSpec
     from mcl_ray.train.trainer import check_ready
 
     base = ["prepare.label.soft=true"]
@@ -166,7 +170,5 @@ def test_ordinal_cut_settings_that_cannot_work_are_clear_errors():
     with pytest.raises((ConfigError, ValueError), match="prepare.label.soft"):
         load_config("experiments/synthetic_quick.yaml", ["train.ordinal_cuts=[1, 2, 4]"])
     cfg = load_config("experiments/synthetic_quick.yaml", base + ["train.ordinal_cuts=[1, 2, 4]"])
-    spec = FeatureSpec(features=[Feature(name="item_id", kind="categorical", source="item", vocab_size=3)],
-                       scenario_names=["a"], splits={}, num_rows={}, data_fingerprint="x")
     with pytest.raises(SetupError, match="prepare.label.soft"):
-        check_ready(cfg, spec)
+        check_ready(cfg, spec_without_ratings())
