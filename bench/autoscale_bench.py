@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import sys
 import threading
 import time

@@ -258,6 +258,7 @@ def test_serving_a_history_model_scores_as_offline_evaluation(tmp_path, ray_clus
 
     cfg = load_config("experiments/synthetic_quick.yaml", [
         f"run_dir={tmp_path}", "data.num_interactions=20000", "train.epochs=2", "evaluate.ranking_users=50",
+        "train.num_workers=0",  # the loop in the driver: Ray Train is not under test here
         "train.batch_size=1024", "model.hidden=[32]", "model.tower_hidden=[16]", f"prepare.history={history}",
         "model.history.pooling=[din, mean]", *(["model.history.raters=[din]"] if "raters" in history else [])])
     res = prepare(cfg)
