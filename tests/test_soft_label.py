@@ -34,7 +34,7 @@ def test_prepare_stores_the_scaled_rating_and_training_uses_it(tmp_path, ray_clu
             "train.soft_label=0.3"]
     cfg = load_config("experiments/synthetic_quick.yaml", over)
     res = prepare(cfg)
-    assert res.spec.soft_label_column == "label_soft"
+    assert res.spec.soft_label_column == "label_soft" and res.spec.soft_label_range == (1.0, 5.0)
     t = read_split(res.out_dir, res.spec, "train", extra=["user_key", "item_key"]).to_pandas()
     lo, hi = cfg.prepare.validation.rating_range
     assert t["label_soft"].between(0, 1).all() and t["label_soft"].nunique() > 2
@@ -172,3 +172,9 @@ def test_ordinal_cut_settings_that_cannot_work_are_clear_errors():
     cfg = load_config("experiments/synthetic_quick.yaml", base + ["train.ordinal_cuts=[1, 2, 4]"])
     with pytest.raises(SetupError, match="prepare.label.soft"):
         check_ready(cfg, spec_without_ratings())
+    # ratings prepared on another scale: the cuts would be scaled wrongly
+    spec = spec_without_ratings().model_copy(update={"soft_label_column": "label_soft", "soft_label_range": (0.0, 10.0)})
+    with pytest.raises(SetupError, match=r"scaled by rating_range \[0.0, 10.0\], this config says \[1.0, 5.0\]"):
+        check_ready(cfg, spec)
+    check_ready(cfg, spec.model_copy(update={"soft_label_range": (1.0, 5.0)}))  # the same scale: ready
+    assert OrdinalCuts.from_config(cfg, spec).cuts.tolist() == pytest.approx([0.1, 0.2, 0.4])  # the data's scale

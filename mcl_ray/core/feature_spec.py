@@ -70,6 +70,9 @@ class FeatureSpec(_Spec):
     timestamp_column: str = "timestamp"
     soft_label_column: str | None = Field(None, description="the label's source value scaled to [0, 1] "
                                           "(prepare.label.soft), for train.soft_label; None: not stored")
+    soft_label_range: tuple[float, float] | None = Field(None, description="the [min, max] rating that column was "
+                                                         "scaled by (prepare.validation.rating_range); None: not "
+                                                         "recorded (prepared before it was)")
     text: dict[str, TextField] = Field(default_factory=dict)
     synthetic: SyntheticData | None = Field(None, description="filled in by the augment stage")
     splits: dict[str, str] = Field(description="split name -> parquet folder relative to the prepare dir")

@@ -400,6 +400,7 @@ class PrepareStage(Stage[PrepareResult]):
             users_table="users.parquet" if users is not None else None,
             items_table="items.parquet" if items is not None else None,
             data_fingerprint=fp, soft_label_column=history.SOFT if self.pc.label.soft else None,
+            soft_label_range=tuple(self.pc.validation.rating_range) if self.pc.label.soft else None,
         )
         spec.save(self.out / "feature_spec.json")
         (self.out / "vocabs.json").write_text(json.dumps(vocabs, ensure_ascii=False))

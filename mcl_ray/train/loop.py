@@ -152,7 +152,7 @@ def build(args: LoopArgs, spec: FeatureSpec, world: int, device: torch.device):
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     else:
         model = model.to(device)
-    ordinal = OrdinalCuts.from_config(args.config)
+    ordinal = OrdinalCuts.from_config(args.config, spec)
     if ordinal is not None:
         ordinal = ordinal.to(device)
     return (model, *make_optimizer(tc, model, [] if ordinal is None else [ordinal.offset]), ordinal)

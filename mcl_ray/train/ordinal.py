@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcl_ray.core.config import ExperimentConfig
+from mcl_ray.core.feature_spec import FeatureSpec
 
 
 class OrdinalCuts(nn.Module):
@@ -25,9 +26,13 @@ class OrdinalCuts(nn.Module):
         self.offset = nn.Parameter(torch.tensor([4.0 * (threshold - c) / (hi - lo) for c in cuts]))
 
     @classmethod
-    def from_config(cls, cfg: ExperimentConfig) -> OrdinalCuts | None:
+    def from_config(cls, cfg: ExperimentConfig, spec: FeatureSpec) -> OrdinalCuts | None:
+        """The cuts in the units of the prepared label_soft column: scaled by the range prepare used
+        (recorded in the spec; train.check_ready refuses a config whose range differs)."""
         cuts = cfg.train.ordinal_cuts
-        return cls(cuts, cfg.prepare.validation.rating_range, cfg.prepare.label.threshold) if cuts else None
+        if not cuts:
+            return None
+        return cls(cuts, spec.soft_label_range or cfg.prepare.validation.rating_range, cfg.prepare.label.threshold)
 
     def forward(self, logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:  # [B], [B] -> [B]
         target = (soft[:, None] > self.cuts + 1e-6).float()  # [B, C]: rating > cut

@@ -172,6 +172,11 @@ def check_ready(cfg: ExperimentConfig, spec: FeatureSpec) -> None:
         if value and not spec.soft_label_column:
             raise SetupError(f"train.{key}={value} needs the label_soft column (each row's rating), which the "
                              "prepared data lacks: set prepare.label.soft: true and re-run `mcl-ray prepare`")
+    want, got = cfg.prepare.validation.rating_range, spec.soft_label_range
+    if cfg.train.ordinal_cuts and got is not None and tuple(want) != tuple(got):
+        raise SetupError(f"train.ordinal_cuts: the prepared label_soft column was scaled by rating_range {list(got)}, "
+                         f"this config says {list(want)}: re-run `mcl-ray prepare` with this config, or set "
+                         f"prepare.validation.rating_range={list(got)}")
     if cfg.model.history.raters and not spec.raters:
         raise SetupError(f"model.history.raters={cfg.model.history.raters} needs the items' raters columns, which the "
                          "prepared data lacks: set prepare.history.raters (e.g. 20) and re-run `mcl-ray prepare`")
