@@ -35,6 +35,13 @@ def test_prepare_stores_the_scaled_rating_and_training_uses_it(tmp_path, ray_clu
     cfg = load_config("experiments/synthetic_quick.yaml", over)
     res = prepare(cfg)
     assert res.spec.soft_label_column == "label_soft" and res.spec.soft_label_range == (1.0, 5.0)
+    # a folder prepared before the spec recorded the range: it loads, and the cached prepare records it
+    spec_file = res.out_dir / "feature_spec.json"
+    old = {k: v for k, v in json.loads(spec_file.read_text()).items() if k != "soft_label_range"}
+    spec_file.write_text(json.dumps(old))
+    again = prepare(cfg)
+    assert again.cached and again.spec.soft_label_range == (1.0, 5.0)
+    assert json.loads(spec_file.read_text())["soft_label_range"] == [1.0, 5.0]
     t = read_split(res.out_dir, res.spec, "train", extra=["user_key", "item_key"]).to_pandas()
     lo, hi = cfg.prepare.validation.rating_range
     assert t["label_soft"].between(0, 1).all() and t["label_soft"].nunique() > 2

@@ -308,8 +308,12 @@ class PrepareStage(Stage[PrepareResult]):
         return prepare_fingerprint(self.cfg)
 
     def load_cached(self) -> PrepareResult:
-        return PrepareResult(self.out, FeatureSpec.load(self.out), json.loads((self.out / "stats.json").read_text()),
-                             cached=True)
+        spec = FeatureSpec.load(self.out)
+        if spec.soft_label_column and spec.soft_label_range is None:  # prepared before the spec recorded it:
+            # the fingerprint matched, and it covers rating_range, so this config's range is the one used
+            spec.soft_label_range = tuple(self.pc.validation.rating_range)
+            spec.save(self.out / "feature_spec.json")
+        return PrepareResult(self.out, spec, json.loads((self.out / "stats.json").read_text()), cached=True)
 
     def compute(self, fp: str) -> PrepareResult:
         tune_data_context()
