@@ -127,6 +127,11 @@ def _prepared_dir(cfg: ExperimentConfig, config: Path) -> Path:
     prepare_dir = Path(cfg.resolved_run_dir()) / "prepare"
     if not (prepare_dir / "feature_spec.json").exists():
         raise SetupError(f"no prepared data in {prepare_dir}; run `mcl-ray prepare {config}` first")
+    from mcl_ray.data.prepare import stale_prepare
+
+    warning = stale_prepare(cfg, prepare_dir)
+    if warning:
+        err.print(f"[yellow]warning: {warning}")
     return prepare_dir
 
 

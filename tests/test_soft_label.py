@@ -42,6 +42,12 @@ def test_prepare_stores_the_scaled_rating_and_training_uses_it(tmp_path, ray_clu
     again = prepare(cfg)
     assert again.cached and again.spec.soft_label_range == (1.0, 5.0)
     assert json.loads(spec_file.read_text())["soft_label_range"] == [1.0, 5.0]
+    # `mcl-ray train` with another range than the folder was prepared with: warned (and, with cuts, refused)
+    from mcl_ray.data.prepare import stale_prepare
+
+    assert stale_prepare(cfg, res.out_dir) is None
+    other = load_config("experiments/synthetic_quick.yaml", over + ["prepare.validation.rating_range=[0, 10]"])
+    assert "run `mcl-ray prepare` with this config" in stale_prepare(other, res.out_dir)
     t = read_split(res.out_dir, res.spec, "train", extra=["user_key", "item_key"]).to_pandas()
     lo, hi = cfg.prepare.validation.rating_range
     assert t["label_soft"].between(0, 1).all() and t["label_soft"].nunique() > 2

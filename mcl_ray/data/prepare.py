@@ -81,6 +81,18 @@ def prepare_fingerprint(cfg: ExperimentConfig) -> str:
                        files=input_files(cfg))
 
 
+def stale_prepare(cfg: ExperimentConfig, prepare_dir: Path) -> str | None:
+    """None when prepare_dir was made from this config's data and prepare sections (and unchanged input
+    files), else a warning saying so: `train` and the other stages use the folder as it is, and a
+    changed prepare.* key (a rating range, a threshold, a history length) would silently not apply."""
+    got = Marker(Path(prepare_dir) / "fingerprint.json").read()
+    if got is None or got.get("fingerprint") == prepare_fingerprint(cfg):
+        return None
+    return (f"{prepare_dir} was prepared from other data, another prepare config or changed input files than this "
+            "config's: it is used as it is, so changed data.* / prepare.* keys do not apply; run `mcl-ray prepare` "
+            "with this config to rebuild it (`mcl-ray run` does it)")
+
+
 # ----------------------------------------------------------------------------- pieces
 
 
