@@ -186,7 +186,8 @@ def test_ordinal_cut_settings_that_cannot_work_are_clear_errors():
     with pytest.raises(SetupError, match="prepare.label.soft"):
         check_ready(cfg, spec_without_ratings())
     # ratings prepared on another scale: the cuts would be scaled wrongly
-    spec = spec_without_ratings().model_copy(update={"soft_label_column": "label_soft", "soft_label_range": (0.0, 10.0)})
+    spec = spec_without_ratings().model_copy(update={"soft_label_column": "label_soft",
+                                                     "soft_label_range": (0.0, 10.0)})
     with pytest.raises(SetupError, match=r"scaled by rating_range \[0.0, 10.0\], this config says \[1.0, 5.0\]"):
         check_ready(cfg, spec)
     check_ready(cfg, spec.model_copy(update={"soft_label_range": (1.0, 5.0)}))  # the same scale: ready
