@@ -42,6 +42,18 @@ def test_cli_encode_with_a_bad_encoder_exits_2(tmp_path):
 
 
 @pytest.mark.ray
+def test_encoder_actors_default_to_the_cluster_cpus(ray_cluster):
+    from mcl_ray.core.config import EncodeConfig
+    from mcl_ray.llm.encode import MAX_AUTO_ACTORS, encoder_actors
+
+    cpus = int(ray_cluster.cluster_resources()["CPU"])  # 4 in the test cluster
+    assert encoder_actors(EncodeConfig()) == min(cpus, MAX_AUTO_ACTORS) == 4
+    assert encoder_actors(EncodeConfig(torch_threads=2)) == 2  # each actor reserves its threads' CPUs
+    assert encoder_actors(EncodeConfig(concurrency=3)) == 3  # set: as given
+    assert encoder_actors(EncodeConfig(use_gpu=True)) == 1  # one per GPU, and at least one
+
+
+@pytest.mark.ray
 def test_ray_embeddings_match_plain_loop_and_cache(tmp_path, ray_cluster):
     from mcl_ray.data.prepare import prepare
     from mcl_ray.core.feature_spec import FeatureSpec

@@ -35,19 +35,35 @@ class EncodeResult:
     cached: bool = False
 
 
+MAX_AUTO_ACTORS = 8  # encode.concurrency null: more actors than this load the model more often than they gain
+
+
+def encoder_actors(ec) -> int:
+    """encode.concurrency, or (null) as many actors as the cluster's CPUs (GPUs) hold, at most
+    MAX_AUTO_ACTORS: encode runs alone, and one actor would leave the other cores idle."""
+    if ec.concurrency:
+        return ec.concurrency
+    import ray
+
+    res = ray.cluster_resources()
+    n = res.get("GPU", 0) if ec.use_gpu else res.get("CPU", 1) // ec.torch_threads
+    return max(1, min(MAX_AUTO_ACTORS, int(n)))
+
+
 def encode_texts_ray(keys: list[str], texts: list[str], hashes: list[str], model_path: Path, ec, bar=None) -> np.ndarray:
     """Ray Data map_batches over an actor pool of TextEncoder; returns embeddings in input order.
     The driver streams the results (bounded memory) and advances `bar` per batch."""
     import ray.data
 
     table = pa.table({"key": keys, "text": texts, "text_hash": hashes})
-    ds = dataset_in_blocks(table, min(len(keys) // ec.batch_size, 4 * ec.concurrency))
+    actors = encoder_actors(ec)
+    ds = dataset_in_blocks(table, min(len(keys) // ec.batch_size, 4 * actors))
     out = ds.map_batches(
         TextEncoder,
         fn_constructor_kwargs={"path": str(model_path), "max_length": ec.max_length,
                                "device": "cuda" if ec.use_gpu else "cpu", "bf16": ec.use_gpu and ec.bf16,
                                "torch_threads": ec.torch_threads},
-        batch_size=ec.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=ec.concurrency),
+        batch_size=ec.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=0 if ec.use_gpu else ec.torch_threads, num_gpus=1 if ec.use_gpu else 0,
     )
     order = {k: i for i, k in enumerate(keys)}
