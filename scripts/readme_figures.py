@@ -25,14 +25,40 @@ def _load(name: str) -> dict:
     return json.loads((RESULTS / f"{name}.json").read_text())
 
 
-def _protocol() -> tuple[int, int]:
-    """(epoch cap, history length) of the accuracy protocol, read from the bench that defines them."""
+def _bench():
+    """The accuracy bench as a module: its protocol constants and backbone names."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("accuracy_bench", BENCH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def _protocol() -> tuple[int, int]:
+    """(epoch cap, history length) of the accuracy protocol, read from the bench that defines them."""
+    mod = _bench()
     return mod.EPOCHS, mod.HISTORY_LEN
+
+
+def _history_files() -> list[tuple[str, dict]]:
+    """history.json (shared_bottom's variants) and history_<backbone>.json (another backbone's, one
+    bench invocation each), in that order. They must share the protocol (epoch cap, history length,
+    overrides), and a variant may be in one file only: the tables pair their runs by seed."""
+    names = set(_bench().ORDER) - {"shared_bottom"}  # its variants are history.json's
+    extra = [f for f in sorted(RESULTS.glob("history_*.json")) if f.stem[len("history_"):] in names]
+    files = [("history.json", _load("history"))] + [(f.name, json.loads(f.read_text())) for f in extra]
+    proto = lambda d: (d["epochs_cap"], d["history_length"], d.get("overrides", []))  # noqa: E731
+    seen: dict[str, str] = {}
+    for name, d in files:
+        if proto(d) != proto(files[0][1]):
+            raise SystemExit(f"{name}: epoch cap, history length or --set overrides {proto(d)} differ from "
+                             f"history.json's {proto(files[0][1])}; its runs cannot share the history tables")
+        for v in d["table"]:
+            if v in seen:
+                raise SystemExit(f"variant {v} is in both {seen[v]} and {name}; keep it in one file")
+            seen[v] = name
+    return files
 
 
 def _mmss(seconds: float) -> str:
@@ -311,13 +337,14 @@ BEST_PUBLISHED = {"overall": 0.8115, "s0_age_under25": 0.8137, "s1_age_25_34": 0
 
 
 def history() -> str:
-    """Behaviour history and text on one backbone: the SWR feature set and the +history set in two
+    """Behaviour history and text per backbone: the SWR feature set and the +history set in two
     tables, each variant's validation and test AUC, and each addition's per-seed paired delta."""
     import statistics
 
-    d = _load("history")
-    t = d["table"]
-    runs = [r for r in d["runs"] if "error" not in r]
+    files = _history_files()
+    d = files[0][1]  # shared_bottom's file: the reference, the profile stats, the protocol
+    t = {v: x for _, f in files for v, x in f["table"].items()}
+    runs = [r for _, f in files for r in f["runs"] if "error" not in r]
     test = {(r["backbone"], r["seed"]): r["auc"] for r in runs}
 
     def delta(a: str, b: str) -> str:  # b - a, paired by seed
@@ -328,7 +355,7 @@ def history() -> str:
     def ms(x: dict) -> str:
         return f"{x['mean']:.4f} ± {x['std']:.4f}"
 
-    base = next(v for v in t if "+" not in v)
+    base = next(v for v in d["table"] if "+" not in v)
     scen = list(t[base]["by_scenario"])
     head = ("| variant | valid AUC | test AUC | " + " | ".join(scen) + " | Δ test AUC (paired) | epoch (s) |\n"
             "|---|---:|---:|" + "---:|" * len(scen) + "---|---:|")
@@ -337,32 +364,29 @@ def history() -> str:
     def row(v: str, ref: str | None, what: str) -> str:
         x = t[v]
         cells = " | ".join(f"{x['by_scenario'][s]['auc']['mean']:.4f}" for s in scen)
-        return (f"| `{v}` | {ms(x['val_auc'])} | {ms(x['auc'])} | {cells} | "
-                f"{(delta(ref, v) + ' ' + what) if ref else '(reference)'} | {secs[v]:.0f} |")
+        seeds = f" ({x['seeds']} seed{'s' * (x['seeds'] > 1)})" if x["seeds"] < 3 else ""
+        against = ("(reference)" if ref is None else f"{delta(ref, v)} {what}" if ref in t
+                   else f"- (no `{ref}` run yet)")
+        return f"| `{v}`{seeds} | {ms(x['val_auc'])} | {ms(x['auc'])} | {cells} | {against} | {secs[v]:.0f} |"
 
-    swr = [row(base, None, "")] + ([row(f"{base}+text", base, "text")] if f"{base}+text" in t else [])
-    hist = [row(f"{base}+hist", base, "history")] if f"{base}+hist" in t else []
-    if f"{base}+hist+text" in t:
-        hist.append(row(f"{base}+hist+text", f"{base}+hist", "text on top of history"))
-    if f"{base}+hist+text+profile" in t:
-        hist.append(row(f"{base}+hist+text+profile", f"{base}+hist+text", "LLM profiles on top"))
-    if f"{base}+hist+text" in t and f"{base}+text" in t:
-        hist.append(f"\nHistory on top of text: Δ test AUC {delta(f'{base}+text', f'{base}+hist+text')} "
-                    f"(`{base}+hist+text` against `{base}+text`, paired by seed).")
+    backbones = list(dict.fromkeys(v.split("+")[0] for v in t))  # shared_bottom first, then file order
+    swr, hist, over = [], [], []
+    for b in backbones:
+        swr += [row(v, ref, what) for v, ref, what in ((b, None, ""), (f"{b}+text", b, "text")) if v in t]
+        hist += [row(v, ref, what) for v, ref, what in (
+            (f"{b}+hist", b, "history"), (f"{b}+hist+text", f"{b}+hist", "text on top of history"),
+            (f"{b}+hist+text+profile", f"{b}+hist+text", "LLM profiles on top")) if v in t]
+        if f"{b}+hist+text" in t and f"{b}+text" in t:
+            over.append(f"`{b}` {delta(f'{b}+text', f'{b}+hist+text')}")
+    if over:
+        hist.append("\nHistory on top of text, Δ test AUC (`+hist+text` against `+text`, paired by seed): "
+                    + ", ".join(over) + ".")
     if "profile" in d:  # the profile stage's own timing, every user with train rows
         p = d["profile"]
         hist.append(f"\nThe profiles: {p['users']:,} users written by {p['generator']['model']} "
                     f"({p['generator']['backend']} on this CPU, at most {p['generator']['max_new_tokens']} tokens each) "
                     f"in {p['seconds'] / 60:.0f} min ({p['users_per_s']:.2f} users/s, {p['tokens_per_s']:.0f} "
                     f"generated tokens/s), run once alone and reused by the bench.")
-    others = []  # the other backbones' rows: each addition against the row without it
-    for b in dict.fromkeys(v.split("+")[0] for v in t if v.split("+")[0] != base):
-        for v, ref, what in ((b, None, ""), (f"{b}+text", b, "text"), (f"{b}+hist", b, "history"),
-                             (f"{b}+hist+text", f"{b}+text", "history on top of text")):
-            if v in t:
-                others.append(row(v, ref if ref in t else None, what))
-    if others:
-        hist.append(f"\nOther backbones, same protocol and prepared rows:\n\n{head}\n" + "\n".join(others))
     if (RESULTS / "history_pooling.json").exists():
         hp = _load("history_pooling")
         m = hp["ms_per_step_median"]
@@ -372,32 +396,40 @@ def history() -> str:
                     f"{m['din']:.0f} ms (factored; {m['din_plain']:.0f} ms applied to the [B, L, 4D] input as written, "
                     f"x{hp['din_factored_over_plain']:.2f}), DIN + mean {m['din+mean']:.0f} ms "
                     f"(x{hp['din_mean_over_none']:.1f} of none).")
-    best = max(t, key=lambda v: t[v]["val_auc"]["mean"])
+    best = max((v for v in t if t[v]["seeds"] >= 3), key=lambda v: t[v]["val_auc"]["mean"])  # full rows only
     pub = ", ".join(f"{k} {v:.4f}" for k, v in BEST_PUBLISHED.items())
-    return (f"ML-1M, SWR protocol, `{base}`, {d['epochs_cap']}-epoch cap with patience 4, seeds 2024-2026, every "
-            f"run trained on the same prepared rows (history length {d['history_length']}); test reported once, "
-            f"the choice made on validation AUC (`bench/results/history.json`, `bench/accuracy_bench.py`). "
+    others = files[1:]
+    more = ""
+    if others:
+        more = (" The other backbones ran later, one invocation each with the same prepare config (" + ", ".join(
+            f"`{name}`" + (f", {f['pending_jobs']} runs unfinished" if f.get("pending_jobs") else "")
+            for name, f in others) + "); their epoch times are medians of two jobs side by side.")
+    return (f"ML-1M, SWR protocol, {d['epochs_cap']}-epoch cap with patience 4, seeds 2024-2026, every run of a "
+            f"backbone trained on the same prepared rows (history length {d['history_length']}); test reported once, "
+            f"the choice made on validation AUC (`bench/results/history.json` for `{base}`, "
+            f"`bench/accuracy_bench.py`). "
             f"Epoch times are medians with two jobs side by side on 2 cores; test runs shared the machine during "
-            f"part of the +hist trainings, which inflates their times (one +hist run alone: about 33 s an "
+            f"part of the `{base}+hist` trainings, which inflates their times (one +hist run alone: about 33 s an "
             f"epoch)."
             + (" The `+profile` rows were trained in a later invocation (`--resume`), after DIN's first layer was "
                "factored (the same function, faster: below), two seeds side by side and the third beside test runs, "
                "so their epoch times are not comparable with the earlier +hist rows." if "profile" in d else "")
-            + "\n\n"
+            + more + "\n\n"
             f"The SWR feature set:\n\n{head}\n" + "\n".join(swr) + "\n\n"
             f"With behaviour history (another feature set: not comparable with published SWR numbers as like for "
             f"like):\n\n{head}\n" + "\n".join(hist) + "\n\n"
-            f"Best on validation: `{best}` (test AUC {ms(t[best]['auc'])}). Best published SWR numbers, per "
+            f"Best on validation (of the rows with 3 seeds): `{best}` (test AUC {ms(t[best]['auc'])}). "
+            f"Best published SWR numbers, per "
             f"scenario the best of any backbone: {pub}.\n")
 
 
 def history_levers() -> str:
     """Settings tried for the +history rows, each variant against its own reference run of the same
-    seeds (bench/results/history.json), compared on validation AUC; one results file per setting. A
+    seeds (history.json, history_<backbone>.json), compared on validation AUC; one results file per setting. A
     file with several variants also gives what each LLM part adds at its settings, paired by seed."""
     import statistics
 
-    ref = {(r["backbone"], r["seed"]): r for r in _load("history")["runs"] if "error" not in r}
+    ref = {(r["backbone"], r["seed"]): r for _, f in _history_files() for r in f["runs"] if "error" not in r}
     sd = lambda xs: f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else ""  # noqa: E731
 
     def deltas(pairs) -> str:
@@ -422,12 +454,14 @@ def history_levers() -> str:
             rs = [r for (b, s), r in sorted(done.items()) if b == v]
             if not rs:
                 continue
-            if all((v, r["seed"]) in ref for r in rs):
-                dv = [r["val_auc"] - ref[(v, r["seed"])]["val_auc"] for r in rs]
-                dt = [r["auc"] - ref[(v, r["seed"])]["auc"] for r in rs]
-                dvs = f"{statistics.fmean(dv):+.4f}{sd(dv)}"
-                dts = f"{statistics.fmean(dt):+.4f}{sd(dt)}"
-            else:  # history.json has no run of this variant (another backbone): nothing to compare with
+            paired = [r for r in rs if (v, r["seed"]) in ref]  # the seeds the reference has run
+            if paired:
+                dv = [r["val_auc"] - ref[(v, r["seed"])]["val_auc"] for r in paired]
+                dt = [r["auc"] - ref[(v, r["seed"])]["auc"] for r in paired]
+                n = f" ({len(paired)} of {len(rs)} seeds)" if len(paired) < len(rs) else ""
+                dvs = f"{statistics.fmean(dv):+.4f}{sd(dv)}{n}"
+                dts = f"{statistics.fmean(dt):+.4f}{sd(dt)}{n}"
+            else:  # no reference run of this variant at the protocol's settings: nothing to compare with
                 dvs = dts = "(no reference run)"
             seeds = ", ".join(str(r["seed"]) for r in rs) + (" (run not finished)" if d.get("pending_jobs") else "")
             rows.append(f"| `{what}` | `{v}` | {seeds} | "
@@ -466,7 +500,8 @@ def history_levers() -> str:
             full.append(f"What the LLM parts add at `{what}` (`{f.name}`, paired by seed): " + "; ".join(parts) + ".")
     return ("The protocol above with the settings named changed (`bench/accuracy_bench.py --set` / "
             "`--history-length`); Δ against the reference run of the same variant and seed in "
-            "`bench/results/history.json`; a setting is kept only if validation says so:\n\n"
+            "`bench/results/history.json` (or the backbone's `history_<backbone>.json`); a setting is kept only if "
+            "validation says so:\n\n"
             "| setting | variant | seeds | valid AUC | Δ valid | test AUC | Δ test | best epoch | results |\n"
             "|---|---|---|---:|---:|---:|---:|---|---|\n" + "\n".join(rows) + "\n"
             + "".join(f"\n{line}\n" for line in full))
