@@ -44,13 +44,16 @@ def test_cli_encode_with_a_bad_encoder_exits_2(tmp_path):
 @pytest.mark.ray
 def test_encoder_actors_default_to_the_cluster_cpus(ray_cluster):
     from mcl_ray.core.config import EncodeConfig
-    from mcl_ray.llm.encode import MAX_AUTO_ACTORS, encoder_actors
+    from mcl_ray.llm.encode import MAX_AUTO_ACTORS, TEXTS_PER_AUTO_ACTOR, encoder_actors
 
+    many = 100 * TEXTS_PER_AUTO_ACTOR
     cpus = int(ray_cluster.cluster_resources()["CPU"])  # 4 in the test cluster
-    assert encoder_actors(EncodeConfig()) == min(cpus, MAX_AUTO_ACTORS) == 4
-    assert encoder_actors(EncodeConfig(torch_threads=2)) == 2  # each actor reserves its threads' CPUs
-    assert encoder_actors(EncodeConfig(concurrency=3)) == 3  # set: as given
-    assert encoder_actors(EncodeConfig(use_gpu=True)) == 1  # one per GPU, and at least one
+    assert encoder_actors(EncodeConfig(), many) == min(cpus, MAX_AUTO_ACTORS) == 4
+    assert encoder_actors(EncodeConfig(torch_threads=2), many) == 2  # each actor reserves its threads' CPUs
+    assert encoder_actors(EncodeConfig(), 3 * TEXTS_PER_AUTO_ACTOR) == 3  # few texts: fewer actors to start
+    assert encoder_actors(EncodeConfig(), 10) == 1
+    assert encoder_actors(EncodeConfig(concurrency=3), 10) == 3  # set: as given
+    assert encoder_actors(EncodeConfig(use_gpu=True), many) == 1  # one per GPU, and at least one
 
 
 @pytest.mark.ray

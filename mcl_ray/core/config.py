@@ -469,7 +469,8 @@ class EncodeConfig(Strict):
     model: str = Field("all-MiniLM-L6-v2", description="Text encoder: all-MiniLM-L6-v2 (packaged) or a local model folder.")
     batch_size: int = Field(64, ge=1, le=4096, description="Texts per encoder call.")
     concurrency: int | None = Field(None, ge=1, description="Encoder actors (Ray Data actor pool size); null: one "
-                                    "per torch_threads CPUs of the Ray cluster (one per GPU with use_gpu), at most 8.")
+                                    "per torch_threads CPUs of the Ray cluster (one per GPU with use_gpu), at most 8 "
+                                    "and one per 1,500 texts.")
     torch_threads: int = Field(1, ge=1, description="torch threads (and CPUs reserved) per actor on CPU.")
     max_length: int = Field(128, ge=8, le=512, description="Tokens per text (longer texts are truncated).")
     use_gpu: bool = Field(False, description="One GPU per actor.")

@@ -36,18 +36,22 @@ class EncodeResult:
 
 
 MAX_AUTO_ACTORS = 8  # encode.concurrency null: more actors than this load the model more often than they gain
+# An actor's start (a process importing torch and transformers, then the model) costs about as much
+# CPU as encoding 700 to 1,500 short texts (bench/results/encode.json: 1 and 2 actors against the plain loop).
+TEXTS_PER_AUTO_ACTOR = 1500
 
 
-def encoder_actors(ec) -> int:
+def encoder_actors(ec, texts: int) -> int:
     """encode.concurrency, or (null) as many actors as the cluster's CPUs (GPUs) hold, at most
-    MAX_AUTO_ACTORS: encode runs alone, and one actor would leave the other cores idle."""
+    MAX_AUTO_ACTORS and one per TEXTS_PER_AUTO_ACTOR texts: encode runs alone, and one actor would
+    leave the other cores idle on a large table."""
     if ec.concurrency:
         return ec.concurrency
     import ray
 
     res = ray.cluster_resources()
     n = res.get("GPU", 0) if ec.use_gpu else res.get("CPU", 1) // ec.torch_threads
-    return max(1, min(MAX_AUTO_ACTORS, int(n)))
+    return max(1, min(MAX_AUTO_ACTORS, int(n), texts // TEXTS_PER_AUTO_ACTOR))
 
 
 def encode_texts_ray(keys: list[str], texts: list[str], hashes: list[str], model_path: Path, ec, bar=None) -> np.ndarray:
@@ -56,7 +60,7 @@ def encode_texts_ray(keys: list[str], texts: list[str], hashes: list[str], model
     import ray.data
 
     table = pa.table({"key": keys, "text": texts, "text_hash": hashes})
-    actors = encoder_actors(ec)
+    actors = encoder_actors(ec, len(keys))
     ds = dataset_in_blocks(table, min(len(keys) // ec.batch_size, 4 * actors))
     out = ds.map_batches(
         TextEncoder,
