@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import json
 import re
 import sys
@@ -25,6 +26,7 @@ def _load(name: str) -> dict:
     return json.loads((RESULTS / f"{name}.json").read_text())
 
 
+@functools.cache  # read once per render: several blocks use it
 def _bench():
     """The accuracy bench as a module: its protocol constants and backbone names."""
     import importlib.util
@@ -41,6 +43,7 @@ def _protocol() -> tuple[int, int]:
     return mod.EPOCHS, mod.HISTORY_LEN
 
 
+@functools.cache  # read once per render: several blocks use it
 def _history_files() -> list[tuple[str, dict]]:
     """history.json (shared_bottom's variants) and history_<backbone>.json (another backbone's, one
     bench invocation each), in that order. They must share the protocol (epoch cap, history length,
