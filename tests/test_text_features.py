@@ -119,8 +119,9 @@ def test_finetune_under_ray_train_ddp_and_llm_ranker_above_chance(prepared):
     assert res.history[0]["world_size"] == 2 and np.isfinite(res.metrics["overall"]["auc"])
 
     # llm_ranker: the MiniLM cross-encoder learns the click label above chance on a small sample
+    # (1,000 rows: test AUC 0.61 here, 1,500 gave 0.62 in 40% more time; 16 tokens fell to 0.56)
     cfg = cfg_for(run_dir, "model.backbone=llm_ranker", "model.text.mode=off", "model.text.max_length=24",
-                  'train.sample_rows={"train": 1500, "valid": 300, "test": 600}', "train.epochs=1",
+                  'train.sample_rows={"train": 1000, "valid": 300, "test": 600}', "train.epochs=1",
                   "train.batch_size=16", "train.optimizer=adamw", "train.lr=5e-5", "train.weight_decay=0.01",
                   "train.eval_batch_size=128")
     res = train_one(cfg, pdir, run_dir / "ranker", seed=1)
